@@ -1,0 +1,22 @@
+"""Offline test fixtures: a tiny deterministic tokenizer and tiny seeded models (no Hub access needed).
+
+Usable from hfx's own tests and by users who want small, fast, reproducible models for their own tests::
+
+    from hfx.testing import build_tokenizer, save_tiny_model, tiny_causal_lm
+
+    path = save_tiny_model("/tmp/tiny-llama")  # then pass `path` wherever a model id is expected
+"""
+
+from .models import ARCHS, save_tiny_model, tiny_causal_lm, tiny_config, tiny_reward_model
+from .tokenizer import CHAT_TEMPLATE, build_tokenizer, tokenizer_fingerprint
+
+__all__ = [
+    "ARCHS",
+    "CHAT_TEMPLATE",
+    "build_tokenizer",
+    "save_tiny_model",
+    "tiny_causal_lm",
+    "tiny_config",
+    "tiny_reward_model",
+    "tokenizer_fingerprint",
+]

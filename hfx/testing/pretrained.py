@@ -1,0 +1,123 @@
+"""A tiny base model pre-trained once on the built-in task's easy problems, cached on disk.
+
+The demo and the benchmarks adapt this base to harder problems; training it from scratch takes about two minutes
+on a 2-core CPU, so it is cached under ``$HFX_CACHE`` (default ``~/.cache/hfx``), keyed by its recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .tokenizer import tokenizer_fingerprint
+
+_RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BaseRecipe:
+    """How the cached base is trained: model shape, data and optimisation (full fine-tuning from random init)."""
+
+    arch: str = "llama"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    difficulty: str = "easy"
+    n_train: int = 5000
+    max_steps: int = 800
+    learning_rate: float = 3e-3
+    batch_size: int = 32
+    seed: int = 0
+
+    def key(self) -> str:
+        payload = {"recipe": dataclasses.asdict(self), "tokenizer": tokenizer_fingerprint(), "v": _RECIPE_VERSION}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_dir() -> str:
+    return os.environ.get("HFX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hfx"))
+
+
+def pretrained_base(
+    recipe: BaseRecipe = BaseRecipe(),
+    cache: str | None = None,
+    *,
+    log: Callable[[str], None] = print,
+) -> str:
+    """Path of the base model trained by ``recipe`` (tokenizer included); trains and caches it if missing.
+
+    Safe under ``accelerate launch``: every process takes part in training (it is an ordinary Trainer run), the
+    main process writes the result to a temporary folder and renames it into place, the others wait.
+    """
+    from accelerate import PartialState
+    from trl import SFTConfig, SFTTrainer
+
+    from hfx.data import sft_dataset
+
+    from .models import save_tiny_model
+
+    path = os.path.join(cache or cache_dir(), f"base-{recipe.arch}-{recipe.key()}")
+    if os.path.isfile(os.path.join(path, "hfx_recipe.json")):
+        return path
+    state = PartialState()
+    log(f"[hfx] pre-training the tiny base on {recipe.n_train} {recipe.difficulty} problems ({recipe.max_steps} steps); "
+        f"cached afterwards in {path}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="hfx-base-init-") as init_dir:
+        init_path = save_tiny_model(
+            os.path.join(init_dir, "init"),
+            recipe.arch,
+            hidden_size=recipe.hidden_size,
+            num_layers=recipe.num_layers,
+            num_heads=recipe.num_heads,
+            num_kv_heads=recipe.num_kv_heads,
+            seed=recipe.seed,
+        )
+        with tempfile.TemporaryDirectory(prefix="hfx-base-run-") as run_dir:
+            args = SFTConfig(
+                output_dir=run_dir,
+                max_steps=recipe.max_steps,
+                per_device_train_batch_size=max(1, recipe.batch_size // state.num_processes),
+                learning_rate=recipe.learning_rate,
+                lr_scheduler_type="cosine",
+                warmup_steps=max(1, recipe.max_steps // 20),
+                weight_decay=0.0,
+                logging_steps=max(1, recipe.max_steps // 10),
+                save_strategy="no",
+                report_to="none",
+                seed=recipe.seed,
+                bf16=False,
+                activation_checkpointing=False,
+                use_cpu=not torch.cuda.is_available(),
+                dataloader_num_workers=0,
+                disable_tqdm=True,
+            )
+            trainer = SFTTrainer(
+                model=init_path,
+                args=args,
+                train_dataset=sft_dataset(recipe.n_train, recipe.difficulty, seed=recipe.seed, split="train"),
+            )
+            trainer.train()
+            tmp = path + ".tmp"
+            if state.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            trainer.save_model(tmp)
+            if state.is_main_process:
+                trainer.processing_class.save_pretrained(tmp)
+                with open(os.path.join(tmp, "hfx_recipe.json"), "w") as f:
+                    json.dump(dataclasses.asdict(recipe), f, indent=2)
+                if os.path.isdir(path):  # another run finished first
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    os.replace(tmp, path)
+            state.wait_for_everyone()
+    return path

@@ -1,0 +1,272 @@
+"""The generic tuner matrix every hfx tuner passes: the ground of PEFT's ``TestPeftCustomModel``.
+
+Save/load, config round trip, merge (plain, safe, idempotent, several adapters), merge_and_unload, unload,
+disable, multiple adapters, set/delete adapter, fp16/bf16 forward, only-adapter-params-updated. A new tuner adds
+one line to ``CASES`` (config class + kwargs giving a non-identity adapter).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+import hfx
+
+# (config class, kwargs with a random non-zero init, kwargs with the default init)
+CASES = [
+    pytest.param(hfx.BoneConfig, {"r": 4, "init_weights": False}, {"r": 4}, id="bone"),
+    pytest.param(hfx.BoneConfig, {"r": 5, "init_weights": False}, {"r": 5}, id="bone-partial-block"),
+    pytest.param(hfx.BoneConfig, {"r": 4, "init_weights": "bat"}, {"r": 4, "init_weights": "bat"}, id="bat"),
+]
+TARGETS = ["lin0", "lin1", "lin2"]
+
+
+class MLP(nn.Module):
+    """Small model with linear layers whose sizes are multiples of 4 (so BAT fits) plus a non-target layer."""
+
+    def __init__(self, bias: bool = True) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(16, 32, bias=bias)
+        self.lin1 = nn.Linear(32, 24, bias=bias)
+        self.lin2 = nn.Linear(24, 8, bias=bias)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.lin2(torch.tanh(self.lin1(torch.relu(self.lin0(x))))))
+
+
+def make_base(seed: int = 0) -> MLP:
+    torch.manual_seed(seed)
+    return MLP().eval()
+
+
+def randomise(model: nn.Module, adapter: str = "default", seed: int = 0) -> None:
+    """Give an adapter small random values (BAT and Bone are zero at init; a zero adapter proves nothing)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if f".{adapter}" in name and any(n in name for n in ("bone_",)):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype))
+
+
+def make_peft(cfg_cls, kwargs, seed: int = 0, adapter: str = "default"):
+    model = get_peft_model(make_base(seed), cfg_cls(target_modules=TARGETS, **kwargs), adapter_name=adapter)
+    randomise(model, adapter, seed=seed + 1)
+    return model.eval()
+
+
+X = torch.randn(6, 16, generator=torch.Generator().manual_seed(123))
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("cfg_cls,kw,default_kw", CASES)
+class TestTunerMatrix:
+    def test_default_init_is_identity(self, cfg_cls, kw, default_kw):
+        base = make_base()
+        y0 = base(X)
+        model = get_peft_model(copy.deepcopy(base), cfg_cls(target_modules=TARGETS, **default_kw))
+        torch.testing.assert_close(model(X), y0, rtol=0, atol=0)
+
+    def test_adapter_changes_output(self, cfg_cls, kw, default_kw):
+        model = make_peft(cfg_cls, kw)
+        with model.disable_adapter():
+            y_base = model(X)
+        assert not torch.allclose(model(X), y_base, atol=1e-4)
+
+    def test_merge_layers(self, cfg_cls, kw, default_kw):
+        model = make_peft(cfg_cls, kw)
+        base_weights = _weights(model.get_base_model())
+        y = model(X)
+        model.merge_adapter()
+        assert all(m.merged for m in model.modules() if isinstance(m, BaseTunerLayer))
+        torch.testing.assert_close(model(X), y, atol=1e-5, rtol=1e-5)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(X), y, atol=1e-5, rtol=1e-5)
+        for n, w in _weights(model.get_base_model()).items():
+            torch.testing.assert_close(w, base_weights[n], atol=1e-5, rtol=1e-5)
+
+    def test_safe_merge(self, cfg_cls, kw, default_kw):
+        model = make_peft(cfg_cls, kw)
+        y = model(X)
+        model.merge_adapter(safe_merge=True)
+        torch.testing.assert_close(model(X), y, atol=1e-5, rtol=1e-5)
+
+    def test_safe_merge_refuses_non_finite(self, cfg_cls, kw, default_kw):
+        model = make_peft(cfg_cls, kw)
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "lin1" in n and p.requires_grad).fill_(float("inf"))
+        with pytest.raises(ValueError, match="non-finite"):
+            model.merge_adapter(safe_merge=True)
+
+    def test_merge_is_idempotent(self, cfg_cls, kw, default_kw):
+        model = make_peft(cfg_cls, kw)
+        model.merge_adapter()
+        merged = _weights(model.get_base_model())
+        with pytest.warns(UserWarning, match="[Aa]lready merged"):
+            model.merge_adapter()
+        for n, w in _weights(model.get_base_model()).items():
+            torch.testing.assert_close(w, merged[n], rtol=0, atol=0)
+
+    def test_merge_several_adapters(self, cfg_cls, kw, default_kw):
+        model = make_peft(cfg_cls, kw)
+        model.add_adapter("other", cfg_cls(target_modules=TARGETS, **kw))
+        randomise(model, "other", seed=7)
+        model.base_model.set_adapter(["default", "other"])
+        y_both = model(X)
+        model.set_adapter("default")
+        assert not torch.allclose(model(X), y_both, atol=1e-4)
+        model.base_model.set_adapter(["default", "other"])
+        model.merge_adapter(["default", "other"])
+        torch.testing.assert_close(model(X), y_both, atol=1e-5, rtol=1e-5)
+
+    def test_merge_and_unload(self, cfg_cls, kw, default_kw):
+        model = make_peft(cfg_cls, kw)
+        y = model(X)
+        merged = model.merge_and_unload()
+        assert isinstance(merged, MLP)
+        assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+        torch.testing.assert_close(merged(X), y, atol=1e-5, rtol=1e-5)
+
+    def test_unload(self, cfg_cls, kw, default_kw):
+        y_base = make_base()(X)
+        model = make_peft(cfg_cls, kw)
+        plain = model.unload()
+        assert isinstance(plain, MLP)
+        torch.testing.assert_close(plain(X), y_base, rtol=0, atol=0)
+
+    def test_disable_adapter(self, cfg_cls, kw, default_kw):
+        y_base = make_base()(X)
+        model = make_peft(cfg_cls, kw)
+        y = model(X)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(X), y_base, rtol=0, atol=0)
+        torch.testing.assert_close(model(X), y, rtol=0, atol=0)
+        # disabling a merged adapter unmerges it first
+        model.merge_adapter()
+        with model.disable_adapter():
+            torch.testing.assert_close(model(X), y_base, atol=1e-5, rtol=1e-5)
+
+    def test_save_and_load(self, cfg_cls, kw, default_kw, tmp_path):
+        model = make_peft(cfg_cls, kw)
+        y = model(X)
+        model.save_pretrained(tmp_path)
+        assert (tmp_path / "adapter_model.safetensors").exists()
+        assert not (tmp_path / "adapter_model.bin").exists()
+        loaded = PeftModel.from_pretrained(make_base(), tmp_path).eval()
+        torch.testing.assert_close(loaded(X), y, rtol=0, atol=0)
+        # the saved file holds exactly the adapter parameters, nothing of the base model
+        from safetensors.torch import load_file
+
+        keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+        n_trainable = sum(1 for _, p in model.named_parameters() if p.requires_grad)
+        assert len(keys) == n_trainable and all(hfx_key_prefix(cfg_cls) in k for k in keys)
+
+    def test_save_selected_adapters_and_load_multiple(self, cfg_cls, kw, default_kw, tmp_path):
+        model = make_peft(cfg_cls, kw)
+        model.add_adapter("other", cfg_cls(target_modules=TARGETS, **kw))
+        randomise(model, "other", seed=7)
+        y_default = model(X)
+        model.set_adapter("other")
+        y_other = model(X)
+        model.save_pretrained(tmp_path)  # writes default at the root, "other" in a sub-folder
+        assert (tmp_path / "other" / "adapter_model.safetensors").exists()
+        loaded = PeftModel.from_pretrained(make_base(), tmp_path).eval()
+        loaded.load_adapter(tmp_path / "other", adapter_name="other")
+        torch.testing.assert_close(loaded(X), y_default, rtol=0, atol=0)
+        loaded.set_adapter("other")
+        torch.testing.assert_close(loaded(X), y_other, rtol=0, atol=0)
+
+    def test_config_round_trip(self, cfg_cls, kw, default_kw, tmp_path):
+        cfg = cfg_cls(target_modules=TARGETS, **kw)
+        cfg.save_pretrained(tmp_path)
+        loaded = PeftConfig.from_pretrained(tmp_path)
+        assert type(loaded) is cfg_cls
+        assert loaded.to_dict() == cfg.to_dict()
+
+    def test_set_and_delete_adapter(self, cfg_cls, kw, default_kw):
+        model = make_peft(cfg_cls, kw)
+        model.add_adapter("other", cfg_cls(target_modules=TARGETS, **kw))
+        randomise(model, "other", seed=7)
+        # a freshly added adapter is not trainable until it is activated
+        assert not any(p.requires_grad for n, p in model.named_parameters() if ".other" in n)
+        model.set_adapter("other")
+        y_other = model(X)
+        assert all(p.requires_grad for n, p in model.named_parameters() if ".other" in n)
+        assert not any(p.requires_grad for n, p in model.named_parameters() if ".default" in n)
+        model.delete_adapter("default")
+        assert model.active_adapters == ["other"]
+        assert not any(".default" in n for n, _ in model.named_parameters())
+        torch.testing.assert_close(model(X), y_other, rtol=0, atol=0)
+
+    def test_delete_inactive_adapter(self, cfg_cls, kw, default_kw):
+        model = make_peft(cfg_cls, kw)
+        y = model(X)
+        model.add_adapter("other", cfg_cls(target_modules=TARGETS, **kw))
+        model.delete_adapter("other")
+        assert not any(".other" in n for n, _ in model.named_parameters())
+        torch.testing.assert_close(model(X), y, rtol=0, atol=0)
+
+    def test_only_adapter_params_updated(self, cfg_cls, kw, default_kw):
+        model = make_peft(cfg_cls, kw).train()
+        before = _weights(model)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        for _ in range(2):
+            loss = model(X).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        after = _weights(model)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all(hfx_key_prefix(cfg_cls) in n for n in trainable)
+        for n in before:
+            changed = not torch.equal(before[n], after[n])
+            assert changed == (n in trainable), n
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_half_precision_forward(self, cfg_cls, kw, default_kw, dtype):
+        ref = make_peft(cfg_cls, kw)
+        y = ref(X)
+        model = copy.deepcopy(ref).to(dtype)
+        out = model(X.to(dtype))
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), y, atol=5e-2, rtol=5e-2)
+        # merging a half-precision adapter on CPU goes through float32 and stays close
+        model.merge_adapter()
+        torch.testing.assert_close(model(X.to(dtype)).float(), y, atol=5e-2, rtol=5e-2)
+
+    def test_autocast_adapter_dtype(self, cfg_cls, kw, default_kw):
+        # PEFT's default: adapters on a bf16 base are kept in float32
+        base = make_base().to(torch.bfloat16)
+        model = get_peft_model(base, cfg_cls(target_modules=TARGETS, **kw))
+        dtypes = {p.dtype for n, p in model.named_parameters() if p.requires_grad}
+        assert dtypes == {torch.float32}
+        assert model(X.to(torch.bfloat16)).dtype == torch.bfloat16
+
+    def test_inference_mode_load_is_frozen(self, cfg_cls, kw, default_kw, tmp_path):
+        make_peft(cfg_cls, kw).save_pretrained(tmp_path)
+        loaded = PeftModel.from_pretrained(make_base(), tmp_path)
+        assert not any(p.requires_grad for p in loaded.parameters())
+        trainable = PeftModel.from_pretrained(make_base(), tmp_path, is_trainable=True)
+        assert any(p.requires_grad for p in trainable.parameters())
+
+
+def hfx_key_prefix(cfg_cls) -> str:
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+    return PEFT_TYPE_TO_PREFIX_MAPPING[cfg_cls().peft_type]
+
+
+def test_cases_cover_every_registered_hfx_tuner():
+    """A tuner registered by hfx but missing from CASES would skip the matrix; fail instead."""
+    from hfx._registry import registered_types
+
+    covered = {c.values[0]().peft_type.value for c in CASES}
+    assert set(registered_types()) <= covered, set(registered_types()) - covered
