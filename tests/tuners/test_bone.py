@@ -373,6 +373,27 @@ def test_lm_forward_backward_merge(arch, init):
         torch.testing.assert_close(model(ids).logits, y, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("init", [True, "bat"])
+def test_lm_gradient_checkpointing_gives_the_same_gradients(init):
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        model = get_peft_model(tiny_lm(), hfx.BoneConfig(r=8, target_modules=LM_TARGETS, init_weights=init))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.enable_input_require_grads()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
+
+
 FRESH_LOAD = textwrap.dedent(
     """
     import sys, torch

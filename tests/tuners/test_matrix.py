@@ -250,6 +250,23 @@ class TestTunerMatrix:
         assert dtypes == {torch.float32}
         assert model(X.to(torch.bfloat16)).dtype == torch.bfloat16
 
+    def test_load_with_low_cpu_mem_usage(self, cfg_cls, kw, default_kw, tmp_path):
+        model = make_peft(cfg_cls, kw)
+        y = model(X)
+        model.save_pretrained(tmp_path)
+        loaded = PeftModel.from_pretrained(make_base(), tmp_path, low_cpu_mem_usage=True).eval()
+        assert not any(p.device.type == "meta" for p in loaded.parameters())
+        torch.testing.assert_close(loaded(X), y, rtol=0, atol=0)
+
+    def test_inject_adapter_in_model(self, cfg_cls, kw, default_kw):
+        from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+
+        ref = make_peft(cfg_cls, kw)
+        state = get_peft_model_state_dict(ref)
+        plain = inject_adapter_in_model(cfg_cls(target_modules=TARGETS, **kw), make_base())
+        set_peft_model_state_dict(plain, state)
+        torch.testing.assert_close(plain(X), ref(X), rtol=0, atol=0)
+
     def test_inference_mode_load_is_frozen(self, cfg_cls, kw, default_kw, tmp_path):
         make_peft(cfg_cls, kw).save_pretrained(tmp_path)
         loaded = PeftModel.from_pretrained(make_base(), tmp_path)
