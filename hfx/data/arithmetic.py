@@ -2,8 +2,9 @@
 
 Why a synthetic task: hfx's demos, tests and benchmarks must run offline, on CPU, in minutes. The task is small
 enough that a 2-4 layer transformer learns it quickly, yet it has a chain of thought, a checkable final answer
-(``#### <int>``) and a difficulty knob (number of steps, value range), so one can pre-train a tiny model on
-``"easy"`` problems and adapt it (e.g. with an adapter) to ``"hard"`` ones.
+(``#### <int>``) and a difficulty knob (number of steps, value range, operations), so one can pre-train a tiny
+model on ``"easy"`` problems (addition and subtraction) and adapt it (e.g. with an adapter) to ``"hard"`` ones,
+which add multiplication.
 
 Format (shared by every difficulty)::
 
@@ -96,7 +97,8 @@ class Difficulty:
 
     ``max_operand`` bounds the second operand of ``+``/``-``; ``max_factor`` bounds the factor of ``*``;
     ``max_start`` bounds the starting amount (defaults to ``max_operand``); every value (start, intermediate,
-    final) stays in ``[0, max_value]``.
+    final) stays in ``[0, max_value]``. ``require_ops`` lists operations every problem uses at least once (e.g.
+    ``("*",)``: a preset that is "easy plus multiplication" and never an easy problem in disguise).
     """
 
     min_steps: int = 1
@@ -106,6 +108,7 @@ class Difficulty:
     ops: tuple[str, ...] = ("+", "-")
     max_start: int | None = None
     max_factor: int = 3
+    require_ops: tuple[str, ...] = ()
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -116,6 +119,8 @@ class Difficulty:
         bad = set(self.ops) - set(TEMPLATES)
         if not self.ops or bad:
             raise ValueError(f"ops must be a non-empty subset of {sorted(TEMPLATES)}, got {self.ops!r}")
+        if not set(self.require_ops) <= set(self.ops):
+            raise ValueError(f"require_ops must be a subset of ops {self.ops!r}, got {self.require_ops!r}")
         if self.start_bound < 1 or self.start_bound > self.max_value:
             raise ValueError("max_start must be in [1, max_value]")
 
@@ -126,18 +131,30 @@ class Difficulty:
 
     def key(self) -> str:
         """A stable string identifying the knobs (used to seed the generator)."""
-        return (
+        key = (
             f"steps={self.min_steps}-{self.max_steps};operand={self.max_operand};value={self.max_value};"
             f"start={self.start_bound};factor={self.max_factor};ops={''.join(self.ops)}"
         )
+        return key + (f";require={''.join(self.require_ops)}" if self.require_ops else "")
 
 
-#: Named presets. They share vocabulary and format and differ only in steps, value ranges and operations.
+#: Named presets. They share vocabulary and format and differ only in steps, value ranges and operations:
+#: easy (1-2 steps of ``+``/``-``), medium (2-3 steps), hard (2 steps, at least one of them ``*``), expert (3-4 steps
+#: with ``*``, values up to 50).
 DIFFICULTIES: dict[str, Difficulty] = {
     "easy": Difficulty(min_steps=1, max_steps=2, max_operand=9, max_value=20, ops=("+", "-"), name="easy"),
     "medium": Difficulty(min_steps=2, max_steps=3, max_operand=9, max_value=20, ops=("+", "-"), name="medium"),
+    # Easy-sized (two steps, values up to 20) but every problem multiplies: a new operation and a new phrasing
+    # ("gets 3 times as many"), which a model pre-trained on easy problems can pick up by adaptation in minutes.
     "hard": Difficulty(
-        min_steps=3, max_steps=4, max_operand=9, max_value=30, max_start=20, ops=("+", "-"), name="hard"
+        min_steps=2,
+        max_steps=2,
+        max_operand=9,
+        max_value=20,
+        max_factor=3,
+        ops=("+", "-", "*"),
+        require_ops=("*",),
+        name="hard",
     ),
     "expert": Difficulty(
         min_steps=3,
@@ -277,6 +294,8 @@ def _sample_problem(rng: random.Random, diff: Difficulty) -> Problem | None:
         sentences.append(sentence)
         steps.append(Step(cur, op, b, c))
         cur = c
+    if not set(diff.require_ops) <= {s.op for s in steps}:  # the caller draws a new problem
+        return None
     sentences.append(f"How many {item}s does {name} have now?")
     return Problem(" ".join(sentences), tuple(steps), cur, diff.name)
 

