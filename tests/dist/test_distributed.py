@@ -98,6 +98,12 @@ def test_saved_adapter_reloads(launched, case, base_dir):
     assert sum(f"adapter.{n}" in trained for n, _ in model.named_parameters()) == sum(
         k.startswith("adapter.") for k in trained
     )
+    for name, b in model.named_buffers():
+        if f"buffer.{name}" in trained:
+            assert torch.equal(b, trained[f"buffer.{name}"]), f"{name} was not restored"
+    assert sum(f"buffer.{n}" in trained for n, _ in model.named_buffers()) == sum(
+        k.startswith("buffer.") for k in trained
+    )
     with torch.no_grad():
         logits = model(input_ids=probe_ids(model.config.vocab_size)).logits
     torch.testing.assert_close(logits, trained["logits"], rtol=1e-5, atol=1e-5)

@@ -46,6 +46,14 @@ def gathered_adapter(model: torch.nn.Module, zero3: bool) -> dict[str, torch.Ten
     return {n: p.detach().clone().contiguous() for n, p in params}
 
 
+def adapter_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's buffers (index buffers and the like): they must be identical on every rank too."""
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+    prefix = PEFT_TYPE_TO_PREFIX_MAPPING[model.peft_config["default"].peft_type]
+    return {n: b.detach().clone().contiguous() for n, b in model.named_buffers() if prefix in n}
+
+
 def partition_counts(model: torch.nn.Module) -> dict[str, int]:
     """How many base and adapter parameters are partitioned (ZeRO-3 keeps only a shard of each on this rank)."""
     counts = {"base_total": 0, "base_partitioned": 0, "adapter_total": 0, "adapter_partitioned": 0}
@@ -93,6 +101,8 @@ def run_case(name: str, args: argparse.Namespace) -> None:
     )
     # Loaded after TrainingArguments so that ZeRO-3 partitions it at load time (zero.Init), as with a real model.
     base = AutoModelForCausalLM.from_pretrained(args.base)
+    # A different RNG state on each rank: a tuner that draws anything at random must still agree across ranks.
+    torch.manual_seed(1234 + training_args.process_index)
     model = get_peft_model(base, CASES[name]())
     trainer = Trainer(
         model=model,
@@ -112,6 +122,7 @@ def run_case(name: str, args: argparse.Namespace) -> None:
         "loss": [h["loss"] for h in trainer.state.log_history if "loss" in h],
     }
     tensors = {f"adapter.{k}": v for k, v in gathered_adapter(model, zero3).items()}
+    tensors.update({f"buffer.{k}": v for k, v in adapter_buffers(model).items()})
     with torch.no_grad():
         tensors["logits"] = model(input_ids=probe_ids(len(tokenizer))).logits.float().contiguous()
     trainer.save_model(os.path.join(out, "adapter"))
