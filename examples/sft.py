@@ -40,6 +40,8 @@ def _targets(args: argparse.Namespace) -> str | list[str]:
 PEFT_METHODS: dict[str, Callable[[argparse.Namespace], PeftConfig | None]] = {
     "bone": lambda a: hfx.BoneConfig(r=a.r, target_modules=_targets(a), bone_dropout=a.dropout),
     "bat": lambda a: hfx.BoneConfig(r=a.r, target_modules=_targets(a), init_weights="bat", bone_dropout=a.dropout),
+    "lift": lambda a: hfx.LiftConfig(r=a.r, filter_rank=a.r, target_modules=_targets(a), update_interval=100),
+    "paca": lambda a: hfx.PacaConfig(r=a.r, paca_alpha=a.lora_alpha or 2 * a.r, target_modules=_targets(a)),
     "lora": lambda a: LoraConfig(
         r=a.r, lora_alpha=a.lora_alpha or 2 * a.r, target_modules=_targets(a), lora_dropout=a.dropout
     ),
@@ -51,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peft", default="bone", choices=sorted(PEFT_METHODS), help="adapter method ('none' = full FT)")
     p.add_argument("--r", type=int, default=16, help="rank / block size of the adapter")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2*r)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA / PaCA alpha (default 2*r)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--target-modules", default="all-linear", help="comma-separated module names or 'all-linear'")
     p.add_argument("--model", default=None, help="model path or id; default: the cached tiny base (built-in task)")
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=train, processing_class=tokenizer, peft_config=peft_config
     )
+    if isinstance(peft_config, hfx.LiftConfig):  # LIFT's dynamic mask: re-select every update_interval steps
+        trainer.add_callback(hfx.LiftRefreshCallback(show_progress=False))
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     say(

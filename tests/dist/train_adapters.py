@@ -27,6 +27,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 CASES = {
     "bone": lambda: hfx.BoneConfig(r=8, target_modules=TARGETS),
     "bat": lambda: hfx.BoneConfig(r=8, target_modules=TARGETS, init_weights="bat"),
+    "lift": lambda: hfx.LiftConfig(r=2, filter_rank=4, update_interval=None, target_modules=TARGETS),
+    "paca": lambda: hfx.PacaConfig(r=8, paca_alpha=16, target_modules=TARGETS),
 }
 
 

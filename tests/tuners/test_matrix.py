@@ -22,6 +22,10 @@ CASES = [
     pytest.param(hfx.BoneConfig, {"r": 4, "init_weights": False}, {"r": 4}, id="bone"),
     pytest.param(hfx.BoneConfig, {"r": 5, "init_weights": False}, {"r": 5}, id="bone-partial-block"),
     pytest.param(hfx.BoneConfig, {"r": 4, "init_weights": "bat"}, {"r": 4, "init_weights": "bat"}, id="bat"),
+    pytest.param(hfx.LiftConfig, {"r": 1, "filter_rank": 4}, {"r": 1, "filter_rank": 4}, id="lift"),
+    pytest.param(
+        hfx.PacaConfig, {"r": 6, "paca_alpha": 12, "init_weights": False}, {"r": 6, "paca_alpha": 12}, id="paca"
+    ),
 ]
 TARGETS = ["lin0", "lin1", "lin2"]
 
@@ -46,12 +50,16 @@ def make_base(seed: int = 0) -> MLP:
 
 
 def randomise(model: nn.Module, adapter: str = "default", seed: int = 0) -> None:
-    """Give an adapter small random values (BAT and Bone are zero at init; a zero adapter proves nothing)."""
+    """Add small random values to an adapter's trainable parameters (many tuners start as the identity; a zero
+    adapter proves nothing). Index buffers and other non-trainable adapter state are left as they are."""
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+    prefix = PEFT_TYPE_TO_PREFIX_MAPPING[model.peft_config[adapter].peft_type]
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if f".{adapter}" in name and any(n in name for n in ("bone_",)):
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype))
+            if f".{adapter}" in name and prefix in name and p.is_floating_point():
+                p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype))
 
 
 def make_peft(cfg_cls, kwargs, seed: int = 0, adapter: str = "default"):
@@ -166,8 +174,12 @@ class TestTunerMatrix:
         from safetensors.torch import load_file
 
         keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+        prefix = hfx_key_prefix(cfg_cls)
         n_trainable = sum(1 for _, p in model.named_parameters() if p.requires_grad)
-        assert len(keys) == n_trainable and all(hfx_key_prefix(cfg_cls) in k for k in keys)
+        # persistent adapter state (index buffers, ...) is saved too, under the tuner's prefix
+        params = {n for n, _ in model.named_parameters()}
+        n_buffers = sum(1 for k in model.state_dict() if prefix in k and ".default" in k and k not in params)
+        assert len(keys) == n_trainable + n_buffers and all(prefix in k for k in keys)
 
     def test_save_selected_adapters_and_load_multiple(self, cfg_cls, kw, default_kw, tmp_path):
         model = make_peft(cfg_cls, kw)
