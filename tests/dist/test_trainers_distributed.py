@@ -1,0 +1,71 @@
+"""hfx trainers on 2 CPU processes (torchrun + gloo DDP): each rank trains on its own data shard, and both end with
+identical weights and identical method state (e.g. BVPO's α, estimated from all-reduced gradient statistics).
+
+One launch trains every case in ``train_trainers.CASES`` (a new trainer adds one line there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_trainers import CASES
+
+from hfx.testing import save_tiny_model
+from hfx.testing.dist import run_distributed
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_trainers.py")
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> str:
+    return save_tiny_model(tmp_path_factory.mktemp("base") / "tiny", hidden_size=32)
+
+
+@pytest.fixture(scope="module")
+def launched(base_dir, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("dist-trainers")
+    run_distributed(WORKER, ["--base", base_dir, "--out", str(out)], log_path=out / "log.txt", timeout=900)
+    return str(out)
+
+
+def read_rank(out: str, case: str, rank: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    with open(os.path.join(out, case, f"rank{rank}.json")) as f:
+        info = json.load(f)
+    return info, load_file(os.path.join(out, case, f"rank{rank}.safetensors"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ranks_agree_after_training(launched, case, base_dir):
+    from transformers import AutoModelForCausalLM
+
+    (info0, t0), (info1, t1) = read_rank(launched, case, 0), read_rank(launched, case, 1)
+    assert info0["world_size"] == info1["world_size"] == 2
+    assert info0["wrapped"] == info1["wrapped"] == "DistributedDataParallel"
+    # different data shards on the two ranks
+    assert info0["batches"] and len(info0["batches"]) == len(info1["batches"])
+    assert not set(info0["batches"]) & set(info1["batches"])
+    # identical weights and method state afterwards
+    assert t0.keys() == t1.keys() and t0
+    for k in t0:
+        assert torch.equal(t0[k], t1[k]), f"{k} differs between ranks"
+    assert info0["state"] == info1["state"]
+    assert [h["loss"] for h in info0["history"]] == [h["loss"] for h in info1["history"]]  # logged globally
+    # and the model trained
+    init = AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+    assert any(not torch.equal(init[k.removeprefix("module.")], v) for k, v in t0.items() if k in init)
+    assert all(torch.isfinite(torch.tensor([h["loss"] for h in info0["history"]])))
+
+
+def test_bvpo_alpha_auto_logged_and_moved(launched):
+    if "bvpo" not in CASES:
+        pytest.skip("no bvpo case")
+    info, _ = read_rank(launched, "bvpo", 0)
+    alphas = [h["bvpo/alpha"] for h in info["history"]]
+    assert len(alphas) == 3 and alphas[0] == 0.5 and alphas[-1] != 0.5
+    assert info["state"]["alpha"] != 0.5

@@ -1,0 +1,111 @@
+"""Worker for tests/dist/test_trainers_distributed.py: train each hfx trainer in CASES a few steps on N processes.
+
+Launched by ``hfx.testing.run_distributed`` (torchrun, gloo DDP on CPU). For every case each rank writes
+``<out>/<case>/rank<r>.safetensors`` (the trained parameters) and ``rank<r>.json`` (world size, hashes of the batches
+it saw, the logged history and any trainer state the case reports, e.g. BVPO's α).
+
+A new trainer adds one line to CASES: name -> a function ``(base_path, output_dir) -> trainer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+COMMON = dict(
+    max_steps=3,
+    per_device_train_batch_size=4,
+    learning_rate=1e-2,
+    logging_steps=1,
+    save_strategy="no",
+    report_to="none",
+    use_cpu=True,
+    bf16=False,
+    activation_checkpointing=False,
+    seed=0,
+    disable_tqdm=True,
+)
+
+
+def bvpo(base: str, output_dir: str):
+    import hfx
+    from hfx.data import preference_dataset
+
+    config = hfx.BVPOConfig(output_dir=output_dir, bvpo_alpha="auto", bvpo_alpha_warmup_steps=1, **COMMON)
+    return hfx.BVPOTrainer(base, args=config, train_dataset=preference_dataset(32, think=True))
+
+
+CASES = {
+    "bvpo": bvpo,
+}
+
+
+def first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, dict):
+        for value in batch.values():
+            found = first_tensor(value)
+            if found is not None:
+                return found
+    return None
+
+
+def trainer_state(trainer) -> dict[str, Any]:
+    """Method-specific state every rank must agree on."""
+    state = {}
+    if hasattr(trainer, "alpha"):
+        state["alpha"] = trainer.alpha
+    return state
+
+
+def run_case(name: str, args: argparse.Namespace) -> None:
+    out = os.path.join(args.out, name)
+    trainer = CASES[name](args.base, os.path.join(out, "trainer"))
+    seen: list[str] = []
+    collate = trainer.data_collator
+
+    def recording_collator(features):
+        batch = collate(features)
+        seen.append(hashlib.sha1(first_tensor(batch).numpy().tobytes()).hexdigest())
+        return batch
+
+    trainer.data_collator = recording_collator
+    trainer.train()
+    rank = trainer.args.process_index
+    info = {
+        "world_size": trainer.args.world_size,
+        "batches": seen,
+        "wrapped": type(trainer.model_wrapped).__name__,
+        "history": [h for h in trainer.state.log_history if "loss" in h],
+        "state": trainer_state(trainer),
+    }
+    params = {n: p.detach().clone().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    os.makedirs(out, exist_ok=True)
+    save_file(params, os.path.join(out, f"rank{rank}.safetensors"))
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(info, f)
+    trainer.accelerator.wait_for_everyone()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--base", required=True, help="directory of the tiny base model (save_tiny_model)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cases", default=",".join(CASES))
+    args = p.parse_args()
+    from accelerate.state import AcceleratorState
+
+    for name in args.cases.split(","):
+        run_case(name, args)
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
+if __name__ == "__main__":
+    main()
