@@ -13,11 +13,12 @@ import warnings
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import _get_in_out_features, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
+from .._compat import IndexedTunerLayer
 from .._sparse import (
     ResizableBufferDict,
     SparseValues,
@@ -74,7 +75,7 @@ def broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
 
 
 # ---- layers ----------------------------------------------------------------------------------------------------
-class LiftLayer(BaseTunerLayer):
+class LiftLayer(IndexedTunerLayer):
     """Mixin holding the per-adapter LIFT state of one adapted layer."""
 
     adapter_layer_names = ("lift_values",)

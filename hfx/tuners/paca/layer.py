@@ -33,11 +33,13 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import _get_in_out_features, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from .._compat import IndexedTunerLayer
 
 
 def paca_column_indices(in_features: int, r: int, seed: int, layer_name: str) -> torch.Tensor:
@@ -134,7 +136,7 @@ class PacaWeights(nn.ParameterDict):
         return fn(self, *args)
 
 
-class PacaLayer(BaseTunerLayer):
+class PacaLayer(IndexedTunerLayer):
     """Mixin holding the per-adapter PaCA state of one adapted layer."""
 
     adapter_layer_names = ("paca_w",)

@@ -1,0 +1,42 @@
+"""Layer behaviour hfx needs from PEFT that older supported releases (0.20) get wrong."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+
+class IndexedTunerLayer(BaseTunerLayer):
+    """A ``BaseTunerLayer`` whose adapters hold integer index buffers (LIFT, PaCA, ...).
+
+    PEFT 0.20 moves every adapter tensor to the base layer's device *and dtype*, which turns index buffers into floats
+    (and rounds indices above 2**24 in float32); PEFT 0.21 skips integer tensors. This keeps the 0.21 behaviour on
+    every supported release: floating tensors follow the base layer's floating dtype, integer ones only its device.
+    """
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        base_layer = self.get_base_layer()
+        base_device, base_dtype = self._get_base_layer_device_and_dtype(base_layer)
+        device = device if device is not None else base_device
+        if device is None:
+            return
+        float_dtype = base_dtype if base_dtype is not None and base_dtype.is_floating_point else None
+        for name in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, name, None)
+            if (
+                not isinstance(container, (nn.ModuleDict, nn.ParameterDict, BufferDict))
+                or adapter_name not in container
+            ):
+                continue
+            if any(p.device.type == "meta" for p in container.parameters()):
+                continue
+            item = container[adapter_name]
+            dtype = getattr(item, "dtype", None)
+            if float_dtype is not None and (dtype is None or dtype.is_floating_point):
+                container[adapter_name] = item.to(device, dtype=float_dtype)
+            else:
+                container[adapter_name] = item.to(device)
