@@ -69,3 +69,14 @@ def test_bvpo_alpha_auto_logged_and_moved(launched):
     alphas = [h["bvpo/alpha"] for h in info["history"]]
     assert len(alphas) == 3 and alphas[0] == 0.5 and alphas[-1] != 0.5
     assert info["state"]["alpha"] != 0.5
+
+
+def test_masked_thought_schedule_and_fraction_logged(launched):
+    if "masked_thought" not in CASES:
+        pytest.skip("no masked_thought case")
+    (info0, _), (info1, _) = read_rank(launched, "masked_thought", 0), read_rank(launched, "masked_thought", 1)
+    rates = [h["masked_thought/mask_rate"] for h in info0["history"]]
+    assert rates == pytest.approx([0.0, 0.4 * 1 / 1.5, 0.4])  # warm-up over half of 3 steps, from global_step
+    fractions = [h["masked_thought/masked_fraction"] for h in info0["history"]]
+    assert fractions == [h["masked_thought/masked_fraction"] for h in info1["history"]]  # gathered over ranks
+    assert fractions[0] == 0.0 and 0.0 < fractions[-1] < 1.0

@@ -41,8 +41,17 @@ def bvpo(base: str, output_dir: str):
     return hfx.BVPOTrainer(base, args=config, train_dataset=preference_dataset(32, think=True))
 
 
+def masked_thought(base: str, output_dir: str):
+    import hfx
+    from hfx.data import sft_dataset
+
+    config = hfx.MaskedThoughtConfig(output_dir=output_dir, mask_rate=0.4, mask_warmup_ratio=0.5, **COMMON)
+    return hfx.MaskedThoughtTrainer(base, args=config, train_dataset=sft_dataset(32, think=True))
+
+
 CASES = {
     "bvpo": bvpo,
+    "masked_thought": masked_thought,
 }
 
 
@@ -62,6 +71,8 @@ def trainer_state(trainer) -> dict[str, Any]:
     state = {}
     if hasattr(trainer, "alpha"):
         state["alpha"] = trainer.alpha
+    if hasattr(trainer, "mask_rate"):
+        state["mask_rate"] = trainer.mask_rate
     return state
 
 
