@@ -68,6 +68,7 @@ class SparseDeltaLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             delta = scatter_dense(ctx.shape, indices, values.detach(), (frozen_indices, frozen_values))
             grad_x = grad @ delta.to(grad.dtype)
+            del delta  # free the transient m x n before the second one (g^T x) below
         if ctx.needs_input_grad[1]:
             g2 = grad.reshape(-1, grad.shape[-1])
             x2 = x.reshape(-1, x.shape[-1])

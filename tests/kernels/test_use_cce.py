@@ -1,0 +1,267 @@
+"""``hfx.use_cce``: the patched causal-LM forward gives the model's own loss (and gradients) without logits, and a
+few-step training run with it matches the run without it step for step (Trainer, TRL SFTTrainer, DPOTrainer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hfx
+from hfx.testing import build_tokenizer, tiny_causal_lm
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def batch(tokenizer, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, len(tokenizer), (n, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0  # padding
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, :4] = -100  # a prompt
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("num_items", [None, 13])
+def test_forward_matches_model_loss(tokenizer, tied, num_items):
+    inputs = batch(tokenizer)
+    kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    ref = tiny_causal_lm(hidden_size=32, tie_word_embeddings=tied).train()
+    out_ref = ref(**inputs, **kwargs)
+    out_ref.loss.backward()
+    model = hfx.use_cce(tiny_causal_lm(hidden_size=32, tie_word_embeddings=tied).train())
+    assert hfx.cce_enabled(model)
+    out = model(**inputs, **kwargs)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, out_ref.loss, atol=1e-6, rtol=1e-6)
+    out.loss.backward()
+    g_ref, g = grads(ref), grads(model)
+    assert g.keys() == g_ref.keys()
+    for k in g:
+        torch.testing.assert_close(g[k], g_ref[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_logits_kept_outside_training_and_without_labels(tokenizer):
+    inputs = batch(tokenizer)
+    model = hfx.use_cce(tiny_causal_lm(hidden_size=32))
+    model.eval()
+    out = model(**inputs)
+    assert out.logits is not None and out.loss is not None
+    model.train()
+    out = model(input_ids=inputs["input_ids"])
+    assert out.logits is not None and out.loss is None
+    # generate still works (signature kept)
+    model.eval()
+    model.generate(inputs["input_ids"][:1, :4], max_new_tokens=2, do_sample=False)
+
+
+def test_undo_restores_plain_forward(tokenizer):
+    inputs = batch(tokenizer)
+    model = hfx.use_cce(tiny_causal_lm(hidden_size=32)).train()
+    assert model(**inputs).logits is None
+    hfx.use_cce(model, enabled=False)
+    assert not hfx.cce_enabled(model)
+    assert "forward" not in vars(model) and "forward" not in vars(model.lm_head)
+    assert model(**inputs).logits is not None
+
+
+def test_return_dict_false_and_shift_labels(tokenizer):
+    inputs = batch(tokenizer)
+    ref = tiny_causal_lm(hidden_size=32).train()
+    model = hfx.use_cce(tiny_causal_lm(hidden_size=32)).train()
+    out = model(**inputs, return_dict=False)
+    torch.testing.assert_close(out[0], ref(**inputs).loss)
+    # pre-shifted labels (context parallelism) are used as given
+    shifted = torch.nn.functional.pad(inputs["labels"], (0, 1), value=-100)[:, 1:].contiguous()
+    kw = {k: v for k, v in inputs.items() if k != "labels"}
+    torch.testing.assert_close(
+        model(**kw, labels=inputs["labels"], shift_labels=shifted).loss,
+        ref(**kw, labels=inputs["labels"], shift_labels=shifted).loss,
+    )
+
+
+def test_softcap_from_config(tokenizer):
+    """Gemma-2-style final_logit_softcapping: CCE applies it (the config is restored afterwards)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        final_logit_softcapping=2.0,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    ref = Gemma2ForCausalLM(config).train()
+    model = hfx.use_cce(Gemma2ForCausalLM(config)).train()
+    model.load_state_dict(ref.state_dict())
+    inputs = batch(tokenizer)
+    torch.testing.assert_close(model(**inputs).loss, ref(**inputs).loss, atol=1e-6, rtol=1e-6)
+    assert model.config.final_logit_softcapping == 2.0
+
+
+def test_peft_lora_backbone_and_modules_to_save(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    inputs = batch(tokenizer)
+    cfg = dict(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+    ref = get_peft_model(tiny_causal_lm(hidden_size=32, tie_word_embeddings=False), LoraConfig(**cfg)).train()
+    model = get_peft_model(tiny_causal_lm(hidden_size=32, tie_word_embeddings=False), LoraConfig(**cfg))
+    model.load_state_dict(ref.state_dict())
+    hfx.use_cce(model).train()
+    out_ref, out = ref(**inputs), model(**inputs)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, out_ref.loss, atol=1e-6, rtol=1e-6)
+    out_ref.loss.backward()
+    out.loss.backward()
+    g_ref, g = grads(ref), grads(model)
+    assert g.keys() == g_ref.keys() and any("modules_to_save" in k for k in g)
+    for k in g:
+        torch.testing.assert_close(g[k], g_ref[k], atol=1e-6, rtol=1e-5, msg=k)
+    with model.disable_adapter(), ref.disable_adapter():  # the original (frozen) head is used then
+        torch.testing.assert_close(model(**inputs).loss, ref(**inputs).loss, atol=1e-6, rtol=1e-6)
+
+
+def test_lora_on_lm_head_is_a_clear_error(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_causal_lm(hidden_size=32, tie_word_embeddings=False),
+        LoraConfig(r=4, target_modules=["q_proj", "lm_head"]),
+    )
+    with pytest.raises(NotImplementedError, match="lm_head carries an active PEFT adapter"):
+        hfx.use_cce(model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training runs: with and without use_cce, step for step.
+
+
+def _common(tmp_path, **extra):
+    return dict(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        **extra,
+    )
+
+
+def _losses(trainer):
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _text_rows(tokenizer, n=32):
+    from hfx.data import sft_dataset
+
+    rows = sft_dataset(n, difficulty="easy", seed=0, format="text")
+    return [{"input_ids": tokenizer(r["text"])["input_ids"]} for r in rows]
+
+
+def _run_trainer(tokenizer, tmp_path, cce):
+    from transformers import Trainer, TrainingArguments
+
+    def collate(features):
+        b = tokenizer.pad({"input_ids": [f["input_ids"] for f in features]}, return_tensors="pt")
+        b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+        return b
+
+    model = tiny_causal_lm(hidden_size=32)
+    if cce:
+        hfx.use_cce(model)
+    args = TrainingArguments(**_common(tmp_path, remove_unused_columns=False))
+    trainer = Trainer(model=model, args=args, train_dataset=_text_rows(tokenizer), data_collator=collate)
+    return _losses(trainer)
+
+
+def test_trainer_run_matches(tokenizer, tmp_path, monkeypatch):
+    """transformers.Trainer with gradient accumulation (the loss divided by ``num_items_in_batch``)."""
+    import hfx.kernels.cce as cce_pkg
+
+    calls = []
+    original = cce_pkg.linear_cross_entropy
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("num_items_in_batch"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cce_pkg, "linear_cross_entropy", spy)
+    plain = _run_trainer(tokenizer, tmp_path / "plain", cce=False)
+    assert not calls
+    cce = _run_trainer(tokenizer, tmp_path / "cce", cce=True)
+    assert len(plain) == 3
+    assert len(calls) == 6 and all(c is not None for c in calls)  # 3 steps × 2 micro-batches, normalised
+    assert cce == pytest.approx(plain, abs=1e-5)
+
+
+def _run_sft(tokenizer, tmp_path, cce, before):
+    from trl import SFTConfig, SFTTrainer
+
+    from hfx.data import sft_dataset
+
+    model = tiny_causal_lm(hidden_size=32)
+    if cce and before:
+        hfx.use_cce(model)
+    args = SFTConfig(**_common(tmp_path), max_length=128)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=sft_dataset(32, seed=0), processing_class=tokenizer)
+    if cce and not before:
+        hfx.use_cce(trainer.model)
+    return _losses(trainer)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before", [True, False])
+def test_sft_trainer_run_matches(tokenizer, tmp_path, before):
+    """TRL's SFTTrainer scores tokens through its own fused LM head (``fused_lm_head=True``): use_cce, applied before
+    or after the trainer patches the model, leaves that path intact and the run unchanged."""
+    plain = _run_sft(tokenizer, tmp_path / "plain", cce=False, before=before)
+    cce = _run_sft(tokenizer, tmp_path / "cce", cce=True, before=before)
+    assert len(plain) == 3
+    assert cce == pytest.approx(plain, abs=1e-5)
+
+
+def _run_dpo(tokenizer, tmp_path, cce, base):
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from hfx.data import preference_dataset
+
+    model = AutoModelForCausalLM.from_pretrained(base)  # DPOTrainer reloads the reference model by name
+    if cce:
+        hfx.use_cce(model)
+    args = DPOConfig(**_common(tmp_path), max_length=128)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=preference_dataset(32), processing_class=tokenizer)
+    return _losses(trainer)
+
+
+@pytest.mark.slow
+def test_dpo_trainer_run_matches(tokenizer, tmp_path):
+    """TRL's DPOTrainer computes per-token log-probabilities through its own fused LM head (no logits either);
+    use_cce leaves that path intact."""
+    from hfx.testing import save_tiny_model
+
+    base = save_tiny_model(tmp_path / "base", hidden_size=32)
+    plain = _run_dpo(tokenizer, tmp_path / "plain", cce=False, base=base)
+    cce = _run_dpo(tokenizer, tmp_path / "cce", cce=True, base=base)
+    assert len(plain) == 3
+    assert cce == pytest.approx(plain, abs=1e-5)
