@@ -9,29 +9,69 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .tuners import BoneConfig, BoneModel, LiftConfig, LiftModel, LiftRefreshCallback, PacaConfig, PacaModel
+from .initialize import initialize, needs_initialization, register_initializer
+from .tuners import (
+    BoneConfig,
+    BoneModel,
+    DseeConfig,
+    DseeModel,
+    LiftConfig,
+    LiftModel,
+    LiftRefreshCallback,
+    PacaConfig,
+    PacaModel,
+    SaraCallback,
+    SaraConfig,
+    SaraModel,
+)
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "initialize",
+    "needs_initialization",
+    "register_initializer",
     "BVPOConfig",
     "BVPOTrainer",
     "BoneConfig",
     "BoneModel",
+    "DseeConfig",
+    "DseeModel",
     "LiftConfig",
     "LiftModel",
     "LiftRefreshCallback",
+    "MaskedThoughtConfig",
+    "MaskedThoughtTrainer",
     "PacaConfig",
     "PacaModel",
+    "SaraCallback",
+    "SaraConfig",
+    "SaraModel",
     "__version__",
+    "cce_enabled",
     "data",
+    "dsee",
+    "kernels",
+    "linear_cross_entropy",
+    "linear_log_probs",
     "testing",
     "trainers",
+    "use_cce",
 ]
 
-_LAZY_SUBMODULES = {"data", "testing", "trainers"}
+_LAZY_SUBMODULES = {"data", "dsee", "kernels", "testing", "trainers"}
 # Trainer classes import TRL (seconds): resolved from `hfx.trainers` on first use.
-_LAZY_ATTRS = {"BVPOConfig": "trainers", "BVPOTrainer": "trainers"}
+_LAZY_ATTRS = {
+    "BVPOConfig": "trainers",
+    "BVPOTrainer": "trainers",
+    "MaskedThoughtConfig": "trainers",
+    "MaskedThoughtTrainer": "trainers",
+    # CCE loss path (hfx.kernels.cce)
+    "cce_enabled": "kernels",
+    "linear_cross_entropy": "kernels",
+    "linear_log_probs": "kernels",
+    "use_cce": "kernels",
+}
 
 
 def __getattr__(name: str) -> Any:
