@@ -40,8 +40,10 @@ def _targets(args: argparse.Namespace) -> str | list[str]:
 PEFT_METHODS: dict[str, Callable[[argparse.Namespace], PeftConfig | None]] = {
     "bone": lambda a: hfx.BoneConfig(r=a.r, target_modules=_targets(a), bone_dropout=a.dropout),
     "bat": lambda a: hfx.BoneConfig(r=a.r, target_modules=_targets(a), init_weights="bat", bone_dropout=a.dropout),
+    "dsee": lambda a: hfx.DseeConfig(r=a.r, lora_alpha=a.lora_alpha or 2 * a.r, target_modules=_targets(a)),
     "lift": lambda a: hfx.LiftConfig(r=a.r, filter_rank=a.r, target_modules=_targets(a), update_interval=100),
     "paca": lambda a: hfx.PacaConfig(r=a.r, paca_alpha=a.lora_alpha or 2 * a.r, target_modules=_targets(a)),
+    "sara": lambda a: hfx.SaraConfig(target_modules=_targets(a)),  # the paper's |w| < 2e-3; --r is unused
     "lora": lambda a: LoraConfig(
         r=a.r, lora_alpha=a.lora_alpha or 2 * a.r, target_modules=_targets(a), lora_dropout=a.dropout
     ),
@@ -123,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if isinstance(peft_config, hfx.LiftConfig):  # LIFT's dynamic mask: re-select every update_interval steps
         trainer.add_callback(hfx.LiftRefreshCallback(show_progress=False))
+    if isinstance(peft_config, hfx.SaraConfig):  # SaRA's nuclear-norm regulariser and progressive adjustment
+        trainer.add_callback(hfx.SaraCallback())
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     say(

@@ -28,7 +28,9 @@ CASES = {
     "bone": lambda: hfx.BoneConfig(r=8, target_modules=TARGETS),
     "bat": lambda: hfx.BoneConfig(r=8, target_modules=TARGETS, init_weights="bat"),
     "lift": lambda: hfx.LiftConfig(r=2, filter_rank=4, update_interval=None, target_modules=TARGETS),
+    "dsee": lambda: hfx.DseeConfig(r=4, num_sparse=16, target_modules=TARGETS),
     "paca": lambda: hfx.PacaConfig(r=8, paca_alpha=16, target_modules=TARGETS),
+    "sara": lambda: hfx.SaraConfig(ratio=0.1, progressive_fraction=None, target_modules=TARGETS),
 }
 
 

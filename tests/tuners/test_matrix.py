@@ -23,9 +23,11 @@ CASES = [
     pytest.param(hfx.BoneConfig, {"r": 5, "init_weights": False}, {"r": 5}, id="bone-partial-block"),
     pytest.param(hfx.BoneConfig, {"r": 4, "init_weights": "bat"}, {"r": 4, "init_weights": "bat"}, id="bat"),
     pytest.param(hfx.LiftConfig, {"r": 1, "filter_rank": 4}, {"r": 1, "filter_rank": 4}, id="lift"),
+    pytest.param(hfx.DseeConfig, {"r": 2, "num_sparse": 8}, {"r": 2, "num_sparse": 8}, id="dsee"),
     pytest.param(
         hfx.PacaConfig, {"r": 6, "paca_alpha": 12, "init_weights": False}, {"r": 6, "paca_alpha": 12}, id="paca"
     ),
+    pytest.param(hfx.SaraConfig, {"ratio": 0.25}, {"ratio": 0.25}, id="sara"),
 ]
 TARGETS = ["lin0", "lin1", "lin2"]
 

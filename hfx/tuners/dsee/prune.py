@@ -1,0 +1,444 @@
+"""DSEE's second stage: sparse final weights (arXiv 2111.00160, Sec. 3.3).
+
+[`prune`] applies, to a model carrying a DSEE adapter,
+
+* **global unstructured magnitude pruning** (the reference's ``prune.global_unstructured`` with L1 and its default
+  ``prune_mode="ABS"``): the linear layers of the network that are *not* adapted (key, attention output, FFN, pooler;
+  never the output head / classifier / ``modules_to_save``) are pruned together at ``ratio``, scored by ``|W0|``; the
+  adapted layers (query, value) are pruned together at ``adapter_ratio``, scored by the magnitude of their update
+  ``|dW| = |s (B A + S)|`` (``"abs"``; ``"wabs"`` scores ``|W0 + dW|``, ``"w"`` scores ``|W0|``). Exactly
+  ``round(ratio * numel)`` entries of each group are pruned (global top-k, not a threshold).
+* optionally **structured attention-head pruning**: per attention layer, the ``heads_per_layer`` heads with the lowest
+  score ``sum_{rows of head h} (|dW_q| + |dW_v|)`` (``"abs"``; ``"wabs"`` adds ``|W_q| + |W_v|``) are pruned (the
+  paper: 3 of 12 heads on BERT-base).
+
+What happens physically: pruned entries of the base weights are **zeroed in place** (irreversible in memory: the
+pre-prune values are not kept; reload the base model to undo), and every pruned layer keeps a boolean keep-mask
+buffer ``dsee_prune_mask``. A DSEE layer multiplies its update by that mask in every forward (retraining) and in
+``merge``, so ``merge_and_unload()`` gives weights that are exactly zero at every pruned entry. A pruned head is
+zeroed: its rows of ``W_q`` (and bias), its columns of ``W_o``, and the rows of ``W_k``, ``W_v`` (and biases) of its
+key/value head once every query head sharing it (GQA) is pruned; the head then contributes exactly nothing.
+[`remove_pruned_heads`] physically removes those rows/columns from a merged model (multi-head attention only).
+
+Masks are saved beside the adapter by [`save_pruning`] (``dsee_pruning.safetensors`` with one bool mask per pruned
+weight/bias, keyed by the module name in the base model, and ``dsee_pruning.json`` with the statistics and the
+pruned heads; never pickle) and re-applied to a freshly loaded model with [`load_pruning`].
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
+from peft.utils import AuxiliaryTrainingWrapper
+from torch import nn
+
+from .layer import DseeLinear
+
+logger = logging.getLogger("hfx.dsee")
+
+MASKS_FILE = "dsee_pruning.safetensors"
+INFO_FILE = "dsee_pruning.json"
+DEFAULT_RATIO = 0.2  # the paper's pruning_ratio and ad_pruning_ratio on BERT-base (GLUE scripts)
+HEAD_EXCLUDE = ("lm_head", "classifier", "score", "qa_outputs")
+_MASK = "dsee_prune_mask"
+_BIAS_MASK = "dsee_prune_bias_mask"
+
+
+def _norm(name: str) -> str:
+    """Module name in the base model: without PEFT's ``base_model.model.`` prefix and ``.base_layer`` segments."""
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".base_layer", "")
+
+
+def _root(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _check_ratio(name: str, value: Optional[float]) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"`{name}` must be a number strictly between 0 and 1, got {value!r}.")
+
+
+def _base_linear(module: nn.Module) -> nn.Linear:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def _collect(model: nn.Module, exclude: tuple[str, ...]) -> tuple[dict[str, DseeLinear], dict[str, nn.Linear]]:
+    """(adapted DSEE layers, other prunable linear layers), keyed by their normalised names."""
+    root = _root(model)
+    head = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
+    adapted: dict[str, DseeLinear] = {}
+    plain: dict[str, nn.Linear] = {}
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in skip):
+            continue
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            skip.append(name)
+            if isinstance(module, DseeLinear):
+                adapted[_norm(name)] = module
+            continue
+        if isinstance(module, nn.Linear) and module is not head:
+            short = _norm(name)
+            if not any(short == e or short.endswith("." + e) or short.split(".")[-1] == e for e in exclude):
+                plain[short] = module
+    return adapted, plain
+
+
+def _set_mask(module: nn.Module, keep: torch.Tensor, bias_keep: Optional[torch.Tensor] = None) -> None:
+    """AND ``keep`` into the module's mask, zero its base weight (and bias rows) in place."""
+    base = _base_linear(module)
+    old = getattr(module, _MASK, None)
+    keep = keep.to(base.weight.device) if old is None else (old & keep.to(old.device))
+    if isinstance(module, DseeLinear):
+        module.dsee_prune_mask = keep
+    # also on the plain linear, so that the mask survives merge_and_unload() (and save_pruning works there)
+    base.register_buffer(_MASK, keep, persistent=False)
+    with torch.no_grad():
+        base.weight.mul_(keep.to(base.weight.dtype))
+        if bias_keep is not None and base.bias is not None:
+            old_b = getattr(base, _BIAS_MASK, None)
+            bias_keep = (
+                bias_keep.to(base.bias.device).clone() if old_b is None else (old_b & bias_keep.to(old_b.device))
+            )
+            base.register_buffer(_BIAS_MASK, bias_keep, persistent=False)
+            base.bias.mul_(bias_keep.to(base.bias.dtype))
+
+
+def _keep(module: nn.Module) -> torch.Tensor:
+    base = _base_linear(module)
+    mask = getattr(module, _MASK, None)
+    return torch.ones_like(base.weight, dtype=torch.bool) if mask is None else mask
+
+
+def _global_prune(scores: dict[str, torch.Tensor], modules: dict[str, nn.Module], ratio: float) -> tuple[int, int]:
+    """Prune exactly ``round(ratio * total)`` entries with the lowest scores across ``modules`` (already pruned
+    entries count as pruned). Returns (pruned, total)."""
+    if not scores:
+        return 0, 0
+    names = list(scores)
+    flat = torch.cat([scores[n].float().reshape(-1).cpu() for n in names])
+    total = flat.numel()
+    k = int(round(float(ratio) * total))
+    if k == 0:
+        return 0, total
+    if not bool((flat > 0).any()):
+        logger.warning("DSEE prune: every score is zero (an untrained adapter?); the pruned entries are arbitrary.")
+    prune_idx = torch.topk(flat, k, largest=False).indices
+    keep_flat = torch.ones(total, dtype=torch.bool)
+    keep_flat[prune_idx] = False
+    start = 0
+    for name in names:
+        n = scores[name].numel()
+        _set_mask(modules[name], keep_flat[start : start + n].view(scores[name].shape))
+        start += n
+    return k, total
+
+
+def _attention_blocks(model: nn.Module) -> list[dict[str, Any]]:
+    """Attention layers with q/k/v/o modules and head geometry: BERT-style (``query``/``key``/``value`` + the
+    sibling ``output.dense``) and Llama/Qwen-style (``q_proj``/``k_proj``/``v_proj``/``o_proj``)."""
+    blocks = []
+    named = dict(model.named_modules())
+    for name, module in named.items():
+        children = module._modules
+        if all(c in children for c in ("query", "key", "value")):
+            parent = name.rsplit(".", 1)[0] if "." in name else ""
+            o = named.get(f"{parent}.output.dense" if parent else "output.dense")
+            if o is None:
+                continue
+            q, k, v = children["query"], children["key"], children["value"]
+            num_heads = int(module.num_attention_heads)
+        elif all(c in children for c in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            q, k, v, o = children["q_proj"], children["k_proj"], children["v_proj"], children["o_proj"]
+            head_dim = int(module.head_dim)
+            num_heads = _get_in_out_features(_base_linear(q))[1] // head_dim
+        else:
+            continue
+        q_out = _get_in_out_features(_base_linear(q))[1]
+        head_dim = q_out // num_heads
+        num_kv = _get_in_out_features(_base_linear(k))[1] // head_dim
+        blocks.append(
+            {"name": _norm(name), "module": module, "q": q, "k": k, "v": v, "o": o}
+            | {"num_heads": num_heads, "num_kv": num_kv, "head_dim": head_dim}
+        )
+    return blocks
+
+
+def _row_sums(module: nn.Module, mode: str, adapter: str) -> torch.Tensor:
+    """Per-output-row score of a q or v projection: sum over the input dim of |dW| (+ |W| for 'wabs')."""
+    base = _base_linear(module)
+    score = torch.zeros(base.weight.shape[0], dtype=torch.float32, device=base.weight.device)
+    if isinstance(module, DseeLinear) and adapter in module.dsee_A:
+        score += module.get_delta_weight(adapter).abs().sum(dim=1).float()
+    if mode == "wabs":
+        score += base.weight.detach().abs().sum(dim=1).float()
+    return score
+
+
+def _prune_heads(model: nn.Module, heads_per_layer: int, mode: str, adapter: str) -> dict[str, list[int]]:
+    blocks = _attention_blocks(model)
+    if not blocks:
+        raise ValueError(
+            "DSEE head pruning found no attention layers (BERT-style query/key/value or q_proj/k_proj/v_proj/o_proj)."
+        )
+    pruned: dict[str, list[int]] = {}
+    for blk in blocks:
+        h, h_kv, d = blk["num_heads"], blk["num_kv"], blk["head_dim"]
+        if not 0 < heads_per_layer < h:
+            raise ValueError(
+                f"`heads_per_layer` must be between 1 and {h - 1} (the attention layer {blk['name']!r} has {h} heads), "
+                f"got {heads_per_layer}."
+            )
+        group = h // h_kv
+        q_rows = _row_sums(blk["q"], mode, adapter).view(h, d).sum(dim=1)
+        v_rows = _row_sums(blk["v"], mode, adapter).view(h_kv, d).sum(dim=1)
+        score = (q_rows + v_rows.repeat_interleave(group) / group).cpu()
+        heads = sorted(torch.argsort(score, stable=True)[:heads_per_layer].tolist())
+        pruned[blk["name"]] = heads
+        q_keep = torch.ones(h * d, dtype=torch.bool)
+        for head in heads:
+            q_keep[head * d : (head + 1) * d] = False
+        kv_keep = torch.ones(h_kv * d, dtype=torch.bool)
+        for g in range(h_kv):
+            if all(x in heads for x in range(g * group, (g + 1) * group)):
+                kv_keep[g * d : (g + 1) * d] = False
+        for key, keep in (("q", q_keep), ("k", kv_keep), ("v", kv_keep)):
+            weight = _base_linear(blk[key]).weight
+            _set_mask(blk[key], keep[:, None].expand_as(weight).clone(), keep)
+        o_weight = _base_linear(blk["o"]).weight
+        _set_mask(blk["o"], q_keep[None, :].expand_as(o_weight).clone())
+    return pruned
+
+
+def _count(model: nn.Module) -> dict[str, int]:
+    """Parameters of the base model (adapter parameters and modules_to_save copies excluded) and their non-zeros."""
+    total = nonzero = 0
+    for name, p in model.named_parameters():
+        if "dsee_" in name or ".modules_to_save." in name:
+            continue
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p.detach()))
+    return {"params_total": total, "params_nonzero": nonzero}
+
+
+@torch.no_grad()
+def prune(
+    model: nn.Module,
+    ratio: Optional[float] = DEFAULT_RATIO,
+    adapter_ratio: Optional[float] = None,
+    mode: str = "abs",
+    heads_per_layer: int = 0,
+    head_mode: str = "abs",
+    adapter_name: Optional[str] = None,
+    exclude_modules: tuple[str, ...] = HEAD_EXCLUDE,
+) -> dict[str, Any]:
+    """Prune the final weights of a DSEE model (see the module docstring); returns and logs the statistics.
+
+    Args:
+        model: A ``PeftModel`` (or a model with DSEE layers injected) carrying a DSEE adapter, not merged.
+        ratio: Fraction of the non-adapted linear weights pruned globally by ``|W0|`` (paper: 0.2); ``None`` skips
+            unstructured pruning. Must be in (0, 1).
+        adapter_ratio: Fraction of the adapted weights pruned globally by ``mode``'s score; defaults to ``ratio``.
+        mode: Score of the adapted weights: ``"abs"`` (``|dW|``, the paper's default), ``"wabs"`` (``|W0 + dW|``),
+            ``"w"`` (``|W0|``).
+        heads_per_layer: Attention heads to prune per layer (0: none; the paper prunes 3 of 12 on BERT-base).
+        head_mode: Head score: ``"abs"`` (``|dW_q| + |dW_v|``) or ``"wabs"`` (adds ``|W_q| + |W_v|``).
+        adapter_name: The DSEE adapter whose update is scored (default: the active one).
+        exclude_modules: Linear layers (name or suffix) never pruned; the output embedding is never pruned either.
+
+    Returns:
+        ``{"ratio", "adapter_ratio", "base_pruned", "base_total", "adapter_pruned", "adapter_total", "heads",
+        "linear_total", "linear_zeros", "linear_sparsity", "params_total", "params_nonzero", "sparsity"}``.
+    """
+    _check_ratio("ratio", ratio)
+    adapter_ratio = ratio if adapter_ratio is None else adapter_ratio
+    _check_ratio("adapter_ratio", adapter_ratio)
+    if mode not in ("abs", "wabs", "w"):
+        raise ValueError(f"`mode` must be 'abs', 'wabs' or 'w', got {mode!r}.")
+    if head_mode not in ("abs", "wabs"):
+        raise ValueError(f"`head_mode` must be 'abs' or 'wabs', got {head_mode!r}.")
+    if isinstance(heads_per_layer, bool) or not isinstance(heads_per_layer, int) or heads_per_layer < 0:
+        raise ValueError(f"`heads_per_layer` must be a non-negative integer, got {heads_per_layer!r}.")
+    if ratio is None and heads_per_layer == 0:
+        raise ValueError("Nothing to prune: give a `ratio` in (0, 1) and/or `heads_per_layer` > 0.")
+    adapted, plain = _collect(model, tuple(exclude_modules))
+    if not adapted:
+        raise ValueError("hfx.dsee.prune: the model has no DSEE layers; wrap it with get_peft_model(DseeConfig()).")
+    layers = list(adapted.values())
+    if adapter_name is None:
+        active = layers[0].active_adapters
+        if len(active) != 1:
+            raise ValueError(f"hfx.dsee.prune: pass `adapter_name`; {len(active)} adapters are active.")
+        adapter_name = active[0]
+    for layer in layers:
+        if layer.merged:
+            raise ValueError(f"Cannot prune while {layer._describe()} is merged; call unmerge_adapter() first.")
+        if layer.quantization_backend is not None:
+            raise ValueError(
+                f"Cannot prune the quantized {layer._describe()}: pruning edits the base weights; prune the model "
+                "before quantizing it."
+            )
+    for module in [*layers, *plain.values()]:
+        if hasattr(_base_linear(module).weight, "ds_id"):
+            raise ValueError(
+                "hfx.dsee.prune edits the frozen base weights and is not supported under DeepSpeed ZeRO-3; prune on "
+                "a single process (or with ZeRO-0/1/2) and retrain from there."
+            )
+
+    stats: dict[str, Any] = {"ratio": ratio, "adapter_ratio": adapter_ratio, "mode": mode, "heads": {}}
+    if heads_per_layer:
+        stats["heads"] = _prune_heads(model, heads_per_layer, head_mode, adapter_name)
+        stats["heads_per_layer"] = heads_per_layer
+    if ratio is not None:
+        base_scores = {}
+        for name, module in plain.items():
+            base_scores[name] = module.weight.detach().abs().float().masked_fill(~_keep(module), -1.0)
+        stats["base_pruned"], stats["base_total"] = _global_prune(base_scores, plain, ratio)
+        ad_scores = {}
+        for name, layer in adapted.items():
+            w0 = layer.get_base_layer().weight.detach().float()
+            if adapter_name in layer.dsee_A:
+                delta = layer.get_delta_weight(adapter_name, masked=False).float()
+            else:
+                delta = torch.zeros_like(w0)
+            score = {"abs": delta, "wabs": w0 + delta, "w": w0}[mode].abs()
+            ad_scores[name] = score.masked_fill(~_keep(layer), -1.0)
+        stats["adapter_pruned"], stats["adapter_total"] = _global_prune(ad_scores, adapted, adapter_ratio)
+    linear = [_base_linear(m).weight for m in [*adapted.values(), *plain.values()]]
+    stats["linear_total"] = sum(w.numel() for w in linear)
+    stats["linear_zeros"] = sum(int((w == 0).sum()) for w in linear)
+    stats["linear_sparsity"] = stats["linear_zeros"] / max(stats["linear_total"], 1)
+    stats.update(_count(model))
+    stats["sparsity"] = 1 - stats["params_nonzero"] / max(stats["params_total"], 1)
+    root = _root(model)
+    previous = getattr(root, "_dsee_pruning", None) or {}
+    heads = {**previous.get("heads", {}), **stats["heads"]}
+    stats["heads"] = heads
+    root._dsee_pruning = {"heads": heads, "stats": stats}
+    logger.info(
+        "DSEE prune: linear sparsity %.4f (%d of %d zero), %d base parameters, %d non-zero (%.4f sparse), heads %s",
+        stats["linear_sparsity"],
+        stats["linear_zeros"],
+        stats["linear_total"],
+        stats["params_total"],
+        stats["params_nonzero"],
+        stats["sparsity"],
+        {k: v for k, v in heads.items()} or "none",
+    )
+    return stats
+
+
+def save_pruning(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write the pruning masks (``dsee_pruning.safetensors``, bool tensors keyed ``<module>.weight`` / ``.bias``)
+    and the statistics and pruned heads (``dsee_pruning.json``) to ``directory``; next to a saved adapter."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        mask = module._buffers.get(_MASK) if _MASK in module._buffers else None
+        if mask is not None and not name.endswith(".base_layer"):  # a DSEE layer's base holds the same mask
+            tensors[f"{_norm(name)}.weight"] = mask.detach().cpu().clone()
+        bias_mask = module._buffers.get(_BIAS_MASK) if _BIAS_MASK in module._buffers else None
+        if bias_mask is not None:
+            tensors[f"{_norm(name)}.bias"] = bias_mask.detach().cpu().clone()
+    if not tensors:
+        raise ValueError("hfx.dsee.save_pruning: the model has not been pruned (no pruning masks found).")
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, MASKS_FILE), metadata={"format": "hfx-dsee-pruning"})
+    info = getattr(_root(model), "_dsee_pruning", None) or {}
+    with open(os.path.join(directory, INFO_FILE), "w") as f:
+        json.dump({"format": "hfx-dsee-pruning", "version": 1, **info}, f, indent=2, default=str)
+
+
+@torch.no_grad()
+def load_pruning(model: nn.Module, directory: str | os.PathLike) -> dict[str, Any]:
+    """Re-apply masks written by [`save_pruning`] to ``model`` (a base model, a ``PeftModel`` with DSEE, or a merged
+    model): zero the pruned entries in place and set the DSEE layers' masks. Returns the saved JSON info."""
+    from safetensors.torch import load_file
+
+    masks = load_file(os.path.join(directory, MASKS_FILE))
+    with open(os.path.join(directory, INFO_FILE)) as f:
+        info = json.load(f)
+    modules: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        short = _norm(name)
+        if isinstance(module, DseeLinear) or (isinstance(module, nn.Linear) and short not in modules):
+            modules[short] = module
+    missing = sorted({k.rsplit(".", 1)[0] for k in masks} - modules.keys())
+    if missing:
+        raise ValueError(f"hfx.dsee.load_pruning: the model has no linear layers named {missing[:5]}.")
+    for key, mask in masks.items():
+        name, kind = key.rsplit(".", 1)
+        module = modules[name]
+        if kind == "weight":
+            weight = _base_linear(module).weight
+            if mask.shape != weight.shape:
+                raise ValueError(
+                    f"Pruning mask {key} has shape {tuple(mask.shape)}, the weight {tuple(weight.shape)}."
+                )
+            _set_mask(module, mask.bool())
+    for key, mask in masks.items():
+        name, kind = key.rsplit(".", 1)
+        if kind == "bias":
+            base = _base_linear(modules[name])
+            base.register_buffer(_BIAS_MASK, mask.bool().to(base.bias.device), persistent=False)
+            base.bias.mul_(mask.to(base.bias.dtype))
+    _root(model)._dsee_pruning = {"heads": info.get("heads", {}), "stats": info.get("stats", {})}
+    return info
+
+
+@torch.no_grad()
+def remove_pruned_heads(model: nn.Module) -> dict[str, list[int]]:
+    """Physically remove the pruned heads of a **merged** model (after ``merge_and_unload()``): slice the rows of
+    q/k/v (weights and biases) and the columns of o. Multi-head attention only (no grouped key/value heads). The
+    result runs and computes exactly what the zeroed model computes, but no longer matches its config's shapes, so
+    it is for inference and measurement, not for ``from_pretrained``. Returns the removed heads per layer."""
+    info = getattr(_root(model), "_dsee_pruning", None) or {}
+    heads = info.get("heads") or {}
+    if not heads:
+        raise ValueError("hfx.dsee.remove_pruned_heads: no pruned heads recorded on this model.")
+    blocks = {b["name"]: b for b in _attention_blocks(model)}
+    for layer_name, pruned in heads.items():
+        blk = blocks.get(layer_name)
+        if blk is None:
+            raise ValueError(f"hfx.dsee.remove_pruned_heads: no attention layer {layer_name!r} in the model.")
+        if any(isinstance(blk[k], BaseTunerLayer) for k in ("q", "k", "v", "o")):
+            raise ValueError("hfx.dsee.remove_pruned_heads needs a merged model: call merge_and_unload() first.")
+        if blk["num_kv"] != blk["num_heads"]:
+            raise ValueError(
+                f"hfx.dsee.remove_pruned_heads supports multi-head attention only; {layer_name!r} has "
+                f"{blk['num_heads']} query and {blk['num_kv']} key/value heads (the pruned heads stay zeroed)."
+            )
+        d, h = blk["head_dim"], blk["num_heads"]
+        keep_heads = [x for x in range(h) if x not in pruned]
+        rows = torch.cat([torch.arange(x * d, (x + 1) * d) for x in keep_heads])
+        module = blk["module"]
+        names = ("query", "key", "value") if "query" in module._modules else ("q_proj", "k_proj", "v_proj")
+        for child in names:
+            old = module._modules[child]
+            new = nn.Linear(old.in_features, rows.numel(), bias=old.bias is not None)
+            new = new.to(old.weight.device, old.weight.dtype)
+            new.weight.copy_(old.weight[rows])
+            if old.bias is not None:
+                new.bias.copy_(old.bias[rows])
+            module._modules[child] = new
+        o = blk["o"]
+        new_o = nn.Linear(rows.numel(), o.out_features, bias=o.bias is not None).to(o.weight.device, o.weight.dtype)
+        new_o.weight.copy_(o.weight[:, rows])
+        if o.bias is not None:
+            new_o.bias.copy_(o.bias)
+        parent_name, _, child_name = [n for n, m in model.named_modules() if m is o][0].rpartition(".")
+        model.get_submodule(parent_name)._modules[child_name] = new_o
+        if hasattr(module, "num_attention_heads"):
+            module.num_attention_heads = len(keep_heads)
+        if hasattr(module, "all_head_size"):
+            module.all_head_size = rows.numel()
+    return heads
