@@ -490,7 +490,7 @@ def test_callback_refuses_deepspeed_and_fsdp_unless_static():
 
 # ---- errors and config ------------------------------------------------------------------------------------------
 def test_quantized_base_is_refused_naming_the_layer_type():
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb  # installed with the dev extra; a missing one must fail, not skip
 
     class Q(nn.Module):
         def __init__(self):
