@@ -2,6 +2,8 @@
 
 - :class:`BVPOTrainer` / :class:`BVPOConfig`: bias–variance optimised preference optimisation for reasoning models
   (arXiv 2510.05095); :func:`make_bvpo_pairs` builds its data from a policy and a reward function.
+- :class:`GVMRAFTTrainer` / :class:`GVMRAFTConfig` and :class:`GVMGRPOTrainer` / :class:`GVMGRPOConfig`: RAFT++ and
+  GRPO with GVM's variance-minimising per-prompt sample allocation (arXiv 2505.02391), see :mod:`hfx.gvm`.
 - :class:`MaskedThoughtTrainer` / :class:`MaskedThoughtConfig`: Masked Thought SFT (arXiv 2403.02178), part of the
   chain of thought masked in the inputs; :func:`add_mask_token` adds a mean-initialised ``<mask>`` token.
 """
@@ -9,6 +11,8 @@
 from .bvpo_config import DEFAULT_EMPTY_THINK, BVPOConfig
 from .bvpo_data import make_bvpo_pairs
 from .bvpo_trainer import AlphaEstimator, BVPODataCollator, BVPOTrainer, closed_form_alpha
+from .gvm_config import GVMGRPOConfig, GVMRAFTConfig
+from .gvm_trainer import GVMGRPOTrainer, GVMRAFTTrainer
 from .masked_thought_config import MaskedThoughtConfig
 from .masked_thought_trainer import MaskedThoughtTrainer, add_mask_token, mask_rate_at
 
@@ -18,6 +22,10 @@ __all__ = [
     "BVPOConfig",
     "BVPODataCollator",
     "BVPOTrainer",
+    "GVMGRPOConfig",
+    "GVMGRPOTrainer",
+    "GVMRAFTConfig",
+    "GVMRAFTTrainer",
     "MaskedThoughtConfig",
     "MaskedThoughtTrainer",
     "add_mask_token",

@@ -49,9 +49,26 @@ def masked_thought(base: str, output_dir: str):
     return hfx.MaskedThoughtTrainer(base, args=config, train_dataset=sft_dataset(32, think=True))
 
 
+def gvm_raft(base: str, output_dir: str):
+    import hashlib as _hashlib
+
+    import hfx
+    from hfx.data import prompt_dataset
+
+    def hash_reward(completions, **kwargs):  # deterministic pseudo-verifier: accepts ~1/3 of a random model's samples
+        return [1.0 if int(_hashlib.sha1(c.encode()).hexdigest(), 16) % 3 == 0 else 0.0 for c in completions]
+
+    config = hfx.GVMRAFTConfig(
+        output_dir=output_dir, num_generations=2, max_completion_length=6, gvm_num_pilot=4, gvm_pool_size=6,
+        gvm_refresh_steps=2, beta=0.0, **COMMON,
+    )  # fmt: skip
+    return hfx.GVMRAFTTrainer(base, reward_funcs=hash_reward, args=config, train_dataset=prompt_dataset(16))
+
+
 CASES = {
     "bvpo": bvpo,
     "masked_thought": masked_thought,
+    "gvm_raft": gvm_raft,
 }
 
 
@@ -73,6 +90,8 @@ def trainer_state(trainer) -> dict[str, Any]:
         state["alpha"] = trainer.alpha
     if hasattr(trainer, "mask_rate"):
         state["mask_rate"] = trainer.mask_rate
+    if getattr(trainer, "gvm_state", None) is not None:  # GVM: the allocation (p, G, n) must be the same plan
+        state["gvm"] = trainer.gvm_state.to_dict() | {"extra": None}
     return state
 
 
@@ -84,7 +103,9 @@ def run_case(name: str, args: argparse.Namespace) -> None:
 
     def recording_collator(features):
         batch = collate(features)
-        seen.append(hashlib.sha1(first_tensor(batch).numpy().tobytes()).hexdigest())
+        tensor = first_tensor(batch)
+        raw = tensor.numpy().tobytes() if tensor is not None else repr(batch).encode()  # GRPO: rows are dicts
+        seen.append(hashlib.sha1(raw).hexdigest())
         return batch
 
     trainer.data_collator = recording_collator

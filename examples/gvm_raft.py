@@ -1,0 +1,124 @@
+"""GVM-RAFT++ (variance-minimising per-prompt sample allocation) with hfx.GVMRAFTTrainer; runs under ``accelerate launch``.
+
+By default it needs nothing from the Hub: the tiny Llama-style base pre-trained once on the built-in task's easy
+arithmetic problems (cached in ~/.cache/hfx; ~1.5 min the first time) is trained with RAFT++ on ``medium`` problems
+(2-3 steps, which the base solves only sometimes). Every ``--refresh-steps`` optimizer steps a pool of prompts is
+piloted (``--num-pilot`` samples each), each prompt's acceptance rate p_i and gradient norm G_i are estimated, and the
+budget of completions is split by Proposition 1 (n_i ∝ G_i / √(p_i + α/p_i)); prompts never solved get nothing. It
+prints the allocation summary and held-out accuracy before and after (a few minutes on a 2-core CPU).
+
+    python examples/gvm_raft.py                       # GVM-RAFT++
+    python examples/gvm_raft.py --uniform             # plain RAFT++ (same budget, uniform allocation)
+    python examples/gvm_raft.py --loss grpo           # GVM-GRPO
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml examples/gvm_raft.py --model <path-or-id> --bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import hfx
+from hfx.data import accuracy, correctness_reward, prompt_dataset
+from hfx.testing.pretrained import pretrained_base
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model path or id; default: the cached tiny base (built-in task)")
+    p.add_argument("--difficulty", default="medium")
+    p.add_argument("--loss", default="raft", choices=["raft", "grpo"])
+    p.add_argument("--uniform", action="store_true", help="plain RAFT++/GRPO: uniform allocation, no pilot")
+    p.add_argument("--n-train", type=int, default=256)
+    p.add_argument("--n-eval", type=int, default=128)
+    p.add_argument("--pool-size", type=int, default=32, help="prompts per allocation round")
+    p.add_argument("--num-pilot", type=int, default=8, help="N', pilot samples per prompt")
+    p.add_argument("--budget", type=int, default=None, help="completions per round (default N' x pool)")
+    p.add_argument("--refresh-steps", type=int, default=4)
+    p.add_argument("--num-generations", type=int, default=4, help="completions per GRPO group (allocation unit)")
+    p.add_argument("--max-steps", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=32, help="completions per optimizer step (global)")
+    p.add_argument("--learning-rate", type=float, default=2e-4)
+    p.add_argument("--beta", type=float, default=0.001, help="KL coefficient")
+    p.add_argument("--max-completion-length", type=int, default=48)
+    p.add_argument("--output-dir", default="outputs/gvm_raft")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true")
+    return p.parse_args(argv)
+
+
+def build(args: argparse.Namespace, model_path: str) -> hfx.GVMGRPOTrainer:
+    state = PartialState()
+    cls = hfx.GVMRAFTConfig if args.loss == "raft" else hfx.GVMGRPOConfig
+    config = cls(
+        output_dir=args.output_dir,
+        gvm=not args.uniform,
+        gvm_loss=args.loss,
+        gvm_num_pilot=args.num_pilot,
+        gvm_budget=args.budget,
+        gvm_pool_size=args.pool_size,
+        gvm_refresh_steps=args.refresh_steps,
+        num_generations=args.num_generations,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=max(1, args.batch_size // state.num_processes),
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",
+        beta=args.beta,
+        max_completion_length=args.max_completion_length,
+        temperature=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        bf16=args.bf16,
+        activation_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+    )
+    train = prompt_dataset(args.n_train, args.difficulty, seed=args.seed, split="train")
+    return hfx.GVMRAFTTrainer(model_path, reward_funcs=correctness_reward, args=config, train_dataset=train)
+
+
+def evaluate(model, tokenizer, n_eval: int, difficulty: str) -> float:
+    test = prompt_dataset(n_eval, difficulty, split="test")
+    model.eval()
+    acc = accuracy(model, tokenizer, test, max_new_tokens=48)
+    model.train()
+    return acc
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    model_path = args.model or pretrained_base()
+    state = PartialState()
+    if state.is_main_process:
+        base = AutoModelForCausalLM.from_pretrained(model_path)
+        tok = AutoTokenizer.from_pretrained(model_path)
+        print(
+            f"[gvm] base accuracy on held-out {args.difficulty}: {evaluate(base, tok, args.n_eval, args.difficulty):.3f}"
+        )
+    trainer = build(args, model_path)
+    start = time.perf_counter()
+    trainer.train()
+    elapsed = time.perf_counter() - start
+    if state.is_main_process:
+        alloc = trainer.gvm_state
+        summary = {k: round(v, 3) for k, v in alloc.summary().items()}
+        counters = trainer._gvm_counters
+        print(f"[gvm] last allocation (round {alloc.iteration}): {summary}")
+        print(f"[gvm] n_i = {alloc.n}")
+        print(
+            f"[gvm] sampled completions: {counters['train_samples']} for training + {counters['pilot_samples']} pilot; "
+            f"pilot time {counters['pilot_seconds']:.1f}s of {elapsed:.1f}s"
+        )
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        acc = evaluate(model, trainer.processing_class, args.n_eval, args.difficulty)
+        print(f"[gvm] accuracy after training: {acc:.3f}")
+
+
+if __name__ == "__main__":
+    main()
