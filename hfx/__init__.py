@@ -37,6 +37,10 @@ __all__ = [
     "BoneModel",
     "DseeConfig",
     "DseeModel",
+    "GVMGRPOConfig",
+    "GVMGRPOTrainer",
+    "GVMRAFTConfig",
+    "GVMRAFTTrainer",
     "LiftConfig",
     "LiftModel",
     "LiftRefreshCallback",
@@ -51,6 +55,7 @@ __all__ = [
     "cce_enabled",
     "data",
     "dsee",
+    "gvm",
     "kernels",
     "linear_cross_entropy",
     "linear_log_probs",
@@ -59,11 +64,15 @@ __all__ = [
     "use_cce",
 ]
 
-_LAZY_SUBMODULES = {"data", "dsee", "kernels", "testing", "trainers"}
+_LAZY_SUBMODULES = {"data", "dsee", "gvm", "kernels", "testing", "trainers"}
 # Trainer classes import TRL (seconds): resolved from `hfx.trainers` on first use.
 _LAZY_ATTRS = {
     "BVPOConfig": "trainers",
     "BVPOTrainer": "trainers",
+    "GVMGRPOConfig": "trainers",
+    "GVMGRPOTrainer": "trainers",
+    "GVMRAFTConfig": "trainers",
+    "GVMRAFTTrainer": "trainers",
     "MaskedThoughtConfig": "trainers",
     "MaskedThoughtTrainer": "trainers",
     # CCE loss path (hfx.kernels.cce)
