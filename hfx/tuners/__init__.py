@@ -3,9 +3,11 @@
 from .bone import BoneConfig, BoneModel
 from .dsee import DseeConfig, DseeModel
 from .lift import LiftConfig, LiftModel, LiftRefreshCallback
+from .loraga import LoraGAConfig
 from .paca import PacaConfig, PacaModel
 from .sara import SaraCallback, SaraConfig, SaraModel
 
 __all__ = ["BoneConfig", "BoneModel", "LiftConfig", "LiftModel", "LiftRefreshCallback", "PacaConfig", "PacaModel"]
 __all__ += ["SaraCallback", "SaraConfig", "SaraModel"]
 __all__ += ["DseeConfig", "DseeModel"]
+__all__ += ["LoraGAConfig"]

@@ -1,0 +1,27 @@
+"""LoRA-GA (arXiv 2407.05000): LoRA initialised from the SVD of the weight gradient, saved as plain LoRA.
+
+model = get_peft_model(base, hfx.LoraGAConfig(r=8, lora_alpha=16, target_modules=[...]))
+hfx.initialize(model, train_dataloader)   # gradient estimate, SVD, A/B, base-weight offset
+...train...
+model.save_pretrained(path)               # rank-2r LoRA for the original base: stock PEFT loads it
+"""
+
+from hfx.initialize import register_initializer
+
+from .config import LoraGAConfig
+from .export import install_load_hook, read_export_init, rewrite_saved_weights
+from .init import apply_factors, estimate_gradients, initialize_loraga, loraga_factors, target_layers
+
+__all__ = [
+    "LoraGAConfig",
+    "apply_factors",
+    "estimate_gradients",
+    "initialize_loraga",
+    "install_load_hook",
+    "loraga_factors",
+    "read_export_init",
+    "rewrite_saved_weights",
+    "target_layers",
+]
+
+register_initializer(LoraGAConfig, initialize_loraga)

@@ -1,0 +1,399 @@
+"""LoRA-GA (hfx.LoraGAConfig + hfx.initialize): gradient estimate, paper A/B, offset, scale, export, resume, errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import get_peft_model
+
+import hfx
+from hfx.testing import tiny_causal_lm
+from hfx.tuners.loraga import estimate_gradients, target_layers
+
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def make_base(dtype=torch.float32, hidden_size=32):
+    return tiny_causal_lm(hidden_size=hidden_size, num_heads=4, num_kv_heads=2, dtype=dtype, seed=0)
+
+
+def make_batches(vocab: int, n: int = 3, seed: int = 0, bsz: int = 2, seq: int = 9):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab, (bsz, seq), generator=gen)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
+
+
+def dense_gradients(base, batches, names):
+    """Reference: mean over batches of dL/dW by autograd on the weights themselves (no hooks)."""
+    model = copy.deepcopy(base).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights = {n: model.get_submodule(n).weight for n in names}
+    for w in weights.values():
+        w.requires_grad_(True)
+    for b in batches:
+        model(**b).loss.backward()
+    return {n: w.grad / len(batches) for n, w in weights.items()}
+
+
+def base_name(peft_layer_name: str) -> str:
+    return peft_layer_name.removeprefix("base_model.model.")
+
+
+def align_signs(ref: torch.Tensor, got: torch.Tensor, dim: int) -> torch.Tensor:
+    """Flip each singular vector of ``got`` (rows for dim=0, columns for dim=1) to the sign of ``ref``."""
+    dots = (ref * got).sum(dim=1 - dim, keepdim=True)
+    return got * torch.sign(dots)
+
+
+def probe(vocab):
+    return torch.arange(5, 5 + 22).reshape(2, 11) % vocab
+
+
+# ---------------------------------------------------------------- maths
+
+
+def test_activation_gradient_equals_autograd_weight_gradient_float64():
+    base = make_base(torch.float64)
+    batches = make_batches(base.config.vocab_size)
+    model = get_peft_model(copy.deepcopy(base), hfx.LoraGAConfig(r=2, target_modules=TARGETS))
+    layers = target_layers(model, "default")
+    grads, n = estimate_gradients(model, batches, layers)
+    assert n == len(batches)
+    ref = dense_gradients(base, batches, [base_name(name) for name, _ in layers])
+    for name, _ in layers:
+        torch.testing.assert_close(grads[name], ref[base_name(name)], rtol=1e-10, atol=1e-13)
+    # the estimate touched no parameter gradient and left requires_grad as it was
+    assert all(p.grad is None for p in model.parameters())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if "lora_" in n
+    }
+
+
+@pytest.mark.parametrize("direction", ["ArB2r", "A2rBr", "ArBr"])
+def test_factors_are_the_papers_formula_float64(direction):
+    """A/B equal the paper's Algorithm 1 (stable scale) on the SVD of the dense autograd gradient."""
+    r, gamma = 3, 16.0
+    base = make_base(torch.float64)
+    batches = make_batches(base.config.vocab_size)
+    model = get_peft_model(copy.deepcopy(base), hfx.LoraGAConfig(r=r, target_modules=TARGETS, direction=direction))
+    hfx.initialize(model, batches, show_progress=False)
+    idx = {
+        "ArB2r": (list(range(r)), list(range(r, 2 * r))),
+        "A2rBr": (list(range(r, 2 * r)), list(range(r))),
+        "ArBr": (list(range(1, 2 * r, 2)), list(range(0, 2 * r, 2))),
+    }[direction]
+    layers = target_layers(model, "default")
+    ref = dense_gradients(base, batches, [base_name(name) for name, _ in layers])
+    for name, layer in layers:
+        G = ref[base_name(name)]
+        U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+        f = G.shape[0] ** 0.25 / gamma**0.5
+        A_ref, B_ref = Vh[idx[0]] * f, U[:, idx[1]] * f
+        A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+        torch.testing.assert_close(align_signs(A_ref, A, 0), A_ref, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(align_signs(B_ref, B, 1), B_ref, rtol=1e-7, atol=1e-9)
+        if direction == "ArB2r":
+            # the paper's reason: one SGD step of (B, A) moves BA by B B^T G + G A^T A = f^2 * rank-2r SVD of G
+            step = B @ B.T @ G + G @ A.T @ A
+            best = U[:, : 2 * r] @ torch.diag(S[: 2 * r]) @ Vh[: 2 * r]
+            torch.testing.assert_close(step, f**2 * best, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_output_unchanged_at_init(dtype, atol):
+    """W' = W - s*B*A: the model function is unchanged at init (fp64 to 1e-12; fp32 to rounding: x W'^T + s (x A^T)
+    B^T is not computed in the same order as x W^T, so it is not bitwise equal)."""
+    base = make_base(dtype)
+    x = probe(base.config.vocab_size)
+    with torch.no_grad():
+        y0 = base(x).logits
+    model = get_peft_model(copy.deepcopy(base), hfx.LoraGAConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    hfx.initialize(model, make_batches(base.config.vocab_size), show_progress=False)
+    layer = target_layers(model, "default")[0][1]
+    assert layer.lora_B["default"].weight.abs().max() > 0  # a real init, not B = 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, y0, rtol=0, atol=atol)
+
+
+def test_layer_groups_match_single_pass():
+    base = make_base()
+    batches = make_batches(base.config.vocab_size)
+    m1 = get_peft_model(copy.deepcopy(base), hfx.LoraGAConfig(r=2, target_modules=TARGETS))
+    m2 = get_peft_model(copy.deepcopy(base), hfx.LoraGAConfig(r=2, target_modules=TARGETS, max_layers_per_pass=3))
+    s1 = hfx.initialize(m1, batches, show_progress=False)["default"]
+    s2 = hfx.initialize(m2, batches, show_progress=False)["default"]
+    assert (s1["passes"], s2["passes"]) == (1, 3)
+    sd1, sd2 = m1.state_dict(), m2.state_dict()
+    for k in sd1:
+        torch.testing.assert_close(sd1[k], sd2[k], rtol=0, atol=0)
+
+
+def test_iters_limits_batches():
+    base = make_base()
+    model = get_peft_model(copy.deepcopy(base), hfx.LoraGAConfig(r=2, target_modules=TARGETS, iters=2))
+    s = hfx.initialize(model, iter(make_batches(base.config.vocab_size, n=5)), show_progress=False)["default"]
+    assert s["batches"] == 2
+
+
+# ---------------------------------------------------------------- PEFT's LoRA-GA
+
+
+def peft_loraga(base, batches, r, alpha, use_rslora):
+    from peft import LoraConfig
+    from peft import LoraGAConfig as PeftLoraGAConfig
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    model = copy.deepcopy(base)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        use_rslora=use_rslora,
+        target_modules=TARGETS,
+        init_lora_weights="lora_ga",
+        lora_ga_config=PeftLoraGAConfig(direction="ArB2r", scale="stable", stable_gamma=16),
+    )
+
+    def train_step():
+        for b in batches:
+            model(**b).loss.backward()
+
+    preprocess_loraga(model, cfg, train_step)
+    return get_peft_model(model, cfg)
+
+
+@pytest.mark.parametrize("use_rslora", [True, False])
+def test_peft_scale_option_equals_peft_loraga(use_rslora):
+    """scale="peft" reproduces PEFT's LoRA-GA (scale="stable") on the same data: same gradient, same A/B (up to the
+    singular vectors' signs; q = min(4r, min(m, n)) covers every dimension here, so PEFT's svd_lowrank is exact),
+    same offset, hence the same model. PEFT runs its SVD in fp32 (hfx in the gradient's dtype, fp64 here), so the
+    tolerances are fp32's."""
+    r = 2
+    base = make_base(torch.float64, hidden_size=8)
+    batches = make_batches(base.config.vocab_size)
+    ref = peft_loraga(base, batches, r, 4, use_rslora)
+    model = get_peft_model(
+        copy.deepcopy(base),
+        hfx.LoraGAConfig(r=r, lora_alpha=4, use_rslora=use_rslora, target_modules=TARGETS, scale="peft"),
+    )
+    hfx.initialize(model, batches, show_progress=False)
+    for (name, layer), (name_ref, layer_ref) in zip(target_layers(model, "default"), target_layers(ref, "default")):
+        assert name == name_ref
+        A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+        A_ref, B_ref = layer_ref.lora_A["default"].weight.detach(), layer_ref.lora_B["default"].weight.detach()
+        torch.testing.assert_close(align_signs(A_ref, A, 0), A_ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(align_signs(B_ref, B, 1), B_ref, rtol=1e-4, atol=1e-5)
+        # the offset W - s*B*A is sign-invariant only up to the pairing; compare the full effective weight instead
+        eff = layer.get_base_layer().weight + layer.scaling["default"] * B @ A
+        eff_ref = layer_ref.get_base_layer().weight + layer_ref.scaling["default"] * B_ref @ A_ref
+        torch.testing.assert_close(eff, eff_ref, rtol=0, atol=1e-6)
+    x = probe(base.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=0, atol=1e-6)
+
+
+def test_stable_scale_differs_from_peft_on_purpose():
+    """hfx's default is the paper's stable scale: A and B both times d_out^(1/4)/sqrt(gamma), no singular values.
+    PEFT's "stable" puts diag(S) into B and scales B only; the product's scale differs by ~sigma/f."""
+    r, gamma = 2, 16.0
+    base = make_base(torch.float64, hidden_size=8)
+    batches = make_batches(base.config.vocab_size)
+    ref = peft_loraga(base, batches, r, 4, True)
+    model = get_peft_model(copy.deepcopy(base), hfx.LoraGAConfig(r=r, lora_alpha=4, target_modules=TARGETS))
+    hfx.initialize(model, batches, show_progress=False)
+    grads = dense_gradients(base, batches, [base_name(n) for n, _ in target_layers(model, "default")])
+    for (name, layer), (_, layer_ref) in zip(target_layers(model, "default"), target_layers(ref, "default")):
+        A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+        A_ref, B_ref = layer_ref.lora_A["default"].weight.detach(), layer_ref.lora_B["default"].weight.detach()
+        out = B.shape[0]
+        f = out**0.25 / gamma**0.5
+        S = torch.linalg.svdvals(grads[base_name(name)])
+        # hfx: orthonormal rows/columns times f; PEFT: A orthonormal, B columns of norm sigma_{r+i} * f
+        torch.testing.assert_close(A.norm(dim=1), torch.full((r,), f, dtype=A.dtype))
+        torch.testing.assert_close(B.norm(dim=0), torch.full((r,), f, dtype=B.dtype))
+        torch.testing.assert_close(A_ref.norm(dim=1), torch.ones(r, dtype=A.dtype), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(B_ref.norm(dim=0), S[r : 2 * r] * f, rtol=1e-4, atol=1e-7)
+    # both leave the output unchanged at init, so they differ only in what training does next
+    x = probe(base.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- saving, loading, resuming
+
+
+def train_steps(model, batches, steps=4, lr=5e-2):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for i in range(steps):
+        model(**batches[i % len(batches)]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def test_export_reloads_on_original_base_in_stock_peft(tmp_path):
+    """save_pretrained writes the rank-2r LoRA for the ORIGINAL base; a fresh process with stock PEFT only (hfx is
+    never imported) reproduces the trained model's logits."""
+    base = make_base()
+    base.save_pretrained(tmp_path / "base")
+    batches = make_batches(base.config.vocab_size)
+    model = get_peft_model(copy.deepcopy(base), hfx.LoraGAConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    hfx.initialize(model, batches, show_progress=False)
+    train_steps(model, batches)
+    x = probe(base.config.vocab_size)
+    with torch.no_grad():
+        logits = model(x).logits
+        assert (logits - base(x).logits).abs().max() > 1e-2  # it trained
+    model.save_pretrained(tmp_path / "adapter")
+    torch.save({"x": x, "logits": logits}, tmp_path / "expected.pt")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and cfg["use_rslora"] is True
+    assert cfg["lora_alpha"] == pytest.approx(8 * 2**0.5)
+    assert not {"direction", "scale", "stable_gamma", "export", "iters"} & set(cfg)
+    script = textwrap.dedent(
+        f"""
+        import sys, warnings, torch
+        warnings.simplefilter("error", UserWarning)  # e.g. unknown config keys would warn
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        exp = torch.load({str(tmp_path / "expected.pt")!r})
+        base = AutoModelForCausalLM.from_pretrained({str(tmp_path / "base")!r})
+        model = PeftModel.from_pretrained(base, {str(tmp_path / "adapter")!r}).eval()
+        with torch.no_grad():
+            err = (model(exp["x"]).logits - exp["logits"]).abs().max().item()
+        assert not any(m == "hfx" or m.startswith("hfx.") for m in sys.modules), "hfx was imported"
+        print("ERR", err)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = float(proc.stdout.split("ERR")[-1])
+    assert err < 1e-4, err
+
+
+def test_mutated_base_export_is_the_rank_r_adapter(tmp_path):
+    base = make_base()
+    batches = make_batches(base.config.vocab_size)
+    model = get_peft_model(copy.deepcopy(base), hfx.LoraGAConfig(r=4, target_modules=TARGETS, export="mutated_base"))
+    hfx.initialize(model, batches, show_progress=False)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_trainer_checkpoint_resume(tmp_path):
+    """hfx.initialize(model, trainer.get_train_dataloader()) before train(); the checkpoints hold the plain rank-2r
+    export; resuming from one (fresh model, same init) continues to the same result as an uninterrupted run."""
+    from transformers import Trainer, TrainingArguments
+
+    base = make_base()
+    vocab = base.config.vocab_size
+    rows = [
+        {"input_ids": b["input_ids"][i], "labels": b["labels"][i]} for b in make_batches(vocab, n=4) for i in (0, 1)
+    ]
+
+    def collate(feats):
+        return {k: torch.stack([f[k] for f in feats]) for k in feats[0]}
+
+    def run(out, max_steps, resume=None, init_from=None):
+        model = get_peft_model(copy.deepcopy(base), hfx.LoraGAConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+        args = TrainingArguments(
+            output_dir=str(out),
+            max_steps=max_steps,
+            per_device_train_batch_size=2,
+            learning_rate=1e-2,
+            save_steps=2,
+            save_strategy="steps",
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            logging_steps=1,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
+        if init_from is None:
+            hfx.initialize(model, trainer.get_train_dataloader(), show_progress=False)
+        else:  # rebuild the training state from the checkpoint alone: no gradient estimate
+            hfx.initialize(model, [], init_from=init_from, show_progress=False)
+        trainer.train(resume_from_checkpoint=resume)
+        model.eval()
+        with torch.no_grad():
+            return model(probe(vocab)).logits
+
+    full = run(tmp_path / "full", 4)
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    assert json.loads((ckpt / "adapter_config.json").read_text())["r"] == 8
+    resumed = run(tmp_path / "resumed", 4, resume=str(ckpt))
+    torch.testing.assert_close(resumed, full, rtol=0, atol=1e-5)
+    resumed2 = run(tmp_path / "resumed2", 4, resume=str(ckpt), init_from=str(ckpt))
+    torch.testing.assert_close(resumed2, full, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def fresh(**kw):
+    base = make_base()
+    return base, get_peft_model(base, hfx.LoraGAConfig(r=2, target_modules=TARGETS, **kw))
+
+
+def test_error_empty_dataloader():
+    _, model = fresh()
+    with pytest.raises(ValueError, match="no batches"):
+        hfx.initialize(model, torch.utils.data.DataLoader([]), show_progress=False)
+
+
+def test_error_batches_without_labels():
+    base, model = fresh()
+    batches = [{"input_ids": b["input_ids"]} for b in make_batches(base.config.vocab_size)]
+    with pytest.raises(ValueError, match="labels"):
+        hfx.initialize(model, batches, show_progress=False)
+    # nothing was changed: the model can still be initialised
+    hfx.initialize(model, make_batches(base.config.vocab_size), show_progress=False)
+
+
+def test_error_batches_without_model_inputs():
+    base, model = fresh()
+    with pytest.raises(ValueError, match="no model inputs"):
+        hfx.initialize(model, [{"labels": torch.zeros(2, 3, dtype=torch.long)}], show_progress=False)
+    with pytest.raises(TypeError, match="dicts of model inputs"):
+        hfx.initialize(model, [torch.zeros(2, 3, dtype=torch.long)], show_progress=False)
+
+
+def test_error_quantised_target_names_layer_type():
+    base, model = fresh()
+    layer = target_layers(model, "default")[0][1]
+    layer.get_base_layer().weight.quant_state = object()  # what bitsandbytes' 4-bit weights carry
+    with pytest.raises(TypeError, match=r"quantised weight of .*q_proj.*Linear"):
+        hfx.initialize(model, make_batches(base.config.vocab_size), show_progress=False)
+
+
+def test_error_rank_too_large_and_double_init():
+    base = make_base(hidden_size=8)
+    model = get_peft_model(base, hfx.LoraGAConfig(r=8, target_modules=TARGETS))
+    with pytest.raises(ValueError, match="2r <= min"):
+        hfx.initialize(model, make_batches(base.config.vocab_size), show_progress=False)
+    base, model = fresh()
+    hfx.initialize(model, make_batches(base.config.vocab_size), show_progress=False)
+    with pytest.raises(RuntimeError, match="already initialised"):
+        hfx.initialize(model, make_batches(base.config.vocab_size), show_progress=False)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="scale"):
+        hfx.LoraGAConfig(scale="bogus")
+    with pytest.raises(ValueError, match="direction"):
+        hfx.LoraGAConfig(direction="bogus")
+    with pytest.raises(ValueError, match="dora"):
+        hfx.LoraGAConfig(use_dora=True)
+    assert hfx.LoraGAConfig().peft_type.value == "LORA" and hfx.LoraGAConfig().use_rslora
