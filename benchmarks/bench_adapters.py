@@ -44,6 +44,10 @@ def method_configs(r: int) -> dict:
         methods["paca"] = lambda: hfx.PacaConfig(r=2 * r, target_modules=TARGETS)
     if hasattr(hfx, "LiftConfig"):
         methods["lift"] = lambda: hfx.LiftConfig(r=r, target_modules=TARGETS, update_interval=None)
+    if hasattr(hfx, "DseeConfig"):  # LoRA rank r plus 64 sparse entries per matrix
+        methods["dsee"] = lambda: hfx.DseeConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS)
+    if hasattr(hfx, "SaraConfig"):  # ~5 % of each matrix: about LoRA r=16's count at the small shape
+        methods["sara"] = lambda: hfx.SaraConfig(ratio=0.05, target_modules=TARGETS)
     return methods
 
 

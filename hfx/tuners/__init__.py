@@ -2,6 +2,7 @@
 
 from .bone import BoneConfig, BoneModel
 from .dsee import DseeConfig, DseeModel
+from .eva import EvaConfig
 from .lift import LiftConfig, LiftModel, LiftRefreshCallback
 from .loraga import LoraGAConfig
 from .paca import PacaConfig, PacaModel
@@ -11,3 +12,4 @@ __all__ = ["BoneConfig", "BoneModel", "LiftConfig", "LiftModel", "LiftRefreshCal
 __all__ += ["SaraCallback", "SaraConfig", "SaraModel"]
 __all__ += ["DseeConfig", "DseeModel"]
 __all__ += ["LoraGAConfig"]
+__all__ += ["EvaConfig"]

@@ -1,0 +1,385 @@
+"""EVA (hfx.EvaConfig + hfx.initialize): exact components, rank redistribution, masks, PEFT equivalence, plain-LoRA
+export, convergence and its cap, errors, and the Trainer order (initialize before train builds the optimizer)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+import hfx
+from hfx.testing import save_tiny_model, tiny_causal_lm
+from hfx.tuners.eva import compute_eva, redistribute_ranks
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lm_batches(vocab: int, n: int = 3, bsz: int = 3, seq: int = 12, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Batches with right padding and label-masked prompts, so both masks matter."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(3, vocab, (bsz, seq), generator=gen)
+        am = torch.ones_like(ids)
+        am[0, seq - 3 - i :] = 0
+        labels = ids.masked_fill(am == 0, -100)
+        labels[:, :2] = -100  # "prompt" tokens
+        out.append({"input_ids": ids, "attention_mask": am, "labels": labels})
+    return out
+
+
+def layer_inputs(model: nn.Module, names: list[str], batches, use_label_mask: bool = True) -> dict[str, torch.Tensor]:
+    """The stacked inputs (real tokens only) of the named modules of a plain model over ``batches``."""
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    mask = {}
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda m, a, n=n: got[n].append(a[0].reshape(-1, a[0].shape[-1])[mask["m"].reshape(-1)])
+        )
+        for n in names
+    ]
+    with torch.no_grad():
+        for b in batches:
+            m = b["attention_mask"].bool()
+            if use_label_mask:
+                m = m & (b["labels"] != -100)
+            mask["m"] = m
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(v) for n, v in got.items()}
+
+
+def assert_rows_equal_up_to_sign(a: torch.Tensor, b: torch.Tensor, atol: float) -> None:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    signs = torch.sign((a * b).sum(1, keepdim=True))
+    torch.testing.assert_close(a, b * signs, rtol=0, atol=atol)
+
+
+# ---------------------------------------------------------------------------------------------------------------- math
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_components_are_top_right_singular_vectors_of_stacked_masked_activations(center):
+    base = tiny_causal_lm(hidden_size=16, num_layers=2, dtype=torch.float64)
+    targets = ["q_proj", "o_proj", "up_proj", "down_proj"]
+    batches = lm_batches(base.config.vocab_size, n=3)
+    names = [n for n, _ in base.named_modules() if n.split(".")[-1] in targets]
+    acts = layer_inputs(copy.deepcopy(base), names, batches)
+    # rho=1: no redistribution, so no layer is ever "done" (a rank-0 layer stops collecting) and tau=1 runs exactly
+    # the 3 batches (the cap) for every layer
+    cfg = hfx.EvaConfig(r=3, target_modules=targets, rho=1.0, tau=1.0, max_iterations=3, center=center)
+    model = get_peft_model(base, cfg)
+    with pytest.warns(UserWarning, match="not converged"):
+        res = compute_eva(model, iter(batches), show_progress=False)
+    assert res["iterations"] == 3
+    for name in names:
+        x = acts[name]
+        if center:
+            x = x - x.mean(0)
+        _, s, vh = torch.linalg.svd(x, full_matrices=False)
+        full = f"base_model.model.{name}"
+        rank = res["ranks"][full]
+        assert_rows_equal_up_to_sign(res["components"][full], vh[:rank], atol=1e-8)
+        ratios = s**2 / (s**2).sum()
+        assert res["explained"][full] == pytest.approx(float(ratios[:rank].sum()), rel=1e-9)
+    assert res["tokens"] == len(acts[names[0]])  # both masks applied
+
+
+def test_label_mask_off_uses_all_attended_tokens():
+    base = tiny_causal_lm(hidden_size=16, num_layers=1, dtype=torch.float64)
+    batches = lm_batches(base.config.vocab_size, n=2)
+    acts = layer_inputs(copy.deepcopy(base), ["model.layers.0.mlp.up_proj"], batches, use_label_mask=False)
+    cfg = hfx.EvaConfig(r=2, target_modules=["up_proj"], rho=1.0, tau=1.0, max_iterations=2, use_label_mask=False)
+    model = get_peft_model(base, cfg)
+    with pytest.warns(UserWarning, match="not converged"):
+        res = compute_eva(model, iter(batches), show_progress=False)
+    x = acts["model.layers.0.mlp.up_proj"]
+    assert res["tokens"] == len(x)
+    vh = torch.linalg.svd(x - x.mean(0), full_matrices=False).Vh
+    assert_rows_equal_up_to_sign(res["components"]["base_model.model.model.layers.0.mlp.up_proj"], vh[:2], atol=1e-8)
+
+
+def test_rank_redistribution_hand_computed():
+    r = [torch.tensor([0.5, 0.2, 0.1]), torch.tensor([0.4, 0.3, 0.05]), torch.tensor([0.01, 0.005, 0.001])]
+    # pooled, sorted: .5 (L0) .4 (L1) .3 (L1) .2 (L0) .1 (L0) .05 (L1) .01 (L2) ...
+    assert redistribute_ranks(r, 3) == [1, 2, 0]
+    assert redistribute_ranks(r, 4) == [2, 2, 0]
+    assert redistribute_ranks(r, 7) == [3, 3, 1]
+    assert redistribute_ranks(r, 100) == [3, 3, 3]  # capped at the candidates
+    assert redistribute_ranks(r, 4, min_rank=1) == [1, 2, 1]  # each 1, then .3 (L1)
+    assert sum(redistribute_ranks(r, 6)) == 6
+    # ties: the earlier layer first
+    assert redistribute_ranks([torch.tensor([0.3, 0.1]), torch.tensor([0.3, 0.1])], 3) == [2, 1]
+    with pytest.raises(ValueError, match="smaller than min_rank=1 times the number of target layers"):
+        redistribute_ranks(r, 2, min_rank=1)
+
+
+def test_output_unchanged_at_init_and_plain_lora_state():
+    base = tiny_causal_lm(hidden_size=32, num_layers=2)
+    batches = lm_batches(base.config.vocab_size, n=6, bsz=4, seq=16)
+    with torch.no_grad():
+        ref = base(input_ids=batches[0]["input_ids"]).logits
+    model = get_peft_model(base, hfx.EvaConfig(r=4, lora_alpha=8, target_modules=ALL))
+    summary = hfx.initialize(model, batches, show_progress=False)["default"]
+    with torch.no_grad():
+        got = model(input_ids=batches[0]["input_ids"]).logits
+    assert torch.equal(got, ref)  # B = 0: fp32 exact
+    cfg = model.peft_config["default"]
+    assert sum(summary["ranks"].values()) == 4 * 14 == summary["rank_budget"]
+    assert max(summary["ranks"].values()) <= 8  # round(r * rho)
+    assert summary["shared_input_groups"] == 4  # q/k/v and gate/up of both layers
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            rank = summary["ranks"][name.removeprefix("base_model.model.")]
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            assert a.shape[0] == rank and b.shape[1] == rank and a.requires_grad and b.requires_grad
+            assert torch.count_nonzero(b) == 0
+            torch.testing.assert_close(a @ a.T, torch.eye(rank), atol=1e-5, rtol=0)  # orthonormal components
+            assert module.scaling["default"] == pytest.approx(2.0)  # adjust_scaling_factors keeps alpha/r
+            assert cfg.rank_pattern.get(name.removeprefix("base_model.model."), 4) == rank
+    # within a shared-input group the first layer holds the largest rank
+    for layer in range(2):
+        p = f"model.layers.{layer}."
+        ranks = summary["ranks"]
+        assert ranks[p + "self_attn.q_proj"] >= ranks[p + "self_attn.k_proj"] >= ranks[p + "self_attn.v_proj"]
+        assert ranks[p + "mlp.gate_proj"] >= ranks[p + "mlp.up_proj"]
+
+
+def test_initialize_twice_raises_and_other_tuners_are_noop():
+    base = tiny_causal_lm(hidden_size=16, num_layers=1)
+    batches = lm_batches(base.config.vocab_size)
+    model = get_peft_model(base, hfx.EvaConfig(r=2, target_modules=["q_proj"]))
+    hfx.initialize(model, batches, show_progress=False)
+    with pytest.raises(RuntimeError, match="already initialised"):
+        hfx.initialize(model, batches, show_progress=False)
+    assert hfx.needs_initialization(model)
+
+
+# ----------------------------------------------------------------------------------------------------- PEFT's own EVA
+
+
+def _peft_eva_model(base, targets, **eva):
+    from peft import EvaConfig as PeftEvaConfig
+    from peft import LoraConfig
+
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights="eva", eva_config=PeftEvaConfig(**eva)
+    )
+    return get_peft_model(base, cfg)
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_equals_peft_eva_on_the_same_data(whiten):
+    from peft import initialize_lora_eva_weights
+
+    # hidden 16, k = round(4 * 2) = 8: PEFT's svd_lowrank(q=2k=16) is then an exact SVD; distinct inputs (no ties)
+    targets = ["q_proj", "o_proj", "up_proj"]
+    base = tiny_causal_lm(hidden_size=16, num_layers=2, initializer_range=0.2)
+    batch = lm_batches(base.config.vocab_size, n=1, bsz=4, seq=16)
+    ours = get_peft_model(copy.deepcopy(base), hfx.EvaConfig(r=4, lora_alpha=8, target_modules=targets, whiten=whiten))
+    hfx.initialize(ours, batch, show_progress=False)
+    theirs = _peft_eva_model(copy.deepcopy(base), targets, whiten=whiten)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        initialize_lora_eva_weights(theirs, dataloader=batch, show_progress_bar=False)
+    c1, c2 = ours.peft_config["default"], theirs.peft_config["default"]
+    assert c1.rank_pattern == c2.rank_pattern and c1.rank_pattern  # ranks were redistributed, identically
+    assert c1.alpha_pattern == pytest.approx(c2.alpha_pattern)
+    sd1 = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
+    sd2 = {k: v for k, v in theirs.state_dict().items() if "lora_" in k}
+    assert sd1.keys() == sd2.keys()
+    for k in sd1:
+        if "lora_A" in k:
+            assert_rows_equal_up_to_sign(sd1[k], sd2[k], atol=2e-4 * max(1.0, sd2[k].abs().max().item()))
+        else:
+            assert torch.equal(sd1[k], sd2[k])  # B = 0
+
+
+def test_differs_from_peft_on_purpose_exact_statistics_not_truncated_ipca():
+    """PEFT's IncrementalPCA keeps only k components between batches (and a randomised SVD), so after several
+    batches its components drift from the SVD of all activations; hfx's merged scatter is exact."""
+    from peft.utils.incremental_pca import IncrementalPCA
+
+    gen = torch.Generator().manual_seed(0)
+    d, k = 24, 3
+    scales = torch.linspace(3.0, 0.5, d, dtype=torch.float64)
+    xs = [torch.randn(20, d, generator=gen, dtype=torch.float64) * scales for _ in range(6)]
+    x = torch.cat(xs)
+    truth = torch.linalg.svd(x - x.mean(0), full_matrices=False).Vh[:k]
+    ipca = IncrementalPCA(n_components=k, lowrank=True, lowrank_seed=42)
+    for b in xs:
+        ipca.partial_fit(b.clone())
+    ours = hfx.tuners.eva.LayerStats(dim=d, k=k, center=True)
+    for b in xs:
+        ours.add_local(b)
+        ours.merge(torch.float64, torch.device("cpu"), None)
+    ours.solve("eigh", 0.99)
+    err_ours = (ours.components.abs() - truth.abs()).abs().max().item()
+    err_peft = (ipca.components_.abs() - truth.abs()).abs().max().item()
+    assert err_ours < 1e-10
+    assert err_peft > 1e-2, err_peft
+
+
+# -------------------------------------------------------------------------------------------- convergence and the cap
+
+
+class Net(nn.Module):
+    def __init__(self, d: int = 12):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.out = nn.Linear(d, 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.lin(x)))
+
+
+def stream(scales: torch.Tensor, n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    rot = torch.linalg.qr(torch.randn(len(scales), len(scales), generator=gen)).Q
+    return [{"x": (torch.randn(64, len(scales), generator=gen) * scales) @ rot.T} for _ in range(n)], rot
+
+
+def test_converges_before_the_cap_on_stationary_data_and_recovers_planted_subspace():
+    scales = torch.tensor([9.0, 7.0, 2.0, 1.5] + [0.1] * 8)
+    batches, rot = stream(scales, 200)
+    model = get_peft_model(Net(), hfx.EvaConfig(r=2, target_modules=["lin"], max_iterations=200))
+    s = hfx.initialize(model, batches, show_progress=False)["default"]
+    assert s["converged"] and s["iterations"] < 50, s
+    a = model.base_model.model.lin.lora_A["default"].weight.detach()
+    assert a.shape[0] == 2  # one layer: its budget is its rank
+    planted = rot[:, :2].T  # the two largest planted directions
+    assert torch.linalg.svdvals(a @ planted.T).min() > 0.99
+
+
+def test_cap_bounds_non_converging_data():
+    batches, _ = stream(torch.ones(12), 50)  # isotropic: the components keep rotating
+    model = get_peft_model(Net(), hfx.EvaConfig(r=3, target_modules=["lin"], max_iterations=7))
+    with pytest.warns(UserWarning, match="max_iterations=7"):
+        s = hfx.initialize(model, batches, show_progress=False)["default"]
+    assert s["iterations"] == 7 and not s["converged"] and s["unconverged_layers"] == ["lin"]
+    assert model.base_model.model.lin.lora_A["default"].weight.shape == (3, 12)
+
+
+def test_one_shot_iterator_stops_when_exhausted():
+    batches, _ = stream(torch.ones(12), 4)
+    model = get_peft_model(Net(), hfx.EvaConfig(r=3, target_modules=["lin"]))
+    with pytest.warns(UserWarning, match="ran out"):
+        s = hfx.initialize(model, iter(batches), show_progress=False)["default"]
+    assert s["iterations"] == 4
+
+
+# ------------------------------------------------------------------------------------------------------------- errors
+
+
+def test_errors():
+    batches, _ = stream(torch.ones(12), 3)
+    make = lambda **kw: get_peft_model(Net(), hfx.EvaConfig(r=2, target_modules=["lin", "out"], **kw))  # noqa: E731
+    with pytest.raises(ValueError, match="dataloader is empty"):
+        hfx.initialize(make(), [], show_progress=False)
+    with pytest.raises(ValueError, match="has no model inputs"):
+        hfx.initialize(make(), [{"labels": torch.zeros(3)}], show_progress=False)
+    with pytest.raises(TypeError, match="dicts of model inputs"):
+        hfx.initialize(make(), [torch.zeros(3, 12)], show_progress=False)
+    with pytest.raises(ValueError, match="rank budget 1 is smaller than min_rank=1 times the number of target layers"):
+        hfx.initialize(make(min_rank=1, rank_budget=1), batches, show_progress=False)
+    with pytest.raises(ValueError, match="too few valid tokens"):
+        hfx.initialize(make(), iter([{"x": torch.randn(2, 12)}]), show_progress=False)
+    with pytest.raises(ValueError, match="rho must be >= 1"):
+        hfx.EvaConfig(rho=0.5)
+    with pytest.raises(ValueError, match="max_iterations must be >= 2"):
+        hfx.EvaConfig(max_iterations=1)
+
+
+# ------------------------------------------------------------------------------------------------- save and reload
+
+
+@pytest.mark.slow
+def test_saved_adapter_is_plain_lora_and_loads_without_hfx(tmp_path):
+    base_dir = save_tiny_model(tmp_path / "base", hidden_size=32, num_layers=2)
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    batches = lm_batches(base.config.vocab_size, n=6, bsz=4, seq=16)
+    model = get_peft_model(base, hfx.EvaConfig(r=4, lora_alpha=8, target_modules=ALL))
+    summary = hfx.initialize(model, batches, show_progress=False)["default"]
+    assert summary["removed_layers"] > 0  # this setup drops some layers: the reload must not recreate them
+    with torch.no_grad():  # "train": make B non-zero
+        gen = torch.Generator().manual_seed(1)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    probe = torch.arange(5, 29).reshape(2, 12)
+    with torch.no_grad():
+        logits = model(input_ids=probe).logits
+    model.save_pretrained(tmp_path / "adapter")
+    torch.save({"probe": probe, "logits": logits}, tmp_path / "ref.pt")
+    with open(tmp_path / "adapter" / "adapter_config.json") as f:
+        saved = json.load(f)
+    assert saved["peft_type"] == "LORA" and saved["init_lora_weights"] is True
+    assert not {"rho", "tau", "max_iterations", "whiten", "min_rank"} & saved.keys()
+    assert saved["rank_pattern"] and saved["exclude_modules"]
+    script = f"""
+import sys, torch
+from peft import PeftConfig, PeftModel, LoraConfig
+from transformers import AutoModelForCausalLM
+cfg = PeftConfig.from_pretrained({str(tmp_path / "adapter")!r})
+assert type(cfg) is LoraConfig, type(cfg)
+base = AutoModelForCausalLM.from_pretrained({base_dir!r})
+model = PeftModel.from_pretrained(base, {str(tmp_path / "adapter")!r}).eval()
+ref = torch.load({str(tmp_path / "ref.pt")!r})
+with torch.no_grad():
+    got = model(input_ids=ref["probe"]).logits
+assert "hfx" not in sys.modules
+assert torch.equal(got, ref["logits"]), (got - ref["logits"]).abs().max()
+print("OK")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=str(tmp_path))
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------------- the Trainer
+
+
+def test_initialize_from_the_trainers_dataloader_then_train(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    base = tiny_causal_lm(hidden_size=32, num_layers=2)
+    rows = [{k: v[i] for k, v in b.items()} for b in lm_batches(base.config.vocab_size, n=8, bsz=2) for i in range(2)]
+    model = get_peft_model(base, hfx.EvaConfig(r=4, lora_alpha=8, target_modules=ALL))
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        remove_unused_columns=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=lambda feats: {k: torch.stack([f[k] for f in feats]) for k in feats[0]},
+    )
+    summary = hfx.initialize(model, trainer.get_train_dataloader(), show_progress=False)["default"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in before.values()) > 0
+    trainer.train()
+    after = dict(model.named_parameters())
+    # the optimizer (built in train()) holds the resized LoRA parameters: every B moved away from 0
+    for n, p in before.items():
+        assert after[n].shape == p.shape
+        if "lora_B" in n:
+            assert after[n].abs().max() > 0, n
+    assert summary["tokens"] > 0
