@@ -261,6 +261,7 @@ def test_bat_on_forward_only_quantized_layer_is_refused_bone_works(monkeypatch):
 
 def test_bone_and_bat_on_bitsandbytes_4bit():
     import bitsandbytes as bnb  # installed with the dev extra; a missing one must fail, not skip
+
     torch.manual_seed(0)
     dense = nn.Linear(16, 32)
     q = bnb.nn.Linear4bit(16, 32, compute_dtype=torch.float32, quant_type="nf4")

@@ -473,6 +473,7 @@ def test_refresh_callback_refuses_deepspeed_fsdp_and_quantized(monkeypatch):
 # ---- bitsandbytes 4-bit base --------------------------------------------------------------------------------------
 def test_lift_on_bitsandbytes_4bit_forward_only():
     import bitsandbytes as bnb  # installed with the dev extra; a missing one must fail, not skip
+
     torch.manual_seed(0)
     dense = nn.Linear(16, 32)
     q = bnb.nn.Linear4bit(16, 32, compute_dtype=torch.float32, quant_type="nf4")

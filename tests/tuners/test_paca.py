@@ -538,6 +538,7 @@ def test_forward_only_quantized_layer_is_refused(monkeypatch):
 # ---- bitsandbytes 4-bit base (QPaCA) ----------------------------------------------------------------------------
 def _q4_model():
     import bitsandbytes as bnb  # installed with the dev extra; a missing one must fail, not skip
+
     torch.manual_seed(0)
     dense = nn.Linear(64, 32)
     q = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4")
