@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 
@@ -40,3 +41,22 @@ class IndexedTunerLayer(BaseTunerLayer):
                 container[adapter_name] = item.to(device, dtype=float_dtype)
             else:
                 container[adapter_name] = item.to(device)
+
+    method_name = "hfx"  # the tuner's name in error messages
+
+    def _describe(self) -> str:
+        return f"layer {self.layer_name!r} (in_features={self.in_features}, out_features={self.out_features})"
+
+    @torch.no_grad()
+    def dense_base_weight(self) -> torch.Tensor:
+        """The base weight as a dense fp32 tensor on its device: gathered under ZeRO-3, de-quantized if quantized."""
+        if self.quantization_backend is not None:
+            if not self.quantization_backend.supports_merge:
+                raise ValueError(
+                    f"{self.method_name} needs the dense weight of {self._describe()} to select its entries, but it is "
+                    f"quantized with {self.quantization_backend.backend_name!r}, which cannot be de-quantized."
+                )
+            return self.get_base_weight().float()
+        weight = self.get_base_layer().weight
+        with gather_params_ctx(weight, modifier_rank=None):
+            return weight.detach().float().clone()

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import _get_in_out_features, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
-from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 from .._compat import IndexedTunerLayer
@@ -129,6 +128,7 @@ def dsee_select(
 class DseeLayer(IndexedTunerLayer):
     """Mixin holding the per-adapter DSEE state of one adapted layer."""
 
+    method_name = "DSEE"
     adapter_layer_names = ("dsee_A", "dsee_B", "dsee_s_values")
     other_param_names = ("dsee_s_indices", "dsee_r", "dsee_alpha", "dsee_scaling", "dsee_dropout", "dsee_selection")
 
@@ -156,23 +156,6 @@ class DseeLayer(IndexedTunerLayer):
         if in_features is None or out_features is None:
             raise TypeError(f"DSEE cannot adapt {layer_name or 'layer'} of type {type(base_layer).__name__}.")
         self.in_features, self.out_features = in_features, out_features
-
-    def _describe(self) -> str:
-        return f"layer {self.layer_name!r} (in_features={self.in_features}, out_features={self.out_features})"
-
-    @torch.no_grad()
-    def dense_base_weight(self) -> torch.Tensor:
-        """The base weight as a dense fp32 copy: gathered under ZeRO-3, de-quantized if quantized."""
-        if self.quantization_backend is not None:
-            if not self.quantization_backend.supports_merge:
-                raise ValueError(
-                    f"DSEE needs the dense weight of {self._describe()} to select its sparse entries, but it is "
-                    f"quantized with {self.quantization_backend.backend_name!r}, which cannot be de-quantized."
-                )
-            return self.get_base_weight().float()
-        weight = self.get_base_layer().weight
-        with gather_params_ctx(weight, modifier_rank=None):
-            return weight.detach().float().clone()
 
     def update_layer(
         self,

@@ -15,7 +15,6 @@ from typing import Any, Optional
 import torch
 from peft.tuners.tuners_utils import _get_in_out_features, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
-from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 from .._compat import IndexedTunerLayer
@@ -78,6 +77,7 @@ def broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
 class LiftLayer(IndexedTunerLayer):
     """Mixin holding the per-adapter LIFT state of one adapted layer."""
 
+    method_name = "LIFT"
     adapter_layer_names = ("lift_values",)
     other_param_names = ("lift_indices", "lift_past_indices", "lift_past_values", "lift_k", "lift_selection")
 
@@ -101,23 +101,6 @@ class LiftLayer(IndexedTunerLayer):
         if in_features is None or out_features is None:
             raise TypeError(f"LIFT cannot adapt {layer_name or 'layer'} of type {type(base_layer).__name__}.")
         self.in_features, self.out_features = in_features, out_features
-
-    def _describe(self) -> str:
-        return f"layer {self.layer_name!r} (in_features={self.in_features}, out_features={self.out_features})"
-
-    @torch.no_grad()
-    def dense_base_weight(self) -> torch.Tensor:
-        """The base weight as a dense fp32 tensor on its device: gathered under ZeRO-3, de-quantized if quantized."""
-        if self.quantization_backend is not None:
-            if not self.quantization_backend.supports_merge:
-                raise ValueError(
-                    f"LIFT needs the dense weight of {self._describe()} to select entries, but it is quantized with "
-                    f"{self.quantization_backend.backend_name!r}, which cannot be de-quantized."
-                )
-            return self.get_base_weight().float()
-        weight = self.get_base_layer().weight
-        with gather_params_ctx(weight, modifier_rank=None):
-            return weight.detach().float().clone()
 
     def select(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """Indices of adapter ``adapter_name`` selected on ``weight`` (broadcast from rank 0 if so configured)."""
