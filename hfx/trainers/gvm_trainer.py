@@ -24,8 +24,6 @@ sample counters) is saved in each checkpoint as ``gvm_state.json`` and restored 
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import time
 from typing import Any
@@ -38,6 +36,7 @@ from trl.trainer.utils import nanstd
 
 from ..gvm import GVMAllocation, allocate_samples, check_reward_columns, pilot_statistics, sequence_grad_norms
 from ..gvm import uniform_allocation as _uniform
+from ._state import JsonCheckpointStateMixin
 from .gvm_config import GVMGRPOConfig, GVMRAFTConfig
 
 __all__ = ["GVMGRPOTrainer", "GVMRAFTTrainer", "STATE_JSON"]
@@ -47,7 +46,7 @@ logger = logging.get_logger(__name__)
 STATE_JSON = "gvm_state.json"
 
 
-class GVMGRPOTrainer(GRPOTrainer):
+class GVMGRPOTrainer(JsonCheckpointStateMixin, GRPOTrainer):
     """:class:`trl.GRPOTrainer` whose per-prompt sample counts come from GVM's Proposition 1 (see the module doc).
 
     Takes the arguments of ``GRPOTrainer``; ``args`` is a :class:`hfx.GVMGRPOConfig`. The current allocation is
@@ -57,6 +56,7 @@ class GVMGRPOTrainer(GRPOTrainer):
     _tag_names = ["trl", "grpo", "hfx", "gvm"]
     _name = "GVM-GRPO"
     _config_class = GVMGRPOConfig
+    _state_json = STATE_JSON
 
     def __init__(self, model, reward_funcs, args=None, train_dataset=None, *pargs, **kwargs):
         if args is None:
@@ -278,38 +278,18 @@ class GVMGRPOTrainer(GRPOTrainer):
                 logged[len(logged) - len(advantages) + k] = value
 
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def gvm_state_dict(self) -> dict[str, Any]:
+    def method_state_dict(self) -> dict[str, Any]:
         return {
             "allocation": None if self.gvm_state is None else self.gvm_state.to_dict(),
             "cursor": self._gvm_cursor,
             "counters": {k: v for k, v in self._gvm_counters.items() if k != "rounds_run_here"},
         }
 
-    def load_gvm_state_dict(self, state: dict[str, Any]) -> None:
+    def load_method_state_dict(self, state: dict[str, Any]) -> None:
         alloc = state.get("allocation")
         self.gvm_state = None if alloc is None else GVMAllocation.from_dict(alloc)
         self._gvm_cursor = int(state.get("cursor", 0))
         self._gvm_counters.update(state.get("counters", {}))
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, STATE_JSON), "w", encoding="utf-8") as f:
-            json.dump(self.gvm_state_dict(), f, indent=2)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        path = os.path.join(checkpoint, STATE_JSON)
-        if not os.path.isfile(path):
-            logger.warning(f"no {STATE_JSON} in {checkpoint}: GVM starts a new allocation round")
-            return
-        with open(path, encoding="utf-8") as f:
-            self.load_gvm_state_dict(json.load(f))
 
 
 class GVMRAFTTrainer(GVMGRPOTrainer):

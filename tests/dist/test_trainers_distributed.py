@@ -76,3 +76,31 @@ def test_masked_thought_schedule_and_fraction_logged(launched):
     fractions = [h["masked_thought/masked_fraction"] for h in info0["history"]]
     assert fractions == [h["masked_thought/masked_fraction"] for h in info1["history"]]  # gathered over ranks
     assert fractions[0] == 0.0 and 0.0 < fractions[-1] < 1.0
+
+
+def test_constrained_multipliers_moved_identically(launched):
+    (info0, _), (info1, _) = read_rank(launched, "constrained_grpo", 0), read_rank(launched, "constrained_grpo", 1)
+    state0 = info0["state"]["method"]
+    assert state0 == info1["state"]["method"]  # computed from gathered rewards: no communication needed
+    assert state0["multipliers"]["steps"] == 3 and state0["multipliers"]["raw"][0] > 0  # -len/30 < -0.1: violated
+    multipliers = [h["constraint/short/multiplier"] for h in info0["history"]]
+    assert multipliers == [h["constraint/short/multiplier"] for h in info1["history"]] and multipliers[-1] > 0.5
+
+
+def test_dynamic_weights_identical_on_ranks_and_moved(launched):
+    (g0, _), (g1, _) = read_rank(launched, "dynamic_gradient_grpo", 0), read_rank(launched, "dynamic_gradient_grpo", 1)
+    state = g0["state"]["method"]
+    assert state == g1["state"]["method"]  # Gram from all-reduced activation gradients: same mirror step everywhere
+    assert sum(state["reward_weights"]) == pytest.approx(1.0, abs=1e-6)
+    assert state["reward_weights"] != pytest.approx([1 / 3] * 3)  # the weights moved
+    names = ("format_reward", "short", "odd")
+    logged = [[h[f"reward_weights/{n}"] for n in names] for h in g0["history"]]
+    assert logged == [[h[f"reward_weights/{n}"] for n in names] for h in g1["history"]]
+    (h0, _), (h1, _) = (
+        read_rank(launched, "dynamic_hypervolume_rloo", 0),
+        read_rank(launched, "dynamic_hypervolume_rloo", 1),
+    )
+    hv = h0["state"]["method"]["hypervolume"]
+    assert hv == h1["state"]["method"]["hypervolume"] and hv["num_updates"] == 3 and hv["reference"] is not None
+    r = [h["dynamic_weights/r_pareto"] for h in h0["history"]]
+    assert r == [h["dynamic_weights/r_pareto"] for h in h1["history"]] and r[:2] == [1.0, 1.0] and r[2] != 1.0

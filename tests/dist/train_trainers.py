@@ -65,10 +65,47 @@ def gvm_raft(base: str, output_dir: str):
     return hfx.GVMRAFTTrainer(base, reward_funcs=hash_reward, args=config, train_dataset=prompt_dataset(16))
 
 
+def constrained_grpo(base: str, output_dir: str):
+    import hfx
+    from hfx.data import format_reward, prompt_dataset
+
+    def short(completions, **kwargs):
+        return [-len(c) / 30 for c in completions]
+
+    config = hfx.ConstrainedGRPOConfig(
+        output_dir=output_dir, num_generations=2, max_completion_length=6, beta=0.05,
+        constraint_rewards=["short"], constraint_thresholds=[-0.1], lagrange_lr=1.0, **COMMON,
+    )  # fmt: skip
+    return hfx.ConstrainedGRPOTrainer(base, reward_funcs=[format_reward, short], args=config,
+                                      train_dataset=prompt_dataset(16))  # fmt: skip
+
+
+def dynamic_weights(base: str, output_dir: str, weighting: str = "gradient", rloo: bool = False):
+    import hfx
+    from hfx.data import format_reward, prompt_dataset
+
+    def short(completions, **kwargs):
+        return [-len(c) / 30 for c in completions]
+
+    def odd(completions, **kwargs):
+        return [float(len(c) % 2) for c in completions]
+
+    cls = (hfx.DynamicWeightRLOOConfig, hfx.DynamicWeightRLOOTrainer) if rloo else (
+        hfx.DynamicWeightGRPOConfig, hfx.DynamicWeightGRPOTrainer)  # fmt: skip
+    config = cls[0](
+        output_dir=output_dir, num_generations=2, max_completion_length=6, beta=0.0, weighting=weighting,
+        weight_regularization=1.0, weight_grad_max_samples=3, **COMMON,
+    )  # fmt: skip
+    return cls[1](base, reward_funcs=[format_reward, short, odd], args=config, train_dataset=prompt_dataset(16))
+
+
 CASES = {
     "bvpo": bvpo,
     "masked_thought": masked_thought,
     "gvm_raft": gvm_raft,
+    "constrained_grpo": constrained_grpo,
+    "dynamic_gradient_grpo": dynamic_weights,
+    "dynamic_hypervolume_rloo": lambda base, out: dynamic_weights(base, out, "hypervolume", rloo=True),
 }
 
 
@@ -90,6 +127,10 @@ def trainer_state(trainer) -> dict[str, Any]:
         state["alpha"] = trainer.alpha
     if hasattr(trainer, "mask_rate"):
         state["mask_rate"] = trainer.mask_rate
+    from hfx.trainers._multi_objective import MultiObjectiveMixin
+
+    if isinstance(trainer, MultiObjectiveMixin):  # multipliers, reward weights, search state, ...
+        state["method"] = trainer.method_state_dict()
     if getattr(trainer, "gvm_state", None) is not None:  # GVM: the allocation (p, G, n) must be the same plan
         state["gvm"] = trainer.gvm_state.to_dict() | {"extra": None}
     return state

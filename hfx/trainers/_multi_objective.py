@@ -1,0 +1,95 @@
+"""Shared plumbing of the multi-objective trainers (constrained RLHF, dynamic reward weighting) on GRPO and RLOO.
+
+Both methods change TRL's ``self.reward_weights`` (a float tensor, one weight per reward function) while training.
+The one place to do it is ``_calculate_rewards``: TRL calls it once per generation batch, it returns the rewards
+**gathered over all processes** (so anything computed from them is identical on every rank without communication),
+and the parent aggregates them with ``self.reward_weights`` right after it returns — new weights act on the same batch.
+
+:class:`MultiObjectiveMixin` provides: that hook (``update_reward_weights`` for subclasses, training mode only), the
+local prompt/completion token ids of the batch (for methods that need gradients), ``reward_weights/<name>`` logging,
+name → index resolution with clear errors, and JSON checkpoint state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ._state import JsonCheckpointStateMixin
+
+__all__ = ["MultiObjectiveMixin", "resolve_reward_indices"]
+
+
+def resolve_reward_indices(names: Sequence[str], available: Sequence[str], argument: str) -> list[int]:
+    """Indices of ``names`` among the trainer's reward-function names; ``ValueError`` naming ``argument`` otherwise."""
+    indices = []
+    for name in names:
+        if name not in available:
+            raise ValueError(
+                f"{argument}: unknown reward name {name!r}; the trainer's reward functions are {list(available)}"
+            )
+        indices.append(list(available).index(name))
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"{argument}: a reward name is given twice ({list(names)})")
+    return indices
+
+
+class MultiObjectiveMixin(JsonCheckpointStateMixin):
+    """Mixin placed before ``GRPOTrainer``/``RLOOTrainer``; subclasses implement :meth:`update_reward_weights`.
+
+    ``_config_class`` is the config class the trainer requires (a ``TypeError`` names it otherwise).
+    """
+
+    _config_class: type
+
+    def __init__(self, model, reward_funcs, args=None, train_dataset=None, *pargs, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = self._config_class(f"{str(name).split('/')[-1]}-{self._name}")
+        if not isinstance(args, self._config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self._config_class.__name__}, got {type(args).__name__}")
+        super().__init__(model, reward_funcs, args, train_dataset, *pargs, **kwargs)
+        self._mo_prompt_ids: list[list[int]] | None = None
+        self._mo_completion_ids: list[list[int]] | None = None
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def update_reward_weights(self, rewards_per_func: torch.Tensor) -> None:
+        """Called once per training generation batch with the gathered ``(B_global, K)`` rewards (NaN = not scored).
+
+        Set ``self.reward_weights`` (and anything else) here; the parent aggregates with it right after.
+        """
+        raise NotImplementedError
+
+    def _generate(self, prompts):
+        result = super()._generate(prompts)
+        self._mo_prompt_ids = [list(p) for p in result[0]]  # local, unpadded (GRPO and RLOO return it first)
+        return result
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._mo_completion_ids = [list(c) for c in completion_ids_list]
+        mode = "train" if self.model.training else "eval"
+        if mode == "train":
+            self.update_reward_weights(rewards_per_func)
+        for name, weight in zip(self.reward_func_names, self.reward_weights.tolist(), strict=True):
+            self._metrics[mode][f"reward_weights/{name}"].append(weight)
+        return rewards_per_func
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _set_reward_weights(self, weights: Sequence[float] | torch.Tensor) -> None:
+        self.reward_weights = torch.as_tensor(weights, dtype=torch.float32).detach().cpu().clone()
+
+    def _base_state(self) -> dict[str, Any]:
+        return {"reward_weights": self.reward_weights.tolist(), "reward_names": list(self.reward_func_names)}
+
+    def _load_base_state(self, state: dict[str, Any]) -> None:
+        names = state.get("reward_names")
+        if names is not None and list(names) != list(self.reward_func_names):
+            raise ValueError(
+                f"the checkpoint's reward functions {names} differ from this trainer's {list(self.reward_func_names)}; "
+                "resume with the same reward_funcs in the same order"
+            )
+        if "reward_weights" in state:
+            self._set_reward_weights(state["reward_weights"])

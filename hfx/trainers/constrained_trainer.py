@@ -1,0 +1,162 @@
+r"""Constrained RLHF on TRL's GRPO and RLOO trainers (Moskovitz et al., ICLR 2024, arXiv 2310.04373).
+
+Once per generation batch, in training mode, the batch means ``J_i`` of the constrained rewards (gathered over
+processes, so every rank computes the same step) update the Lagrange multipliers (:class:`hfx.trainers.lagrange.
+LagrangeMultipliers`); the multipliers become TRL's ``reward_weights`` before TRL aggregates the same batch, and the
+KL coefficient ``beta`` is scaled like the task reward (see :class:`hfx.ConstrainedGRPOConfig`). GRPO's advantages
+then mix per-reward group-normalised rewards (``normalize_then_sum``, the paper's separately normalised component
+advantages); RLOO's leave-one-out advantages are linear in the weights.
+
+Logged per constraint: ``constraint/<name>/multiplier`` (``m_i``), ``…/value`` (``J_i``), ``…/threshold``, and
+``constraint/task_weight``, ``constraint/beta``, ``reward_weights/<name>``. Multipliers, momentum buffer, thresholds
+and the Nelder–Mead threshold search (:class:`hfx.ThresholdSearchCallback`) are saved in each checkpoint as
+``constraint_state.json`` and restored on resume.
+
+Differences from the paper, by construction of GRPO/RLOO: sequence-level rewards and Monte-Carlo batch means
+instead of per-token returns and value heads; the KL "task reward" of μ-/ξ-PPO is the scaled KL term of the
+estimator (GRPO: loss, RLOO: reward), not a normalised advantage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers.utils import logging
+from trl import GRPOTrainer, RLOOTrainer
+
+from ._multi_objective import MultiObjectiveMixin, resolve_reward_indices
+from .constrained_config import ConstrainedGRPOConfig, ConstrainedRLOOConfig
+from .lagrange import LagrangeMultipliers
+from .threshold_search import ThresholdSearchCallback
+
+__all__ = ["ConstrainedGRPOTrainer", "ConstrainedRLOOTrainer"]
+
+logger = logging.get_logger(__name__)
+
+
+class _ConstrainedMixin(MultiObjectiveMixin):
+    _state_json = "constraint_state.json"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg = self.args
+        names = list(self.reward_func_names)
+        if cfg.constraint_rewards is None:
+            if len(cfg.constraint_thresholds) != len(names):
+                raise ValueError(
+                    f"constraint_thresholds has {len(cfg.constraint_thresholds)} values but there are {len(names)} "
+                    f"reward functions {names}; give one threshold per reward function, or name the constrained "
+                    "ones in constraint_rewards"
+                )
+            self.constraint_indices = list(range(len(names)))
+        else:
+            self.constraint_indices = resolve_reward_indices(cfg.constraint_rewards, names, "constraint_rewards")
+        self.constraint_names = [names[i] for i in self.constraint_indices]
+        kinds = list(cfg.constraint_types) * (len(self.constraint_indices) if len(cfg.constraint_types) == 1 else 1)
+        self.multipliers = LagrangeMultipliers(
+            kinds,
+            cfg.constraint_thresholds,
+            lr=cfg.lagrange_lr,
+            momentum=cfg.lagrange_momentum,
+            parametrization=cfg.lagrange_parametrization,
+            init=cfg.lagrange_init,
+            max_value=cfg.lagrange_max,
+            max_grad_norm=cfg.lagrange_max_grad_norm,
+        )
+        self.base_reward_weights = self.reward_weights.tolist()  # α (TRL's reward_weights, default 1)
+        self.base_beta = float(self.beta)
+        task = [i for i in range(len(names)) if i not in self.constraint_indices]
+        if not task and self.base_beta == 0.0 and any(k in ("ge", "eq") for k in kinds):
+            logger.warning(
+                "constrained training with no task reward and beta=0: the policy only follows the constraint "
+                "rewards; set beta > 0 (the paper's KL task) or leave a reward out of constraint_rewards"
+            )
+        self.constraint_values: list[float] | None = None
+        self.search_callback: ThresholdSearchCallback | None = None
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ThresholdSearchCallback):
+                callback.bind(self)
+                self.search_callback = callback
+        self._apply_multipliers()
+
+    # ------------------------------------------------------------------------------------------------ weights
+    def _apply_multipliers(self) -> None:
+        self._set_reward_weights(self.multipliers.reward_weights(self.base_reward_weights, self.constraint_indices))
+        if self.args.lagrange_scale_beta and self.base_beta != 0.0:
+            # floor: GRPO decides whether to compute reference log-probs from beta != 0 before the update
+            self.beta = self.base_beta * max(self.multipliers.task_weight(), 1e-8)
+
+    def set_constraint_thresholds(self, thresholds: Sequence[float]) -> None:
+        """Replace the thresholds θ (e.g. from a threshold search); the multipliers keep their values."""
+        if len(thresholds) != len(self.constraint_indices):
+            raise ValueError(f"{len(thresholds)} thresholds for {len(self.constraint_indices)} constraints")
+        self.multipliers.thresholds = [float(t) for t in thresholds]
+
+    def update_reward_weights(self, rewards_per_func: torch.Tensor) -> None:
+        chosen = rewards_per_func[:, self.constraint_indices].float()
+        values = torch.nanmean(chosen, dim=0).tolist()
+        self.constraint_values = [float(v) for v in values]
+        if any(math.isnan(v) for v in values):
+            missing = [n for n, v in zip(self.constraint_names, values) if math.isnan(v)]
+            logger.warning(f"no sample of this batch was scored by {missing}: their multipliers are not updated")
+        self.multipliers.step(values)
+        self._apply_multipliers()
+        metrics = self._metrics["train"]
+        for name, m, j, t in zip(
+            self.constraint_names, self.multipliers.values(), values, self.multipliers.thresholds
+        ):
+            metrics[f"constraint/{name}/multiplier"].append(m)
+            metrics[f"constraint/{name}/value"].append(j)
+            metrics[f"constraint/{name}/threshold"].append(t)
+        metrics["constraint/task_weight"].append(self.multipliers.task_weight())
+        metrics["constraint/beta"].append(float(self.beta))
+
+    # ------------------------------------------------------------------------------------------------ state
+    def method_state_dict(self) -> dict[str, Any]:
+        state = self._base_state()
+        state.update(
+            multipliers=self.multipliers.state_dict(),
+            beta=float(self.beta),
+            constraint_names=self.constraint_names,
+            constraint_values=self.constraint_values,
+            threshold_search=None if self.search_callback is None else self.search_callback.state_dict(),
+        )
+        return state
+
+    def load_method_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("constraint_names", self.constraint_names) != self.constraint_names:
+            raise ValueError(
+                f"the checkpoint constrains {state['constraint_names']}, this trainer {self.constraint_names}"
+            )
+        self._load_base_state(state)
+        self.multipliers.load_state_dict(state["multipliers"])
+        self.constraint_values = state.get("constraint_values")
+        self._apply_multipliers()
+        search = state.get("threshold_search")
+        if search is not None and self.search_callback is not None:
+            self.search_callback.load_state_dict(search)
+
+
+class ConstrainedGRPOTrainer(_ConstrainedMixin, GRPOTrainer):
+    """:class:`trl.GRPOTrainer` whose reward weights (and KL coefficient) are Lagrange multipliers of constraints on
+    some of its rewards; ``args`` is a :class:`hfx.ConstrainedGRPOConfig`. See :mod:`hfx.trainers.constrained_trainer`.
+
+    The current multipliers are :attr:`multipliers` (:class:`hfx.trainers.lagrange.LagrangeMultipliers`); pass a
+    :class:`hfx.ThresholdSearchCallback` in ``callbacks`` to search the thresholds with Nelder–Mead (NM-PPO).
+    """
+
+    _tag_names = ["trl", "grpo", "hfx", "constrained-rlhf"]
+    _name = "Constrained-GRPO"
+    _config_class = ConstrainedGRPOConfig
+
+
+class ConstrainedRLOOTrainer(_ConstrainedMixin, RLOOTrainer):
+    """:class:`trl.RLOOTrainer` with Lagrange-multiplier reward weights; ``args`` is a
+    :class:`hfx.ConstrainedRLOOConfig`. See :class:`ConstrainedGRPOTrainer`."""
+
+    _tag_names = ["trl", "rloo", "hfx", "constrained-rlhf"]
+    _name = "Constrained-RLOO"
+    _config_class = ConstrainedRLOOConfig

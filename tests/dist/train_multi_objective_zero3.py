@@ -1,0 +1,78 @@
+"""Worker for tests/dist/test_multi_objective_zero3.py: the multi-objective trainers under real DeepSpeed ZeRO-3.
+
+Launched by ``hfx.testing.run_distributed`` on 2 CPU processes (gloo) with a ZeRO-3 config that partitions even a
+tiny model (``zero3_test_config``). Cases: constrained GRPO and hypervolume-weighted GRPO train 3 steps; the
+gradient-weighted trainer must refuse ZeRO-3 with a clear error. Each rank writes ``<out>/rank<r>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def short(completions, **kwargs):
+    return [-len(c) / 30 for c in completions]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--base", required=True)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # DeepSpeed's own CPU backend would be oneCCL; torch ships gloo
+    state = PartialState(backend="gloo")
+    from accelerate.state import AcceleratorState
+
+    import hfx
+    from hfx.data import format_reward, prompt_dataset
+    from hfx.testing.dist import zero3_test_config
+
+    common = dict(
+        max_steps=3, per_device_train_batch_size=4, num_generations=2, max_completion_length=6, learning_rate=1e-2,
+        logging_steps=1, report_to="none", bf16=False, activation_checkpointing=False, save_strategy="no", seed=0,
+        disable_tqdm=True, deepspeed=zero3_test_config(), accelerator_config={"use_configured_state": True},
+    )  # fmt: skip
+    rewards = [format_reward, short]
+    result = {}
+    cases = {
+        "constrained": lambda out: hfx.ConstrainedGRPOTrainer(
+            args.base, reward_funcs=rewards, train_dataset=prompt_dataset(16),
+            args=hfx.ConstrainedGRPOConfig(output_dir=out, constraint_rewards=["short"], constraint_thresholds=[-0.1],
+                                           lagrange_lr=1.0, beta=0.05, **common),
+        ),
+        "hypervolume": lambda out: hfx.DynamicWeightGRPOTrainer(
+            args.base, reward_funcs=rewards, train_dataset=prompt_dataset(16),
+            args=hfx.DynamicWeightGRPOConfig(output_dir=out, weighting="hypervolume", **common),
+        ),
+    }  # fmt: skip
+    for name, build in cases.items():
+        trainer = build(os.path.join(args.out, name))
+        trainer.train()
+        partitioned = sum(1 for p in trainer.model.parameters() if hasattr(p, "ds_id") and p.numel() == 0)
+        result[name] = {
+            "engine": type(trainer.model_wrapped).__name__,
+            "partitioned": partitioned,
+            "state": trainer.method_state_dict(),
+            "history": [h for h in trainer.state.log_history if "loss" in h],
+        }
+        AcceleratorState._reset_state(reset_partial_state=False)
+    try:
+        hfx.DynamicWeightGRPOTrainer(
+            args.base, reward_funcs=rewards, train_dataset=prompt_dataset(16),
+            args=hfx.DynamicWeightGRPOConfig(output_dir=os.path.join(args.out, "gradient"), weighting="gradient",
+                                             **common),
+        )  # fmt: skip
+        result["gradient_error"] = None
+    except ValueError as err:
+        result["gradient_error"] = str(err)
+    with open(os.path.join(args.out, f"rank{state.process_index}.json"), "w") as f:
+        json.dump(result, f)
+    state.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""Constrained RLHF (hfx.ConstrainedGRPOTrainer / ConstrainedRLOOTrainer, hfx.trainers.lagrange, NM-PPO search):
+the multiplier step against the hand-computed projected/sigmoid step, the trainers' advantages against a hand-computed
+GDPO / RLOO mix with the updated weights, training runs, resume, Nelder–Mead against scipy, and clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import hfx
+from hfx.data import prompt_dataset
+from hfx.testing import save_tiny_model
+from hfx.trainers.lagrange import LagrangeMultipliers
+from hfx.trainers.threshold_search import NelderMead
+
+
+def sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+# ------------------------------------------------------------------------------------------------ multipliers
+def test_sigmoid_step_equals_hand_computed():
+    mu0 = [0.3, -0.2, 0.5]
+    lm = LagrangeMultipliers(["ge", "le", "eq"], [0.5, 0.2, 0.0], lr=0.1, momentum=0.1, init=mu0)
+    J = [0.3, 0.6, -0.4]
+    g1 = [
+        sig(mu0[0]) * (1 - sig(mu0[0])) * (0.3 - 0.5),  # ge: d/dμ σ(μ)·(J − θ)
+        -sig(mu0[1]) * (1 - sig(mu0[1])) * (0.6 - 0.2),  # le: sign −1
+        (1 - math.tanh(mu0[2]) ** 2) * (-0.4 - 0.0),  # eq: tanh
+    ]
+    assert lm.gradient(J) == pytest.approx(g1)
+    lm.step(J)  # first step: no momentum
+    mu1 = [m - 0.1 * g for m, g in zip(mu0, g1)]
+    assert lm.raw == pytest.approx(mu1)
+    # a violated ge constraint raises its multiplier; a violated le too (its weight α − σ then falls); eq below θ
+    assert mu1[0] > mu0[0] and mu1[1] > mu0[1] and mu1[2] > mu0[2]
+    # second step: PyTorch SGD momentum, buf = m·buf + g
+    J2 = [0.45, 0.1, 0.2]
+    g2 = [
+        sig(mu1[0]) * (1 - sig(mu1[0])) * (0.45 - 0.5),
+        -sig(mu1[1]) * (1 - sig(mu1[1])) * (0.1 - 0.2),
+        (1 - math.tanh(mu1[2]) ** 2) * 0.2,
+    ]
+    lm.step(J2)
+    assert lm.raw == pytest.approx([m - 0.1 * (0.1 * a + b) for m, a, b in zip(mu1, g1, g2)])
+    # same as torch.optim.SGD on the multiplier loss
+    p = torch.tensor(mu0, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.1)
+    for j in (J, J2):
+        opt.zero_grad()
+        m = torch.stack([torch.sigmoid(p[0]), torch.sigmoid(p[1]), torch.tanh(p[2])])
+        s = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
+        (
+            s * m * (torch.tensor(j, dtype=torch.float64) - torch.tensor([0.5, 0.2, 0.0], dtype=torch.float64))
+        ).sum().backward()
+        opt.step()
+    assert lm.raw == pytest.approx(p.tolist(), abs=1e-12)
+
+
+def test_weights_task_weight_and_projection():
+    lm = LagrangeMultipliers(["ge", "le"], [0.5, 0.2], init=[0.3, -0.2])
+    m = [sig(0.3), sig(-0.2)]
+    assert lm.values() == pytest.approx(m)
+    assert lm.task_weight() == pytest.approx(1 - m[0])  # N − Σσ over the ge/eq constraints (Eq. 4.4)
+    # rewards: [task, ge constraint, le constraint], α = [2, 1, 1.5]
+    assert lm.reward_weights([2.0, 1.0, 1.5], [1, 2]) == pytest.approx([2 * (1 - m[0]), m[0], 1.5 - m[1]])
+    # projected gradient ascent on the violation: clamp to [0, max] (eq: [−max, max]); task weight 1
+    pr = LagrangeMultipliers(["ge", "eq"], [0.5, 0.0], lr=1.0, momentum=0.0, parametrization="projected", max_value=2)
+    pr.step([0.9, -3.0])  # ge satisfied -> multiplier would go negative -> 0; eq far below -> capped at 2
+    assert pr.raw == [0.0, 2.0] and pr.task_weight() == 1.0
+    pr.step([0.1, 1.0])
+    assert pr.raw == pytest.approx([0.4, 1.0])
+    assert pr.reward_weights([1.0, 1.0, 1.0], [1, 2]) == pytest.approx([1.0, 0.4, 1.0])
+    # NaN mean (no sample scored): that multiplier stays; clipping of the gradient norm
+    nan = LagrangeMultipliers(["ge", "ge"], [0.5, 0.5], lr=1.0, max_grad_norm=0.01)
+    nan.step([float("nan"), 0.0])
+    assert nan.raw[0] == 0.0 and nan.raw[1] == pytest.approx(0.01)
+    state = nan.state_dict()
+    other = LagrangeMultipliers(["ge", "ge"], [0.1, 0.1])
+    other.load_state_dict(json.loads(json.dumps(state)))
+    assert other.raw == nan.raw and other.buffer == nan.buffer and other.thresholds == [0.5, 0.5]
+
+
+# ------------------------------------------------------------------------------------------------ Nelder-Mead
+def rosenbrock(x):
+    return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+
+
+def test_nelder_mead_matches_scipy_evaluation_sequence():
+    scipy_optimize = pytest.importorskip("scipy.optimize")  # in the dev extra; CI installs it
+    simplex = [[-1.0, 1.5], [-0.8, 1.5], [-1.0, 1.7]]
+    seen = []
+
+    def f(x):
+        seen.append(list(x))
+        return rosenbrock(x)
+
+    scipy_optimize.minimize(f, simplex[0], method="Nelder-Mead",
+                            options={"initial_simplex": np.array(simplex), "maxfev": 60, "xatol": 0, "fatol": 0})  # fmt: skip
+    nm = NelderMead(simplex, tol=0.0)
+    ours = []
+    for _ in range(60):
+        x = nm.ask()
+        ours.append(x)
+        nm.tell(rosenbrock(x))
+    n = min(len(seen), 60)
+    assert np.allclose(np.array(ours[:n]), np.array(seen[:n]), atol=1e-12)
+
+
+def test_nelder_mead_converges_caches_and_replays():
+    nm = NelderMead([[0.0, 0.0], [0.5, 0.0], [0.0, 0.5]], tol=1e-8, cache_tolerance=1e-12)
+    for _ in range(400):
+        if nm.converged:
+            break
+        x = nm.ask()
+        nm.tell((x[0] - 0.3) ** 2 + (x[1] + 0.2) ** 2)
+    assert nm.converged and nm.best[0] == pytest.approx([0.3, -0.2], abs=1e-3)
+    # state -> JSON -> replay gives the same next point and history
+    mid = NelderMead([[1.0, 1.0], [1.2, 1.0], [1.0, 1.2]])
+    for _ in range(7):
+        mid.tell(rosenbrock(mid.ask()))
+    copy = NelderMead.from_state_dict(json.loads(json.dumps(mid.state_dict())))
+    assert copy.ask() == mid.ask() and copy.history == mid.history
+    # a point within cache_tolerance of an evaluated one is answered from the cache, not asked again
+    cached = NelderMead([[0.0], [1.0]], cache_tolerance=0.6)
+    cached.tell(1.0)  # at 0.0
+    assert cached.ask() == [1.0]  # 1.0 away from 0.0: asked
+    cached.tell(2.0)
+    assert cached.ask() == [-1.0]  # the reflection
+    cached.tell(3.0)  # worse than the worst: inside contraction to 0.5, within 0.6 of 0.0 -> answered from the cache
+    cached.ask()
+    assert len(cached.history) == 3 and len(cached._told) >= 4 and cached.converged
+    with pytest.raises(ValueError, match="N\\+1 points"):
+        NelderMead([[0.0, 0.0], [1.0, 0.0]])
+    with pytest.raises(ValueError, match="finite"):
+        NelderMead([[0.0], [1.0]]).tell(float("nan"))
+
+
+# ------------------------------------------------------------------------------------------------ trainers
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    return save_tiny_model(tmp_path_factory.mktemp("constrained") / "tiny", hidden_size=32)
+
+
+def hash3(completions, **kwargs):
+    """Deterministic pseudo-verifier (about a third of a random tiny model's completions pass)."""
+    return [1.0 if int(hashlib.sha1(c.encode()).hexdigest(), 16) % 3 == 0 else 0.0 for c in completions]
+
+
+def hash_graded(completions, **kwargs):
+    return [(int(hashlib.sha1(c.encode()).hexdigest(), 16) % 7) / 6 for c in completions]
+
+
+def short(completions, **kwargs):
+    return [-len(c) / 30 for c in completions]
+
+
+def config(tmp_path, cls=hfx.ConstrainedGRPOConfig, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4, num_generations=2,
+        max_completion_length=6, learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True, bf16=False,
+        activation_checkpointing=False, save_strategy="no", seed=0, disable_tqdm=True, beta=0.05,
+        constraint_rewards=["hash_graded", "short"], constraint_thresholds=[0.6, -0.1],
+        constraint_types=["ge", "le"], lagrange_lr=1.0,
+    )  # fmt: skip
+    base.update(kw)
+    return cls(**base)
+
+
+REWARDS = [hash3, hash_graded, short]
+
+
+def expected_advantages(rewards: torch.Tensor, weights: list[float], estimator: str):
+    """Hand-written GDPO (normalize_then_sum) / RLOO (beta = 0) advantages for groups of 2."""
+    r = rewards.double().view(-1, 2, rewards.shape[1])
+    w = torch.tensor(weights, dtype=torch.float64)
+    if estimator == "grpo":
+        z = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
+        s = (z * w).sum(-1).view(-1)
+        return (s - s.mean()) / (s.std() + 1e-4)
+    total = (r * w).sum(-1)
+    return (total - total.flip(1)).view(-1)  # leave-one-out with 2 samples: r_i − r_other
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_advantages_use_the_updated_multipliers(model_path, tmp_path, estimator):
+    cls, tcls = {
+        "grpo": (hfx.ConstrainedGRPOConfig, hfx.ConstrainedGRPOTrainer),
+        "rloo": (hfx.ConstrainedRLOOConfig, hfx.ConstrainedRLOOTrainer),
+    }[estimator]
+    args = config(tmp_path, cls=cls, max_steps=1, reward_weights=[2.0, 1.0, 1.5], beta=0.0)
+    trainer = tcls(model_path, reward_funcs=REWARDS, args=args, train_dataset=prompt_dataset(8))
+    assert trainer.reward_weights.tolist() == pytest.approx([2 * 0.5, 0.5, 1.5 - 0.5])  # σ(0) = 0.5
+    trainer.train()
+    rewards = torch.tensor([trainer._logs["rewards"][n] for n in ("hash3", "hash_graded", "short")]).T
+    J = rewards[:, 1:].mean(0).tolist()
+    # one step from μ = 0 (σ' = 1/4), lr 1: ge on hash_graded, le on short
+    mu = [-0.25 * (J[0] - 0.6), 0.25 * (J[1] - (-0.1))]
+    m = [sig(mu[0]), sig(mu[1])]
+    weights = [2.0 * (1 - m[0]), m[0], 1.5 - m[1]]
+    assert trainer.multipliers.raw == pytest.approx(mu, abs=1e-6)
+    assert trainer.reward_weights.tolist() == pytest.approx(weights, abs=1e-6)
+    logged = torch.tensor(trainer._logs["advantages"], dtype=torch.float64)
+    assert logged.tolist() == pytest.approx(expected_advantages(rewards, weights, estimator).tolist(), abs=1e-4)
+    hist = [h for h in trainer.state.log_history if "loss" in h][0]
+    assert hist["constraint/hash_graded/multiplier"] == pytest.approx(m[0], abs=1e-4)
+    assert hist["constraint/short/value"] == pytest.approx(J[1], abs=1e-4)
+    assert hist["constraint/short/threshold"] == pytest.approx(-0.1)
+    assert hist["reward_weights/hash3"] == pytest.approx(weights[0], abs=1e-4)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_train_runs_and_scales_beta(model_path, tmp_path, estimator):
+    cls, tcls = {
+        "grpo": (hfx.ConstrainedGRPOConfig, hfx.ConstrainedGRPOTrainer),
+        "rloo": (hfx.ConstrainedRLOOConfig, hfx.ConstrainedRLOOTrainer),
+    }[estimator]
+    args = config(tmp_path, cls=cls, constraint_types=["ge", "ge"], constraint_thresholds=[0.9, 0.0])
+    trainer = tcls(model_path, reward_funcs=REWARDS, args=args, train_dataset=prompt_dataset(8))
+    trainer.train()
+    hist = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(hist) == 3 and all(np.isfinite(h["loss"]) for h in hist)
+    # both thresholds unreachable (0.9, and 0 for a length penalty): both multipliers rise every step
+    ms = [h["constraint/hash_graded/multiplier"] for h in hist]
+    assert ms[0] > 0.5 and ms == sorted(ms)
+    task = 2 - sum(trainer.multipliers.values())
+    assert trainer.multipliers.task_weight() == pytest.approx(task)
+    assert trainer.beta == pytest.approx(0.05 * task) and hist[-1]["constraint/beta"] == pytest.approx(
+        0.05 * task, rel=1e-3
+    )
+    from transformers import AutoModelForCausalLM
+
+    init = AutoModelForCausalLM.from_pretrained(model_path).state_dict()
+    assert any(not torch.equal(init[n], p.detach()) for n, p in trainer.model.named_parameters() if n in init)
+
+
+def test_peft_model_and_reward_model(model_path, tmp_path):
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+
+    from hfx.testing import tiny_reward_model
+
+    rm_tok = AutoTokenizer.from_pretrained(model_path)
+    rm = tiny_reward_model(hidden_size=32, tokenizer=rm_tok)
+    args = config(tmp_path, constraint_rewards=None, constraint_thresholds=[0.5, 0.5, -0.1, 0.0],
+                  constraint_types=["ge"], max_steps=2)  # fmt: skip
+    trainer = hfx.ConstrainedGRPOTrainer(
+        model_path, reward_funcs=[*REWARDS, rm], args=args, train_dataset=prompt_dataset(8),
+        reward_processing_classes=[None, None, None, rm_tok],
+        peft_config=LoraConfig(r=4, target_modules="all-linear"),
+    )  # fmt: skip
+    trainer.train()
+    assert len(trainer.constraint_names) == 4 and trainer.multipliers.steps == 2
+    assert trainer.state.log_history[0][f"constraint/{trainer.constraint_names[3]}/multiplier"] != 0.5
+
+
+def test_resume_restores_multipliers(model_path, tmp_path):
+    ds = prompt_dataset(8)
+    args = config(tmp_path, max_steps=3, save_strategy="steps", save_steps=1)
+    full = hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=REWARDS, args=args, train_dataset=ds)
+    full.train()
+    ckpt = os.path.join(args.output_dir, "checkpoint-2")
+    with open(os.path.join(ckpt, "constraint_state.json")) as f:
+        saved = json.load(f)
+    assert saved["multipliers"]["steps"] == 2 and saved["constraint_names"] == ["hash_graded", "short"]
+    resumed = hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=REWARDS, args=args, train_dataset=ds)
+    resumed.train(resume_from_checkpoint=ckpt)
+    assert resumed.multipliers.steps == 3
+    assert resumed.multipliers.raw == pytest.approx(full.multipliers.raw, abs=1e-6)
+    assert resumed.multipliers.buffer == pytest.approx(full.multipliers.buffer, abs=1e-6)
+    assert resumed.reward_weights.tolist() == pytest.approx(full.reward_weights.tolist(), abs=1e-6)
+    assert resumed.beta == pytest.approx(full.beta)
+
+
+def test_threshold_search_callback(model_path, tmp_path):
+    calls = []
+
+    def eval_fn(trainer):  # a deterministic "held-out score" peaking at thresholds (0.5, -0.2)
+        t = trainer.multipliers.thresholds
+        calls.append(list(t))
+        return -((t[0] - 0.5) ** 2) - (t[1] + 0.2) ** 2
+
+    search = hfx.ThresholdSearchCallback(eval_fn, phase_max_steps=1, max_phases=4, initial_step=0.2)
+    args = config(tmp_path, max_steps=5, save_strategy="steps", save_steps=2)
+    trainer = hfx.ConstrainedGRPOTrainer(
+        model_path, reward_funcs=REWARDS, args=args, train_dataset=prompt_dataset(8), callbacks=[search]
+    )
+    trainer.train()
+    # phases of one step: 3 simplex vertices (θ, θ + 0.2·max(|θ_0|,0.1) e_0, θ + 0.2·0.1 e_1), then a reflection
+    assert calls[:3] == [pytest.approx([0.6, -0.1]), pytest.approx([0.72, -0.1]), pytest.approx([0.6, -0.08])]
+    assert search.phases == 4 and search.done
+    best = max(calls[:4], key=lambda t: -((t[0] - 0.5) ** 2) - (t[1] + 0.2) ** 2)
+    assert trainer.multipliers.thresholds == pytest.approx(best)
+    hist = [h for h in trainer.state.log_history if "loss" in h]
+    assert "threshold_search/score" in hist[0]
+    with open(os.path.join(args.output_dir, "checkpoint-2", "constraint_state.json")) as f:
+        saved = json.load(f)["threshold_search"]
+    assert saved["phases"] == 2 and len(saved["search"]["history"]) == 2
+    # resume: the search continues from the saved simplex state
+    search2 = hfx.ThresholdSearchCallback(eval_fn, phase_max_steps=1, max_phases=4, initial_step=0.2)
+    resumed = hfx.ConstrainedGRPOTrainer(
+        model_path, reward_funcs=REWARDS, args=args, train_dataset=prompt_dataset(8), callbacks=[search2]
+    )
+    calls.clear()
+    resumed.train(resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-2"))
+    assert search2.phases == 4 and search2.done
+    assert resumed.multipliers.thresholds == pytest.approx(trainer.multipliers.thresholds)
+
+
+def test_errors(model_path, tmp_path):
+    ds = prompt_dataset(8)
+    with pytest.raises(ValueError, match="constraint_thresholds is required"):
+        config(tmp_path, constraint_thresholds=None)
+    with pytest.raises(ValueError, match="constraint_rewards names 2 rewards but constraint_thresholds has 1"):
+        config(tmp_path, constraint_thresholds=[0.5])
+    with pytest.raises(ValueError, match="constraint_types: 'gt'"):
+        config(tmp_path, constraint_types=["gt"])
+    with pytest.raises(ValueError, match="lagrange_parametrization"):
+        config(tmp_path, lagrange_parametrization="softplus")
+    with pytest.raises(ValueError, match="constraint_thresholds has 2 values but there are 3 reward functions"):
+        hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=REWARDS, train_dataset=ds,
+                                   args=config(tmp_path, constraint_rewards=None))  # fmt: skip
+    with pytest.raises(ValueError, match="constraint_rewards: unknown reward name 'lenght'"):
+        hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=REWARDS, train_dataset=ds,
+                                   args=config(tmp_path, constraint_rewards=["hash3", "lenght"]))  # fmt: skip
+    with pytest.raises(TypeError, match="needs a ConstrainedGRPOConfig"):
+        hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=REWARDS, train_dataset=ds,
+                                   args=config(tmp_path, cls=hfx.ConstrainedRLOOConfig))  # fmt: skip
+    with pytest.raises(RuntimeError, match="must be passed to a ConstrainedGRPOTrainer"):
+        hfx.ThresholdSearchCallback(lambda t: 0.0).on_train_begin(None, None, None)

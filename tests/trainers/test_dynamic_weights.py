@@ -1,0 +1,333 @@
+"""Dynamic reward weighting (hfx.DynamicWeightGRPOTrainer / DynamicWeightRLOOTrainer, arXiv 2509.11452): exact
+hypervolume against brute force, the meta-reward and its effect on advantages, the mirror-descent step, the
+activation-based Gram matrix against explicit parameter gradients, training runs, resume, and clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+import hfx
+from hfx.data import format_reward, prompt_dataset
+from hfx.testing import save_tiny_model, tiny_causal_lm
+from hfx.trainers.dynamic_weight_utils import (
+    ActivationGradientCapture,
+    HypervolumeBuffer,
+    gram_from_activations,
+    hypervolume,
+    mirror_descent_step,
+    pareto_front,
+    pareto_meta_reward,
+    select_linear_modules,
+)
+
+
+# ------------------------------------------------------------------------------------------------ hypervolume
+def hv_inclusion_exclusion(points, ref):
+    """Σ over non-empty subsets T of (−1)^{|T|+1} · volume of the box [ref, min over T] (maximisation)."""
+    total = 0.0
+    for size in range(1, len(points) + 1):
+        for subset in itertools.combinations(points, size):
+            corner = [min(p[i] for p in subset) for i in range(len(ref))]
+            vol = math.prod(max(c - r, 0.0) for c, r in zip(corner, ref))
+            total += (-1) ** (size + 1) * vol
+    return total
+
+
+def hv_grid(points, ref):
+    """Count unit cells (integer coordinates) dominated by some point."""
+    hi = [max(p[i] for p in points) for i in range(len(ref))]
+    cells = itertools.product(*[range(int(r), int(h)) for r, h in zip(ref, hi)])
+    return float(sum(any(all(c + 1 <= p[i] for i, c in enumerate(cell)) for p in points) for cell in cells))
+
+
+def test_hypervolume_2d_3d_equals_brute_force():
+    front2 = [(1, 5), (2, 4), (4, 2), (5, 1), (3, 3), (2, 2)]  # (2, 2) dominated
+    assert hypervolume(front2, (0, 0)) == hv_grid(front2, (0, 0)) == hv_inclusion_exclusion(front2, (0, 0)) == 15
+    front3 = [(3, 1, 2), (1, 3, 2), (2, 2, 3), (1, 1, 4), (4, 2, 1), (2, 1, 1)]
+    assert hypervolume(front3, (0, 0, 0)) == hv_grid(front3, (0, 0, 0)) == hv_inclusion_exclusion(front3, (0, 0, 0))
+    # a reference that is not the origin, points partly below it (they add nothing in that region)
+    ref = (1, 0, 1)
+    assert hypervolume(front3, ref) == pytest.approx(hv_inclusion_exclusion(front3, ref))
+    gen = torch.Generator().manual_seed(0)
+    for d in (2, 3, 4):
+        pts = (torch.rand(7, d, generator=gen) * 3 - 0.5).tolist()
+        ref = [0.0] * d
+        assert hypervolume(pts, ref) == pytest.approx(hv_inclusion_exclusion(pts, ref), rel=1e-12, abs=1e-12)
+    assert pareto_front([(1, 2), (2, 1), (1, 1), (1, 2)]) == [(1.0, 2.0), (2.0, 1.0)]
+    assert hypervolume([], (0, 0)) == 0.0
+
+
+def test_buffer_meta_reward_and_minimised_objectives():
+    assert pareto_meta_reward(0.0) == 0.5 and pareto_meta_reward(-1.0) == 0.5
+    assert all(0.5 < pareto_meta_reward(x) < 2.0 for x in (1e-6, 0.3, 5.0)) and pareto_meta_reward(1e3) <= 2.0
+    buf = HypervolumeBuffer([True, False])  # accuracy up, length down
+    assert buf.update([0.2, 50.0]) == 1.0 and buf.reference == [0.2, 50.0] and buf.front == []  # B[0]
+    r = buf.update([0.5, 40.0])  # better on both: ΔHV = 0.3 * 10
+    assert r == pytest.approx(0.5 + 1.5 * math.tanh(3.0)) and buf.front == [[0.5, 40.0]]
+    assert buf.update([0.4, 45.0]) == 0.5 and buf.last_delta == 0.0 and len(buf.front) == 1  # dominated: not added
+    r = buf.update([0.6, 48.0])  # trade-off point: new area 0.1 * 2
+    assert buf.last_delta == pytest.approx(0.2) and r == pytest.approx(0.5 + 1.5 * math.tanh(0.2))
+    assert buf.hypervolume() == pytest.approx(3.0 + 0.2)
+    buf.update([0.7, 30.0])  # dominates both: the front collapses to it
+    assert buf.front == [[0.7, 30.0]]
+    state = json.loads(json.dumps(buf.state_dict()))
+    other = HypervolumeBuffer([True, False])
+    other.load_state_dict(state)
+    assert other == buf
+
+
+# ------------------------------------------------------------------------------------------------ mirror descent
+def test_mirror_descent_step_on_known_gram():
+    w = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    gram = torch.tensor([[2.0, 0.5, -1.0], [0.5, 1.0, 0.0], [-1.0, 0.0, 3.0]], dtype=torch.float64)
+    c = 0.1
+    new = mirror_descent_step(w.log(), gram, c)
+    expected = torch.softmax(w.log() + c * gram.sum(1), 0)
+    assert torch.allclose(new.exp(), expected, atol=1e-15) and new.exp().sum() == pytest.approx(1.0)
+    # a zero weight stays zero
+    z = mirror_descent_step(torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64).log(), gram, c).exp()
+    assert z[2] == 0 and z.sum() == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------ activation Gram
+def _param_gram(losses, params):
+    flats = []
+    for loss in losses:
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        flats.append(
+            torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+        )
+    g = torch.stack(flats)
+    return g @ g.T
+
+
+def _losses(model, ids, adv):
+    logits = model(input_ids=ids).logits[:, :-1]
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    seq = logp[:, 3:].mean(1)
+    return [-(adv[:, k] * seq).mean() for k in range(adv.shape[1])]
+
+
+@pytest.mark.parametrize("arch,peft", [("llama", False), ("qwen2", False), ("llama", True), ("llama", "frozen")])
+def test_activation_gram_equals_parameter_gram(arch, peft):
+    model = tiny_causal_lm(arch, hidden_size=32, num_layers=4).double()
+    if peft == "frozen":
+        model.requires_grad_(False)  # nothing trainable upstream: the first hooked outputs become leaves
+    elif peft:
+        model = get_peft_model(
+            model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+        )
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 200, (3, 10), generator=gen)
+    adv = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    selected = select_linear_modules(model, layer_ids=[1, 2])  # chained hooked layers across two decoder layers
+    assert all(".layers.1." in n or ".layers.2." in n for n, _ in selected)
+    if peft is True:
+        assert all("lora" not in n for n, _ in selected) and any(n.endswith("q_proj.base_layer") for n, _ in selected)
+    with ActivationGradientCapture(selected) as cap:
+        losses = _losses(model, ids, adv)
+    gram = gram_from_activations(losses, cap.records, dtype=torch.float64)
+    assert any(y.is_leaf for *_, y in cap.records) == (peft == "frozen")
+    # explicit parameter gradients of the same Linear weights (and biases): base weights made trainable for the check
+    params = []
+    for _, m in selected:
+        m.weight.requires_grad_(True)
+        params.append(m.weight)
+        if m.bias is not None:
+            m.bias.requires_grad_(True)
+            params.append(m.bias)
+    expected = _param_gram(_losses(model, ids, adv), params)
+    assert torch.allclose(gram, expected, rtol=1e-9, atol=1e-18)
+    assert gram.abs().max() > 0
+    assert all(p.grad is None for p in model.parameters())  # no .grad written
+
+
+def test_select_linear_modules_defaults_and_errors():
+    model = tiny_causal_lm(hidden_size=16, num_layers=4)
+    names = [n for n, _ in select_linear_modules(model)]
+    assert {n.split(".")[2] for n in names} == {"1", "2"} and not any("lm_head" in n for n in names)  # middle half
+    mlp = [n for n, _ in select_linear_modules(model, layer_ids=[0], patterns=[r"mlp\."])]
+    assert mlp == ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]
+    with pytest.raises(ValueError, match="no decoder layer"):
+        select_linear_modules(model, layer_ids=[7])
+    with pytest.raises(ValueError, match="match none"):
+        select_linear_modules(model, patterns=["nothing"])
+    with pytest.raises(ValueError, match="numbered decoder layers"):
+        select_linear_modules(nn.Sequential(nn.Linear(2, 2)))
+
+
+# ------------------------------------------------------------------------------------------------ trainers
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    return save_tiny_model(tmp_path_factory.mktemp("dynw") / "tiny", hidden_size=32)
+
+
+def hash_reward(completions, **kwargs):
+    return [float(int(hashlib.sha1(c.encode()).hexdigest(), 16) % 3) / 2 for c in completions]
+
+
+def short_reward(completions, **kwargs):
+    return [-len(c) / 20 for c in completions]
+
+
+REWARDS = [format_reward, hash_reward, short_reward]
+REWARDS_NAMES = ["format_reward", "hash_reward", "short_reward"]
+
+
+def config(tmp_path, cls=hfx.DynamicWeightGRPOConfig, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=6,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        beta=0.0,
+        weight_regularization=1.0,
+    )
+    base.update(kw)
+    return cls(**base)
+
+
+TRAINERS = {"grpo": (hfx.DynamicWeightGRPOConfig, hfx.DynamicWeightGRPOTrainer),
+            "rloo": (hfx.DynamicWeightRLOOConfig, hfx.DynamicWeightRLOOTrainer)}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+@pytest.mark.parametrize("weighting", ["hypervolume", "gradient"])
+def test_train_runs_and_weights_move(model_path, tmp_path, kind, weighting):
+    cls, trainer_cls = TRAINERS[kind]
+    args = config(tmp_path, cls=cls, weighting=weighting, maximize=[True, True, True])
+    peft = LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if (kind, weighting) == ("grpo", "gradient") else None
+    trainer = trainer_cls(
+        model_path, reward_funcs=REWARDS, args=args, train_dataset=prompt_dataset(16), peft_config=peft
+    )
+    if peft is not None:  # PEFT: the frozen base_layer Linear of adapted modules, plain Linear elsewhere
+        assert any(n.endswith("q_proj.base_layer") for n in trainer.weight_grad_module_names)
+        assert not any("lora_" in n for n in trainer.weight_grad_module_names)
+    assert trainer.reward_weights.tolist() == pytest.approx([1 / 3] * 3)
+    trainer.train()
+    hist = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(hist) == 3 and all(math.isfinite(h["loss"]) for h in hist)
+    names = ["format_reward", "hash_reward", "short_reward"]
+    assert all(f"reward_weights/{n}" in hist[-1] for n in names)
+    if weighting == "gradient":
+        w = trainer.reward_weights
+        assert w.sum().item() == pytest.approx(1.0, abs=1e-6) and not torch.allclose(w, torch.full((3,), 1 / 3))
+        assert [hist[-1][f"reward_weights/{n}"] for n in names] != pytest.approx([1 / 3] * 3)
+        assert "dynamic_weights/influence/hash_reward" in hist[-1] and hist[-1]["dynamic_weights/step_size"] > 0
+    else:
+        buf = trainer.hv_buffer
+        assert buf.num_updates == 3 and buf.reference is not None
+        r = [h["dynamic_weights/r_pareto"] for h in hist]
+        assert r[0] == r[1] == 1.0 and r[2] != 1.0  # starts at 1; batch 1 = reference, batch 2's ΔHV acts on batch 3
+        assert all(0.5 <= h["dynamic_weights/r_pareto"] < 2 for h in hist)
+        assert trainer.reward_weights.tolist() == pytest.approx([1 / 3] * 3)  # HV keeps the weights
+
+
+def test_hypervolume_scales_advantages(model_path, tmp_path):
+    """r_pareto multiplies the advantages; the authors' reward scaling would be cancelled by GRPO's std scaling."""
+    args = config(tmp_path, max_steps=1, weighting="hypervolume")
+    trainer = hfx.DynamicWeightGRPOTrainer(
+        model_path, reward_funcs=REWARDS, args=args, train_dataset=prompt_dataset(8)
+    )
+    trainer.model.train()
+    rows = [dict(prompt_dataset(8)[i]) for i in (0, 0, 1, 1)]
+
+    def advantages(r_pareto, weight_scale=1.0):
+        trainer.hv_buffer = HypervolumeBuffer([True] * 3, reference=[-9.0] * 3, r_pareto=r_pareto)
+        trainer._set_reward_weights([weight_scale / 3] * 3)
+        torch.manual_seed(0)
+        out = trainer._generate_and_score_completions([dict(r) for r in rows])
+        return out["advantages"], list(trainer._logs["advantages"])[-4:]
+
+    base, logged_base = advantages(1.0)
+    scaled, logged = advantages(1.7)
+    assert base.abs().sum() > 0
+    assert torch.allclose(scaled, 1.7 * base) and logged == pytest.approx([1.7 * a for a in logged_base])
+    reward_scaled, _ = advantages(1.0, weight_scale=1.7)  # the paper's r̃ = r_pareto · r under GRPO
+    assert torch.allclose(reward_scaled, base, atol=1e-3)
+
+
+def test_hypervolume_from_evaluation(model_path, tmp_path):
+    args = config(tmp_path, weighting="hypervolume", hv_source="eval", per_device_eval_batch_size=4)
+    trainer = hfx.DynamicWeightGRPOTrainer(
+        model_path, reward_funcs=REWARDS, args=args, train_dataset=prompt_dataset(8), eval_dataset=prompt_dataset(4)
+    )
+    first = trainer.evaluate()
+    assert trainer.hv_buffer.reference is not None and trainer.hv_buffer.num_updates == 1
+    assert first["eval_dynamic_weights/next_r_pareto"] == 1.0  # the first evaluation is the reference
+    means = [first[f"eval_rewards/{name}/mean"] for name in REWARDS_NAMES]
+    assert trainer.hv_buffer.reference == pytest.approx(means)
+    trainer.evaluate()
+    assert trainer.hv_buffer.num_updates == 2 and 0.5 <= trainer.hv_buffer.r_pareto <= 2.0
+
+
+def test_resume_restores_state(model_path, tmp_path):
+    ds = prompt_dataset(16)
+    args = config(tmp_path, max_steps=3, save_strategy="steps", save_steps=1, weighting="gradient")
+    full = hfx.DynamicWeightGRPOTrainer(model_path, reward_funcs=REWARDS, args=args, train_dataset=ds)
+    full.train()
+    ckpt = os.path.join(args.output_dir, "checkpoint-2")
+    with open(os.path.join(ckpt, "dynamic_weight_state.json")) as f:
+        saved = json.load(f)
+    assert saved["weighting"] == "gradient" and len(saved["reward_weights"]) == 3
+    resumed = hfx.DynamicWeightGRPOTrainer(model_path, reward_funcs=REWARDS, args=args, train_dataset=ds)
+    resumed.train(resume_from_checkpoint=ckpt)
+    # the state was restored and the step after the checkpoint is the same as in the uninterrupted run
+    assert torch.allclose(resumed.reward_weights, full.reward_weights, atol=1e-6)
+    assert torch.allclose(resumed.log_weights, full.log_weights, atol=1e-6)
+    # hypervolume buffer round trip through a checkpoint
+    hv_args = config(
+        tmp_path / "hv", cls=hfx.DynamicWeightRLOOConfig, max_steps=2, save_strategy="steps", save_steps=1
+    )
+    hv = hfx.DynamicWeightRLOOTrainer(model_path, reward_funcs=REWARDS, args=hv_args, train_dataset=ds)
+    hv.train()
+    with open(os.path.join(hv_args.output_dir, "checkpoint-2", "dynamic_weight_state.json")) as f:
+        saved = json.load(f)
+    again = hfx.DynamicWeightRLOOTrainer(model_path, reward_funcs=REWARDS, args=hv_args, train_dataset=ds)
+    again.load_method_state_dict(saved)
+    assert again.hv_buffer == hv.hv_buffer and again.hv_buffer.reference is not None
+    assert again._batch_r_pareto == hv._batch_r_pareto
+
+
+def test_errors(model_path, tmp_path):
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        config(tmp_path, weighting="pareto")
+    with pytest.raises(ValueError, match="non-negative and sum to 1"):
+        config(tmp_path, weighting="gradient", reward_weights=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="non-negative and sum to 1"):
+        config(tmp_path, weighting="gradient", reward_weights=[1.5, -0.5, 0.0])
+    with pytest.raises(ValueError, match="one bool per objective"):
+        config(tmp_path, objectives=["hash_reward"], maximize=[True, False])
+    with pytest.raises(ValueError, match="hv_source"):
+        config(tmp_path, hv_source="test")
+    ds = prompt_dataset(8)
+    with pytest.raises(ValueError, match="objectives: unknown reward name 'accuracy'"):
+        hfx.DynamicWeightGRPOTrainer(model_path, reward_funcs=REWARDS, args=config(tmp_path, objectives=["accuracy"]),
+                                     train_dataset=ds)  # fmt: skip
+    with pytest.raises(ValueError, match="one bool per objective"):
+        hfx.DynamicWeightGRPOTrainer(model_path, reward_funcs=REWARDS, args=config(tmp_path, maximize=[True]),
+                                     train_dataset=ds)  # fmt: skip
+    with pytest.raises(ValueError, match="no decoder layer"):
+        hfx.DynamicWeightGRPOTrainer(model_path, reward_funcs=REWARDS, train_dataset=ds,
+                                     args=config(tmp_path, weighting="gradient", weight_grad_layers=[9]))  # fmt: skip
+    with pytest.raises(TypeError, match="needs a DynamicWeightRLOOConfig"):
+        hfx.DynamicWeightRLOOTrainer(model_path, reward_funcs=REWARDS, args=config(tmp_path), train_dataset=ds)
