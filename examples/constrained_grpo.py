@@ -20,6 +20,8 @@ and after (a few minutes on a 2-core CPU).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 
 import torch
@@ -173,6 +175,20 @@ def main(argv: list[str] | None = None) -> None:
         model = trainer.accelerator.unwrap_model(trainer.model)
         acc = evaluate(model, trainer.processing_class, args.n_eval, args.difficulty)
         print(f"[constrained] accuracy after training: {acc:.3f}")
+        hist = [h for h in trainer.state.log_history if "loss" in h]
+        tail = hist[-max(1, len(hist) // 4) :]
+        result = {
+            "args": vars(args),
+            "after": {
+                "accuracy": acc,
+                "brevity_last_quarter": sum(h["rewards/brevity_reward/mean"] for h in tail) / len(tail),
+                "format_last_quarter": sum(h["rewards/format_reward/mean"] for h in tail) / len(tail),
+            },
+            "seconds": elapsed,
+        }
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "hfx_result.json"), "w") as f:
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ prints the allocation summary and held-out accuracy before and after (a few minu
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 
 import torch
@@ -118,6 +120,14 @@ def main(argv: list[str] | None = None) -> None:
         model = trainer.accelerator.unwrap_model(trainer.model)
         acc = evaluate(model, trainer.processing_class, args.n_eval, args.difficulty)
         print(f"[gvm] accuracy after training: {acc:.3f}")
+        result = {
+            "args": vars(args),
+            "after": {"accuracy": acc, "sampled_completions": counters["train_samples"] + counters["pilot_samples"]},
+            "seconds": elapsed,
+        }
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "hfx_result.json"), "w") as f:
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

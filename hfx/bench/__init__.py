@@ -1,0 +1,12 @@
+"""``hfx bench``: side-by-side comparisons of hfx's methods on the built-in task, offline, with JSON/Markdown/PNG out.
+
+- :mod:`hfx.bench.tuners`: every tuner (plus PEFT LoRA and full fine-tuning) adapts the cached tiny base from the
+  easy to the hard arithmetic problems at one recipe and a comparable trainable-parameter budget; accuracy,
+  forgetting, loss, parameters, memory, time, init time; several seeds.
+- :mod:`hfx.bench.trainers`: each hfx trainer against its own baseline on the same budget.
+- :mod:`hfx.bench.speed`: step time and training memory of every tuner vs PEFT LoRA on a random-init model of a real
+  shape, interleaved in one run.
+- :mod:`hfx.bench.report`: per-run JSON, the Markdown summary and the plots.
+
+Each run writes ``<out>/runs/<name>.json`` and is skipped when that file exists (``--force`` redoes it).
+"""

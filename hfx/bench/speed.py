@@ -1,0 +1,216 @@
+"""``hfx bench speed``: step time and training memory of hfx tuners against PEFT LoRA and full fine-tuning, measured
+in the same run.
+
+Each method runs in a fresh subprocess on a random-init Llama-shaped model: AdamW, all seven linear projections
+targeted, median step time of ``--steps`` steps after ``--warmup`` warm-up steps. Memory is the peak allocated
+by torch (CUDA) or the growth of the process's peak RSS over its RSS once model and optimizer are built (CPU), so
+that it counts activations, gradients and optimizer state. Ratios are against PEFT LoRA measured in the same run.
+
+    hfx bench speed                                           # CPU, small shape (a few minutes on 2 cores)
+    hfx bench speed --device cuda --shape 1b --dtype bf16 --seq 1024 --bs 4   # Llama-3.2-1B shape on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = {
+    # hidden, intermediate, layers, heads, kv heads, vocab
+    "tiny": (64, 128, 2, 4, 2, 512),  # for tests
+    "small": (512, 1536, 4, 8, 4, 8192),
+    "1b": (2048, 8192, 16, 32, 8, 128256),  # Llama-3.2-1B
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def method_configs(r: int) -> dict:
+    """name -> PEFT config factory (None = full fine-tuning). PaCA's r is doubled: equal parameters on square layers,
+    the paper's pairing; LIFT's budget r gives exactly LoRA's count."""
+    from peft import LoraConfig
+
+    import hfx
+
+    methods = {
+        "lora": lambda: LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS),
+        "bone": lambda: hfx.BoneConfig(r=2 * r, target_modules=TARGETS),
+        "full": None,
+    }
+    if hasattr(hfx, "PacaConfig"):
+        methods["paca"] = lambda: hfx.PacaConfig(r=2 * r, target_modules=TARGETS)
+    if hasattr(hfx, "LiftConfig"):
+        methods["lift"] = lambda: hfx.LiftConfig(r=r, target_modules=TARGETS, update_interval=None)
+    if hasattr(hfx, "DseeConfig"):  # LoRA rank r plus 64 sparse entries per matrix
+        methods["dsee"] = lambda: hfx.DseeConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS)
+    if hasattr(hfx, "SaraConfig"):  # ~5 % of each matrix: about LoRA r=16's count at the small shape
+        methods["sara"] = lambda: hfx.SaraConfig(ratio=0.05, target_modules=TARGETS)
+    return methods
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """Measure one method in this process."""
+    import torch
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, layers, heads, kv, vocab = SHAPES[args.shape]
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=max(4096, args.seq),
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(dtype).to(args.device)
+    factory = method_configs(args.r)[args.method]
+    if factory is not None:
+        model = get_peft_model(model, factory())
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    x = torch.randint(0, vocab, (args.bs, args.seq), device=args.device)
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start_mem = torch.cuda.memory_allocated()
+    else:
+        start_mem = rss_bytes()
+    times = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+        extra = peak - start_mem
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        extra = peak - start_mem
+    return {
+        "method": args.method,
+        "trainable": sum(p.numel() for p in params),
+        "step_ms": 1000 * statistics.median(times),
+        "peak_gib": peak / 2**30,
+        "train_mem_gib": extra / 2**30,
+        "loss": float(loss),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="hfx bench speed", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--shape", choices=list(SHAPES), default="small")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--bs", type=int, default=4)
+    p.add_argument("--r", type=int, default=16, help="LoRA rank; the other methods are sized to match it")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; each method keeps its fastest")
+    p.add_argument("--methods", default=None, help="comma-separated; default: all available")
+    p.add_argument("--method", default=None, help=argparse.SUPPRESS)  # internal: measure one method
+    p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--out", default=None, help="also write <out>/speed.json, speed.md and speed.png")
+    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    if args.method:
+        print(json.dumps(run_one(args)))
+        return
+    names = args.methods.split(",") if args.methods else list(method_configs(args.r))
+    # Methods run interleaved over several rounds (order rotated each round) and each keeps its fastest round, so
+    # that load from other processes on the machine does not favour whichever method ran in a quiet moment.
+    best: dict[str, dict] = {}
+    for rnd in range(args.rounds):
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]
+        for name in order:
+            cmd = [sys.executable, "-m", "hfx.bench.speed", *argv, "--method", name]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{name}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            if name not in best or row["step_ms"] < best[name]["step_ms"]:
+                best[name] = row
+    rows = [best[n] for n in names if n in best]
+    for row in rows:
+        print(
+            f"{row['method']:6s} trainable={row['trainable'] / 1e6:7.2f}M  step={row['step_ms']:8.1f} ms  "
+            f"train memory={row['train_mem_gib']:6.3f} GiB  peak={row['peak_gib']:6.2f} GiB",
+            flush=True,
+        )
+    base = next((r for r in rows if r["method"] == "lora"), None)
+    if base:
+        print("\nratios vs PEFT LoRA (same run): time / training memory")
+        for r in rows:
+            print(
+                f"{r['method']:6s} x{r['step_ms'] / base['step_ms']:.2f} / x{r['train_mem_gib'] / base['train_mem_gib']:.2f}"
+            )
+    import torch
+
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    meta = {"device": device, "torch": torch.__version__, "args": vars(args), "date": time.strftime("%Y-%m-%d")}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**meta, "rows": rows}, f, indent=1)
+    if args.out:
+        write_report(args.out, {**meta, "rows": rows})
+
+
+def write_report(out: str, result: dict) -> None:
+    """``speed.json``, a Markdown table with ratios against LoRA, and a bar plot of both ratios."""
+    from .report import plot
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "speed.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    rows = result["rows"]
+    base = next((r for r in rows if r["method"] == "lora"), rows[0])
+    a = result["args"]
+    lines = [
+        f"Device: {result['device']}; torch {result['torch']}; {result['date']}; shape {a['shape']}, {a['dtype']}, "
+        f"batch {a['bs']} x {a['seq']} tokens, LoRA r={a['r']}, best of {a['rounds']} interleaved rounds.\n",
+        "| method | trainable | step (ms) | × LoRA time | training memory (GiB) | × LoRA memory |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['trainable'] / 1e6:.2f} M | {r['step_ms']:.1f} | {r['step_ms'] / base['step_ms']:.2f} "
+            f"| {r['train_mem_gib']:.3f} | {r['train_mem_gib'] / base['train_mem_gib']:.2f} |"
+        )
+    with open(os.path.join(out, "speed.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+    def bars(ax):
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], [r["step_ms"] / base["step_ms"] for r in rows], 0.4, label="step time")
+        ax.bar([i + 0.2 for i in x], [r["train_mem_gib"] / base["train_mem_gib"] for r in rows], 0.4,
+               label="training memory")  # fmt: skip
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xticks(list(x), [r["method"] for r in rows])
+        ax.set(ylabel="ratio to PEFT LoRA (same run)", title=f"{result['device']}, shape {a['shape']}")
+        ax.legend()
+
+    plot(os.path.join(out, "speed.png"), bars)
+
+
+if __name__ == "__main__":
+    main()
