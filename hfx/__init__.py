@@ -63,10 +63,12 @@ __all__ = [
     "cce_enabled",
     "data",
     "dsee",
+    "fused_adapters",
     "gvm",
     "kernels",
     "linear_cross_entropy",
     "linear_log_probs",
+    "set_fused_adapters",
     "testing",
     "trainers",
     "use_cce",
@@ -97,6 +99,9 @@ _LAZY_ATTRS = {
     "linear_cross_entropy": "kernels",
     "linear_log_probs": "kernels",
     "use_cce": "kernels",
+    # fused PaCA / Bone layers (hfx.kernels.adapter)
+    "fused_adapters": "kernels",
+    "set_fused_adapters": "kernels",
 }
 
 

@@ -8,6 +8,9 @@ that it counts activations, gradients and optimizer state. Ratios are against PE
 
     hfx bench speed                                           # CPU, small shape (a few minutes on 2 cores)
     hfx bench speed --device cuda --shape 1b --dtype bf16 --seq 1024 --bs 4   # Llama-3.2-1B shape on a GPU
+
+On CUDA the default methods include ``paca_fused`` and ``bone_fused``: the same adapters with
+``hfx.set_fused_adapters(True)`` (one Triton GEMM per adapted layer, hfx.kernels.adapter).
 """
 
 from __future__ import annotations
@@ -73,7 +76,12 @@ def run_one(args: argparse.Namespace) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(dtype).to(args.device)
-    factory = method_configs(args.r)[args.method]
+    fused = args.method.endswith("_fused")  # paca_fused / bone_fused: hfx's fused Triton layers (CUDA)
+    if fused:
+        import hfx
+
+        hfx.set_fused_adapters(True)
+    factory = method_configs(args.r)[args.method.removesuffix("_fused")]
     if factory is not None:
         model = get_peft_model(model, factory())
     model.train()
@@ -136,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_one(args)))
         return
     names = args.methods.split(",") if args.methods else list(method_configs(args.r))
+    if not args.methods and args.device.startswith("cuda"):
+        names += ["paca_fused", "bone_fused"]
     # Methods run interleaved over several rounds (order rotated each round) and each keeps its fastest round, so
     # that load from other processes on the machine does not favour whichever method ran in a quiet moment.
     best: dict[str, dict] = {}

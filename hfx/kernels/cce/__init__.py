@@ -6,8 +6,11 @@ Dispatch (``impl``):
 
 * ``"reference"`` — :mod:`hfx.kernels.cce.reference`, pure PyTorch, chunked; runs on every device and is the ground
   truth the kernels are tested against;
-* ``"triton"`` — a Triton kernel, used by ``"auto"`` for CUDA tensors when ``hfx.kernels.cce.triton`` is importable
-  (it is not shipped yet: ``"auto"`` falls back to the reference, ``"triton"`` raises).
+* ``"triton"`` — :mod:`hfx.kernels.cce.triton_kernel` (needs ``triton``): used by ``"auto"`` for CUDA tensors in
+  float32/float16/bfloat16; on CPU it runs only under ``TRITON_INTERPRET=1`` (how CI tests it).
+
+``filter_eps`` / ``sort_vocab`` are options of the Triton kernel's gradient filter (an approximation for speed);
+the reference is always exact and ignores them.
 """
 
 from __future__ import annotations
@@ -36,32 +39,38 @@ _IMPLS = ("auto", "reference", "triton")
 def _triton_module() -> Any | None:
     """The Triton implementation module, or None when it (or triton) is not installed."""
     try:
-        from . import triton as triton_impl  # noqa: F401  (not shipped yet: the GPU kernel is a separate issue)
-    except ImportError:
+        from . import triton_kernel as triton_impl
+    except ImportError:  # triton not installed
         return None
     return triton_impl
 
 
 def available_impls() -> list[str]:
     """Implementations usable in this environment (``"reference"`` always)."""
-    return ["reference"] + (["triton"] if _triton_module() is not None and torch.cuda.is_available() else [])
+    triton_impl = _triton_module()
+    usable = triton_impl is not None and (torch.cuda.is_available() or triton_impl.INTERPRET)
+    return ["reference"] + (["triton"] if usable else [])
 
 
-def _select(impl: str, hidden: torch.Tensor) -> Any:
+_KERNEL_ONLY = ("filter_eps", "sort_vocab", "_force_sparse")
+
+
+def _select(impl: str, hidden: torch.Tensor, weight: torch.Tensor, kwargs: dict[str, Any]) -> Any:
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    if impl == "reference":
-        return reference
     triton_impl = _triton_module()
     if impl == "triton":
         if triton_impl is None:
             raise NotImplementedError(
-                "the Triton CCE kernel is not available in this version of hfx; use impl='reference'"
+                "impl='triton' needs the `triton` package (pip install triton, on a CUDA machine); "
+                "use impl='reference' or impl='auto'"
             )
-        if not hidden.is_cuda:
-            raise ValueError("impl='triton' needs CUDA tensors")
+        return triton_impl  # device/dtype errors come from the kernel, naming what would work
+    if impl == "auto" and triton_impl is not None and hidden.is_cuda and triton_impl.supports(hidden, weight):
         return triton_impl
-    return triton_impl if (triton_impl is not None and hidden.is_cuda) else reference
+    for key in _KERNEL_ONLY:
+        kwargs.pop(key, None)
+    return reference
 
 
 def linear_cross_entropy(
@@ -74,7 +83,7 @@ def linear_cross_entropy(
     **kwargs: Any,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` without the logits; see :func:`reference.linear_cross_entropy`."""
-    return _select(impl, hidden).linear_cross_entropy(hidden, weight, labels, bias, **kwargs)
+    return _select(impl, hidden, weight, kwargs).linear_cross_entropy(hidden, weight, labels, bias, **kwargs)
 
 
 def linear_log_probs(
@@ -87,7 +96,8 @@ def linear_log_probs(
     **kwargs: Any,
 ) -> torch.Tensor:
     """Per-token label log-probabilities without the logits; see :func:`reference.linear_log_probs`."""
-    return _select(impl, hidden).linear_log_probs(hidden, weight, labels, bias, **kwargs)
+    kwargs.pop("_force_sparse", None)
+    return _select(impl, hidden, weight, kwargs).linear_log_probs(hidden, weight, labels, bias, **kwargs)
 
 
 linear_cross_entropy.__doc__ = (

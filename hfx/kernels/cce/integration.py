@@ -278,7 +278,16 @@ def use_cce(model: nn.Module, enabled: bool = True, **options: Any) -> nn.Module
         return model
 
     _check_supported(base)
-    bad = set(options) - {"impl", "chunk_bytes", "token_chunk", "vocab_chunk", "z_loss", "label_smoothing"}
+    bad = set(options) - {
+        "impl",
+        "chunk_bytes",
+        "token_chunk",
+        "vocab_chunk",
+        "z_loss",
+        "label_smoothing",
+        "filter_eps",
+        "sort_vocab",
+    }
     if bad:
         raise TypeError(f"use_cce: unsupported option(s) {sorted(bad)}")
     _head_linears(base.get_output_embeddings())  # fail early on a LoRA'd lm_head

@@ -366,6 +366,11 @@ def linear_cross_entropy(
         token_chunk=token_chunk,
         vocab_chunk=vocab_chunk,
     )
+    return _reduce(per_valid, valid, out_shape, reduction, num_items_in_batch)
+
+
+def _reduce(per_valid, valid, out_shape, reduction, num_items_in_batch):
+    """Per-valid-token losses to the requested reduction (shared with the Triton path)."""
     if reduction == "none":
         return per_valid.new_zeros(valid.shape).masked_scatter(valid, per_valid).view(out_shape)
     total = per_valid.sum()

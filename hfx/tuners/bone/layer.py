@@ -19,6 +19,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils import resolve_quantization_backend
 from torch import nn
 
+from ...kernels import adapter as fused
+
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
@@ -274,6 +276,18 @@ class BoneLinear(nn.Module, BoneLayer):
             return self.base_layer(x, *args, **kwargs)
 
         active = [a for a in self.active_adapters if a in self.bone_block]
+        base = self.get_base_layer()
+        if (
+            len(active) == 1
+            and not self._is_bat(active[0])
+            and isinstance(self.bone_dropout[active[0]], nn.Identity)
+            and not args
+            and not kwargs
+            and fused.eligible(x, base)
+        ):
+            # One Triton GEMM with B added to W0's tiles as they load (hfx.kernels.adapter).
+            out = fused.fused_kernel().bone_linear(x, base.weight, base.bias, self.bone_block[active[0]])
+            return out.to(previous_dtype)
         result = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)

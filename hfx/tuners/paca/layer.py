@@ -39,6 +39,7 @@ from peft.utils.integrations import gather_params_ctx
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ...kernels import adapter as fused
 from .._compat import IndexedTunerLayer
 
 
@@ -335,6 +336,16 @@ class PacaLinear(nn.Module, PacaLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
 
+        active = [a for a in self.active_adapters if a in self.paca_w]
+        base = self.get_base_layer()
+        if len(active) == 1 and not args and not kwargs and fused.eligible(x, base):
+            # One Triton GEMM with s*P substituted into W0's columns as the tiles load (hfx.kernels.adapter).
+            a = active[0]
+            out = fused.fused_kernel().paca_linear(
+                x, base.weight, base.bias, self.paca_w[a], self.paca_orig[a], self.paca_indices[a],
+                self.paca_scaling[a],
+            )  # fmt: skip
+            return out.to(previous_dtype)
         result = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)

@@ -1,0 +1,630 @@
+"""Triton CCE: linear cross-entropy without the N×V logits, lock-free, with the reference's options.
+
+Same signature and results as :func:`hfx.kernels.cce.reference.linear_cross_entropy` (softcap, temperature, label
+smoothing, z-loss, ignore_index, shift, reductions, ``num_items_in_batch``), plus ``filter_eps`` / ``sort_vocab``.
+
+* **Forward** — one kernel over (token block × vocabulary split): each program computes its logit tiles with a
+  K-loop over H (``tl.dot``, fp32 accumulator), applies bias/softcap/temperature in the epilogue and keeps a running
+  max and sum of exponentials, the target logit and (label smoothing) the logit sum. Each split writes its partial
+  row statistics to its own slot, merged afterwards with a log-sum-exp: no locks, no atomics, deterministic, and no
+  logit is ever stored.
+* **Backward** — per vocabulary chunk (a memory budget, ``chunk_bytes``): one kernel recomputes the chunk's logit
+  tiles and writes ``dL/du`` (softmax − one-hot, with every option's terms and chain rules) for the chunk only; then
+  ``dh += dU · W_c`` into an fp32 accumulator and ``dW_c = dUᵀ · h``. Each row of ``dW`` is produced by one GEMM that
+  reduces over all tokens in fp32 registers and is written once — fp32 accumulation of ``dW`` without locks,
+  atomics or an fp32 copy of ``dW``. The GEMMs are cuBLAS (dense) or, with ``filter_eps``, a Triton block-sparse
+  GEMM that skips every (token × vocabulary) tile whose ``|softmax − onehot|`` stays below ``filter_eps`` (CCE's
+  gradient filter), with the vocabulary sorted by mean logit so that negligible columns share tiles.
+
+Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (float32/float16; CI tests them against the
+reference).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton_utils import INTERPRET, check_device, dot_precision, supported_dtype, tanh
+from . import reference
+from .reference import DEFAULT_CHUNK_BYTES
+
+__all__ = ["linear_cross_entropy", "linear_log_probs", "supports"]
+
+# Tile sizes. One configuration (the interpreter cannot autotune over several); GPU tuning is open (RESULTS.md).
+_BLOCK_M = 16 if INTERPRET else 128
+_BLOCK_V = 16 if INTERPRET else 128
+_BLOCK_D = 16 if INTERPRET else 64
+_BLOCK_N = 16 if INTERPRET else 128  # output columns (H) of the block-sparse GEMM
+
+
+def block_d(dtype: torch.dtype) -> int:
+    """K tile (over H) of the logit kernels: 64 for half precision, 32 for float32 (shared memory, as above)."""
+    return _BLOCK_D if INTERPRET or dtype != torch.float32 else 32
+
+
+_WARPS = 8
+_STAGES = 3
+# Use the block-sparse GEMMs when at most this fraction of the tiles survives the filter, cuBLAS otherwise.
+_SPARSE_MAX_DENSITY = 0.5
+
+#: Diagnostics of the last backward (for benchmarks): the fraction of gradient tiles the filter kept (None without
+#: a filter) and the vocabulary chunk used.
+LAST_BACKWARD: dict[str, Any] = {"filter_density": None, "vocab_chunk": None}
+
+
+def supports(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether these inputs can run on the kernels (device and dtype)."""
+    on_device = hidden.is_cuda or (INTERPRET and hidden.device.type == "cpu")
+    return on_device and supported_dtype(hidden.dtype) and supported_dtype(weight.dtype)
+
+
+@triton.jit
+def _logit_tile(
+    E,
+    C,
+    B,
+    stride_e,
+    stride_c,
+    offs_m,
+    mask_m,
+    cols,
+    mask_v,
+    D,
+    softcap,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Logits ``z = softcap(e·cᵀ + b) / T`` of one tile (−inf outside the vocabulary) and ``tanh(u/s)``."""
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        e = tl.load(
+            E + offs_m[:, None] * stride_e + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0
+        )
+        c = tl.load(C + cols[None, :] * stride_c + offs_d[:, None], mask=mask_v[None, :] & mask_d[:, None], other=0.0)
+        if UPCAST:
+            e = e.to(tl.float32)
+            c = c.to(tl.float32)
+        acc = tl.dot(e, c, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(B + cols, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    t = acc
+    if HAS_SOFTCAP:
+        t = tanh(acc / softcap)
+        acc = t * softcap
+    z = acc * inv_temp
+    z = tl.where(mask_v[None, :], z, -float("inf"))
+    return z, t
+
+
+@triton.jit
+def _forward_kernel(
+    E,
+    C,
+    B,
+    Y,
+    PART_MAX,
+    PART_SUM,
+    PART_ZY,
+    PART_ZSUM,
+    COLSUM,
+    M,
+    V,
+    D,
+    stride_e,
+    stride_c,
+    v_per_split,
+    softcap,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    HAS_COLSUM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Partial row statistics of one (token block, vocabulary split): max, Σexp, target logit, Σz."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    y = tl.load(Y + offs_m, mask=mask_m, other=-1)
+    run_max = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
+    run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    zy = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    zsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    v_start = pid_s * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        mask_v = cols < v_end
+        z, _ = _logit_tile(
+            E, C, B, stride_e, stride_c, offs_m, mask_m, cols, mask_v, D, softcap, inv_temp,
+            HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_D, UPCAST, PRECISION,
+        )  # fmt: skip
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        run_max = new_max
+        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        if HAS_SMOOTH:
+            zsum += tl.sum(tl.where(mask_v[None, :], z, 0.0), axis=1)
+        if HAS_COLSUM:  # column sums of the logits, for the vocabulary sort of the filtered backward
+            tl.atomic_add(
+                COLSUM + cols, tl.sum(tl.where(mask_m[:, None] & mask_v[None, :], z, 0.0), axis=0), mask=mask_v
+            )
+    out = pid_s * M + offs_m
+    tl.store(PART_MAX + out, run_max, mask=mask_m)
+    tl.store(PART_SUM + out, run_sum, mask=mask_m)
+    tl.store(PART_ZY + out, zy, mask=mask_m)
+    if HAS_SMOOTH:
+        tl.store(PART_ZSUM + out, zsum, mask=mask_m)
+
+
+@triton.jit
+def _grad_logits_kernel(
+    E,
+    C,
+    B,
+    Y,
+    LSE,
+    P_SCALE,
+    Y_SCALE,
+    SMOOTH,
+    PERM,
+    DZ,
+    FLAGS,
+    M,
+    D,
+    c0,
+    c1,
+    stride_e,
+    stride_c,
+    stride_dz,
+    stride_flags,
+    softcap,
+    inv_temp,
+    filter_eps,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_FILTER: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``dL/du`` for the vocabulary chunk ``[c0, c1)`` (in sorted order with ``PERM``) and its tile filter flags.
+
+    ``dL/dz = P_SCALE·softmax − Y_SCALE·onehot − SMOOTH`` (per row: g·(1+2λ·lse), g·(1−ε), g·ε/V), then ``/T`` and
+    ``·(1 − tanh²)`` back to the pre-softcap logit ``u``.
+    """
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    pos = c0 + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_v = pos < c1
+    if HAS_PERM:
+        cols = tl.load(PERM + pos, mask=mask_v, other=0)
+    else:
+        cols = pos
+    z, t = _logit_tile(
+        E, C, B, stride_e, stride_c, offs_m, mask_m, cols, mask_v, D, softcap, inv_temp,
+        HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_D, UPCAST, PRECISION,
+    )  # fmt: skip
+    lse = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
+    y = tl.load(Y + offs_m, mask=mask_m, other=-1)
+    p = tl.exp(z - lse[:, None])
+    is_y = cols[None, :] == y[:, None]
+    valid = mask_m[:, None] & mask_v[None, :]
+    if HAS_FILTER:
+        err = tl.where(valid, tl.abs(p - tl.where(is_y, 1.0, 0.0)), 0.0)
+        keep = tl.max(tl.max(err, axis=1), axis=0) >= filter_eps
+        tl.store(FLAGS + pid_m * stride_flags + pid_v, keep.to(tl.int32))
+    p_scale = tl.load(P_SCALE + offs_m, mask=mask_m, other=0.0)
+    y_scale = tl.load(Y_SCALE + offs_m, mask=mask_m, other=0.0)
+    dz = p * p_scale[:, None] - tl.where(is_y, y_scale[:, None], 0.0)
+    if HAS_SMOOTH:
+        dz -= tl.load(SMOOTH + offs_m, mask=mask_m, other=0.0)[:, None]
+    dz = dz * inv_temp
+    if HAS_SOFTCAP:
+        dz = dz * (1.0 - t * t)
+    dz = tl.where(valid, dz, 0.0)
+    rel = pos - c0
+    tl.store(DZ + offs_m[:, None] * stride_dz + rel[None, :], dz.to(DZ.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _block_sparse_mm_kernel(
+    A,
+    Bm,
+    OUT,
+    FLAGS,
+    B_ROWS,
+    OUT_ROWS,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_om,
+    stride_fm,
+    stride_fk,
+    ACCUMULATE: tl.constexpr,
+    HAS_B_ROWS: tl.constexpr,
+    HAS_OUT_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``OUT[m] (+)= Σ_k A[m, k] · B[k]`` over the (m-tile, k-tile) pairs whose ``FLAGS`` are set.
+
+    ``B_ROWS`` gathers B's rows (the sorted vocabulary), ``OUT_ROWS`` scatters the output rows; each output tile is
+    owned by one program (no atomics).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        live = tl.load(FLAGS + pid_m * stride_fm + kt * stride_fk)
+        if live != 0:
+            offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            a = tl.load(
+                A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            if HAS_B_ROWS:
+                rows = tl.load(B_ROWS + offs_k, mask=mask_k, other=0)
+            else:
+                rows = offs_k
+            b = tl.load(
+                Bm + rows[:, None] * stride_bk + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0
+            )
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            else:
+                b = b.to(a.dtype)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if HAS_OUT_ROWS:
+        out_rows = tl.load(OUT_ROWS + offs_m, mask=mask_m, other=0)
+    else:
+        out_rows = offs_m
+    ptrs = OUT + out_rows[:, None] * stride_om + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _mm_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` float32 and ``a``/``b`` possibly half precision (no upcast copy on CUDA)."""
+    if a.dtype == acc.dtype and b.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        try:  # fp32 output of a half-precision GEMM, accumulated in place (torch >= 2.8 on CUDA)
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except (RuntimeError, TypeError):  # older torch: the chunk's product in the input dtype
+            acc += torch.mm(a, b)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def _block_sparse_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    flags: torch.Tensor,
+    *,
+    block_m: int,
+    block_k: int,
+    accumulate: bool,
+    b_rows: torch.Tensor | None = None,
+    out_rows: torch.Tensor | None = None,
+) -> None:
+    """``out[out_rows] (+)= a @ b[b_rows]`` skipping the tiles of ``a`` whose flag is 0 (``flags``: m-tiles × k-tiles)."""
+    m, k = a.shape
+    n = b.shape[1]
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, _BLOCK_N))
+    _block_sparse_mm_kernel[grid](
+        a, b, out, flags,
+        b_rows if b_rows is not None else flags, out_rows if out_rows is not None else flags,
+        m, n, k,
+        a.stride(0), a.stride(1), b.stride(0), out.stride(0), flags.stride(0), flags.stride(1),
+        ACCUMULATE=accumulate, HAS_B_ROWS=b_rows is not None, HAS_OUT_ROWS=out_rows is not None,
+        BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_K=block_k, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
+        num_warps=_WARPS, num_stages=_STAGES,
+    )  # fmt: skip
+
+
+def _vocab_chunk(m: int, v: int, elem: int, chunk_bytes: int | None, vocab_chunk: int | None) -> int:
+    """Columns of ``dL/du`` held at once: the memory budget over ``m`` rows, a multiple of the tile width."""
+    if vocab_chunk is None:
+        budget = int(chunk_bytes if chunk_bytes is not None else _default_chunk_bytes())
+        vocab_chunk = budget // max(1, m * elem)
+    vocab_chunk = max(_BLOCK_V, (int(vocab_chunk) // _BLOCK_V) * _BLOCK_V)
+    return min(vocab_chunk, triton.cdiv(v, _BLOCK_V) * _BLOCK_V)
+
+
+def _default_chunk_bytes() -> int:
+    return int(os.environ.get("HFX_CCE_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+
+
+def _num_splits(m: int, v: int, device: torch.device) -> int:
+    """Vocabulary splits of the forward so that the grid fills the GPU (a few programs per SM)."""
+    if device.type != "cuda":
+        return min(4, triton.cdiv(v, _BLOCK_V))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, (4 * sms) // max(1, triton.cdiv(m, _BLOCK_M)))
+    return max(1, min(want, triton.cdiv(v, _BLOCK_V)))
+
+
+class _TritonLinearCrossEntropy(torch.autograd.Function):
+    """Per-token losses (M,) of the M valid tokens; see :mod:`hfx.kernels.cce.reference` for the formula."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, softcap, temperature, label_smoothing, z_loss, options):
+        hidden = hidden.contiguous()
+        weight = weight.contiguous()
+        m, d = hidden.shape
+        v = weight.shape[0]
+        filter_eps, sort_vocab = options["filter_eps"], options["sort_vocab"]
+        f32 = dict(dtype=torch.float32, device=hidden.device)
+        splits = _num_splits(m, v, hidden.device)
+        v_per_split = triton.cdiv(triton.cdiv(v, splits), _BLOCK_V) * _BLOCK_V
+        splits = triton.cdiv(v, v_per_split)
+        part_max = torch.empty((splits, m), **f32)
+        part_sum = torch.empty((splits, m), **f32)
+        part_zy = torch.empty((splits, m), **f32)
+        part_zsum = torch.empty((splits, m), **f32) if label_smoothing else part_sum
+        want_sort = filter_eps is not None and sort_vocab
+        colsum = torch.zeros((v,), **f32) if want_sort else part_sum
+        grid = (triton.cdiv(m, _BLOCK_M), splits)
+        _forward_kernel[grid](
+            hidden, weight, bias if bias is not None else weight, labels,
+            part_max, part_sum, part_zy, part_zsum, colsum,
+            m, v, d, hidden.stride(0), weight.stride(0), v_per_split,
+            float(softcap or 1.0), 1.0 / temperature,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTH=bool(label_smoothing),
+            HAS_COLSUM=want_sort, BLOCK_M=_BLOCK_M, BLOCK_V=_BLOCK_V, BLOCK_D=block_d(hidden.dtype),
+            UPCAST=INTERPRET, PRECISION=dot_precision(hidden.dtype), num_warps=_WARPS, num_stages=_STAGES,
+        )  # fmt: skip
+        gmax = part_max.max(dim=0).values
+        lse = gmax + torch.log(torch.sum(part_sum * torch.exp(part_max - gmax), dim=0))
+        zy = part_zy.sum(dim=0)
+        loss = lse - (1.0 - label_smoothing) * zy
+        if label_smoothing:
+            loss = loss - (label_smoothing / v) * part_zsum.sum(dim=0)
+        if z_loss:
+            loss = loss + z_loss * lse.square()
+        perm = torch.argsort(colsum, descending=True) if want_sort else None
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, perm)
+        ctx.options = (softcap, temperature, label_smoothing, z_loss, options)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, bias, labels, lse, perm = ctx.saved_tensors
+        softcap, temperature, eps, z_loss, options = ctx.options
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        m, d = hidden.shape
+        v = weight.shape[0]
+        g = grad_loss.float().contiguous()
+        p_scale = (g * (1.0 + 2.0 * z_loss * lse)).contiguous() if z_loss else g
+        y_scale = (g * (1.0 - eps)).contiguous()
+        smooth = (g * (eps / v)).contiguous() if eps else g
+        filter_eps = options["filter_eps"]
+
+        dz_dtype = torch.float32 if hidden.dtype == torch.float32 else hidden.dtype
+        elem = torch.finfo(dz_dtype).bits // 8
+        vc = _vocab_chunk(m, v, elem, options["chunk_bytes"], options["vocab_chunk"])
+        dz_buf = torch.empty((m, vc), dtype=dz_dtype, device=hidden.device)
+        n_mt = triton.cdiv(m, _BLOCK_M)
+        flags_buf = torch.ones((n_mt, vc // _BLOCK_V), dtype=torch.int32, device=hidden.device)
+        dh = torch.zeros((m, d), dtype=torch.float32, device=hidden.device) if need_h else None
+        dw = torch.empty_like(weight) if need_w else None
+        db = torch.empty((v,), dtype=torch.float32, device=hidden.device) if need_b else None
+        density_sum, tiles = 0.0, 0
+
+        for c0 in range(0, v, vc):
+            c1 = min(v, c0 + vc)
+            width = c1 - c0
+            n_vt = triton.cdiv(width, _BLOCK_V)
+            dz = dz_buf[:, :width]
+            flags = flags_buf[:, :n_vt]
+            _grad_logits_kernel[(n_mt, n_vt)](
+                hidden, weight, bias if bias is not None else weight, labels, lse, p_scale, y_scale, smooth,
+                perm if perm is not None else labels, dz_buf, flags_buf,
+                m, d, c0, c1, hidden.stride(0), weight.stride(0), dz_buf.stride(0), flags_buf.stride(0),
+                float(softcap or 1.0), 1.0 / temperature, float(filter_eps or 0.0),
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTH=bool(eps),
+                HAS_PERM=perm is not None, HAS_FILTER=filter_eps is not None,
+                BLOCK_M=_BLOCK_M, BLOCK_V=_BLOCK_V, BLOCK_D=block_d(hidden.dtype),
+                UPCAST=INTERPRET, PRECISION=dot_precision(hidden.dtype), num_warps=_WARPS, num_stages=_STAGES,
+            )  # fmt: skip
+            cols = perm[c0:c1] if perm is not None else None
+            sparse = False
+            if filter_eps is not None:
+                density = flags.float().mean().item()
+                density_sum, tiles = density_sum + density * flags.numel(), tiles + flags.numel()
+                sparse = options["force_sparse"] or density <= _SPARSE_MAX_DENSITY
+            if need_b:
+                sums = dz.sum(dim=0, dtype=torch.float32)
+                if cols is None:
+                    db[c0:c1] = sums
+                else:
+                    db[cols] = sums
+            if sparse:
+                if need_h:  # dh (M×H) += dz (M×width) · W[cols]
+                    _block_sparse_mm(
+                        dz, weight, dh, flags, block_m=_BLOCK_M, block_k=_BLOCK_V, accumulate=True,
+                        b_rows=cols if cols is not None else _arange(c0, c1, hidden.device),
+                    )  # fmt: skip
+                if need_w:  # dW[cols] (width×H) = dzᵀ (width×M) · h, flags transposed
+                    _block_sparse_mm(
+                        dz.T, hidden, dw, flags.T, block_m=_BLOCK_V, block_k=_BLOCK_M, accumulate=False,
+                        out_rows=cols if cols is not None else _arange(c0, c1, hidden.device),
+                    )  # fmt: skip
+                continue
+            w_c = weight[c0:c1] if cols is None else weight.index_select(0, cols)
+            if need_h:
+                _mm_into_fp32(dh, dz, w_c.to(dz.dtype))
+            if need_w:
+                blk = torch.mm(dz.T, hidden.to(dz.dtype))
+                if cols is None:
+                    dw[c0:c1] = blk
+                else:
+                    dw.index_copy_(0, cols, blk.to(dw.dtype))
+        LAST_BACKWARD["filter_density"] = density_sum / tiles if tiles else None
+        LAST_BACKWARD["vocab_chunk"] = vc
+        return (
+            None if dh is None else dh.to(hidden.dtype),
+            dw,
+            None if db is None else db.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _arange(c0: int, c1: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(c0, c1, device=device)
+
+
+def _options(
+    filter_eps: float | str | None, sort_vocab: bool, chunk_bytes, vocab_chunk, dtype: torch.dtype, force_sparse
+) -> dict[str, Any]:
+    if filter_eps == "auto":
+        filter_eps = torch.finfo(dtype).eps / 32  # CCE's threshold: 2^-12 for bf16
+    if filter_eps is not None:
+        if isinstance(filter_eps, str) or not 0 < float(filter_eps) < 1:
+            raise ValueError(f"filter_eps must be None, 'auto' or a float in (0, 1), got {filter_eps!r}")
+        filter_eps = float(filter_eps)
+    if chunk_bytes is not None and chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    return dict(
+        filter_eps=filter_eps,
+        sort_vocab=bool(sort_vocab),
+        chunk_bytes=chunk_bytes,
+        vocab_chunk=vocab_chunk,
+        force_sparse=bool(force_sparse),
+    )
+
+
+def _per_token(hidden, weight, labels, bias, *, ignore_index, shift, softcap, temperature, label_smoothing, z_loss,
+               filter_eps, sort_vocab, chunk_bytes, vocab_chunk, force_sparse):  # fmt: skip
+    check_device(hidden, weight, bias, labels)
+    if not supports(hidden, weight):
+        raise ValueError(
+            f"the Triton CCE kernel takes float32/float16/bfloat16 tensors, got hidden {hidden.dtype} and weight "
+            f"{weight.dtype}; use impl='reference' for float64"
+        )
+    h, y, valid, out_shape = reference._check_and_flatten(hidden, weight, labels, bias, ignore_index, shift)
+    h_valid = h[valid]
+    opts = _options(filter_eps, sort_vocab, chunk_bytes, vocab_chunk, hidden.dtype, force_sparse)
+    if h_valid.shape[0] == 0:  # nothing to score: the reference gives the empty result with the right graph
+        per_valid = reference._LinearCrossEntropyFunction.apply(
+            h_valid, weight, bias, y[valid], softcap, float(temperature), float(label_smoothing), float(z_loss),
+            reference.plan_chunks(1, weight.shape[0], weight.shape[1]),
+        )  # fmt: skip
+        return per_valid, valid, out_shape
+    per_valid = _TritonLinearCrossEntropy.apply(
+        h_valid, weight, bias, y[valid].contiguous(), None if softcap is None else float(softcap), float(temperature),
+        float(label_smoothing), float(z_loss), opts,
+    )  # fmt: skip
+    return per_valid, valid, out_shape
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    shift: bool = False,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    temperature: float = 1.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_bytes: int | None = None,
+    token_chunk: int | None = None,
+    vocab_chunk: int | None = None,
+    filter_eps: float | str | None = None,
+    sort_vocab: bool = True,
+    _force_sparse: bool = False,
+) -> torch.Tensor:
+    """Triton version of :func:`hfx.kernels.cce.reference.linear_cross_entropy` (same arguments and results).
+
+    Extra: ``filter_eps`` (``None``: exact; ``"auto"``: ``finfo(dtype).eps / 32`` as CCE; or a float) skips the
+    gradient tiles whose ``|softmax − onehot|`` is below it — faster where the softmax is peaked, approximate by
+    design; ``sort_vocab`` orders the vocabulary by mean logit first so that more tiles are skipped.
+    ``chunk_bytes`` / ``vocab_chunk`` size the backward's ``dL/du`` buffer; ``token_chunk`` is accepted for
+    compatibility and unused (the kernels tile the tokens themselves).
+    """
+    del token_chunk
+    reference._check_options(reduction, softcap, label_smoothing, z_loss, temperature, num_items_in_batch)
+    per_valid, valid, out_shape = _per_token(
+        hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift, softcap=softcap,
+        temperature=temperature, label_smoothing=label_smoothing, z_loss=z_loss, filter_eps=filter_eps,
+        sort_vocab=sort_vocab, chunk_bytes=chunk_bytes, vocab_chunk=vocab_chunk, force_sparse=_force_sparse,
+    )  # fmt: skip
+    return reference._reduce(per_valid, valid, out_shape, reduction, num_items_in_batch)
+
+
+def linear_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    shift: bool = False,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    chunk_bytes: int | None = None,
+    token_chunk: int | None = None,
+    vocab_chunk: int | None = None,
+    filter_eps: float | str | None = None,
+    sort_vocab: bool = True,
+) -> torch.Tensor:
+    """Triton version of :func:`hfx.kernels.cce.reference.linear_log_probs` (same arguments and results)."""
+    del token_chunk
+    reference._check_options("none", softcap, 0.0, 0.0, temperature, None)
+    per_valid, valid, out_shape = _per_token(
+        hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift, softcap=softcap,
+        temperature=temperature, label_smoothing=0.0, z_loss=0.0, filter_eps=filter_eps, sort_vocab=sort_vocab,
+        chunk_bytes=chunk_bytes, vocab_chunk=vocab_chunk, force_sparse=False,
+    )  # fmt: skip
+    return (-per_valid).new_zeros(valid.shape).masked_scatter(valid, -per_valid).view(out_shape)
