@@ -23,12 +23,22 @@ from triton.compiler import compile as triton_compile  # noqa: E402
 from hfx.kernels.adapter import triton_kernel as adapter  # noqa: E402
 from hfx.kernels.cce import triton_kernel as cce  # noqa: E402
 
+_ALIGNED_INTS = {"D", "K", "N", "OUT_F", "stride_e", "stride_c", "stride_dz", "stride_am", "stride_ak", "stride_bk",
+                 "stride_om", "stride_w", "stride_live"}  # fmt: skip
+
 
 def compile_kernel(fn, types: dict, consts: dict, arch: int) -> dict:
+    consts = dict(consts)
+    options = {"num_warps": cce._WARPS, "num_stages": consts.pop("num_stages", cce._STAGES)}
     names = list(inspect.signature(fn.fn).parameters)
     signature = {n: "constexpr" if n in consts else types[n] for n in names}
-    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()})
-    options = {"num_warps": cce._WARPS, "num_stages": cce._STAGES}
+    # What Triton's JIT specialises at real shapes (Gemma-2 / Llama-3: every size and stride a multiple of 16, torch
+    # allocations 16-byte aligned): without these hints loads cannot be vectorised or pipelined (cp.async).
+    aligned = [n for n in names if n not in consts and (types[n].startswith("*") or n in _ALIGNED_INTS)]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(
+        fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs
+    )
     kernel = triton_compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = kernel.asm["ptx"]
     return {
@@ -39,6 +49,8 @@ def compile_kernel(fn, types: dict, consts: dict, arch: int) -> dict:
         "mma_sync": ptx.count("mma.sync"),
         "local_mem_ops": ptx.count("ld.local") + ptx.count("st.local"),
         "shared_bytes": kernel.metadata.shared,
+        "async_copies": kernel.asm["ttgir"].count("async_copy_global_to_local"),
+        "num_stages": options["num_stages"],
     }
 
 
@@ -65,12 +77,13 @@ def jobs(dtype: str):
          "softcap": "fp32", "inv_temp": "fp32", "filter_eps": "fp32"},
         dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SMOOTH=True, HAS_PERM=True, HAS_FILTER=True, **tiles),
     )  # fmt: skip
+    block_n, stages = cce.sparse_mm_config(torch_dtype)
     yield (
         cce._block_sparse_mm_kernel,
-        {"A": p, "Bm": p, "OUT": "*fp32", "FLAGS": "*i32", "B_ROWS": "*i64", "OUT_ROWS": "*i64",
-         **ints("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_om", "stride_fm", "stride_fk")},
-        dict(ACCUMULATE=True, HAS_B_ROWS=True, HAS_OUT_ROWS=True, BLOCK_M=cce._BLOCK_V, BLOCK_N=cce._BLOCK_N,
-             BLOCK_K=cce._BLOCK_M, UPCAST=False, PRECISION=prec),
+        {"A": p, "Bm": p, "OUT": "*fp32", "LIVE": "*i32", "COUNT": "*i32", "B_ROWS": "*i64", "OUT_ROWS": "*i64",
+         **ints("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_om", "stride_live")},
+        dict(ACCUMULATE=True, HAS_B_ROWS=True, HAS_OUT_ROWS=True, BLOCK_M=cce._BLOCK_V, BLOCK_N=block_n,
+             BLOCK_K=cce._BLOCK_M, UPCAST=False, PRECISION=prec, num_stages=stages),
     )  # fmt: skip
     for mode, k_is_in in ((1, True), (1, False), (2, True), (2, False)):
         yield (

@@ -34,3 +34,4 @@ def test_kernels_compile_for_sm90_with_tensor_cores_no_spills_and_shared_memory_
         assert r["wgmma"] > 0, r  # Hopper tensor-core MMA, not a scalar fallback
         assert r["local_mem_ops"] == 0, r  # no register spills to local memory
         assert r["shared_bytes"] <= SM90_SHARED_PER_BLOCK, r
+        assert r["async_copies"] > 0, r  # the K loop is software-pipelined (cp.async), not load-then-wait

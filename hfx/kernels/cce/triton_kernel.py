@@ -256,7 +256,8 @@ def _block_sparse_mm_kernel(
     A,
     Bm,
     OUT,
-    FLAGS,
+    LIVE,
+    COUNT,
     B_ROWS,
     OUT_ROWS,
     M,
@@ -266,8 +267,7 @@ def _block_sparse_mm_kernel(
     stride_ak,
     stride_bk,
     stride_om,
-    stride_fm,
-    stride_fk,
+    stride_live,
     ACCUMULATE: tl.constexpr,
     HAS_B_ROWS: tl.constexpr,
     HAS_OUT_ROWS: tl.constexpr,
@@ -277,10 +277,11 @@ def _block_sparse_mm_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """``OUT[m] (+)= Σ_k A[m, k] · B[k]`` over the (m-tile, k-tile) pairs whose ``FLAGS`` are set.
+    """``OUT[m] (+)= Σ_k A[m, k] · B[k]`` over the live k-tiles of each m-tile only.
 
-    ``B_ROWS`` gathers B's rows (the sorted vocabulary), ``OUT_ROWS`` scatters the output rows; each output tile is
-    owned by one program (no atomics).
+    ``LIVE[m, :COUNT[m]]`` lists the k-tiles whose filter flag is set (a compacted list, so the loop has no branch
+    and Triton can pipeline its loads). ``B_ROWS`` gathers B's rows (the sorted vocabulary), ``OUT_ROWS`` scatters the
+    output rows; each output tile is owned by one program (no atomics).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -289,29 +290,29 @@ def _block_sparse_mm_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
-        live = tl.load(FLAGS + pid_m * stride_fm + kt * stride_fk)
-        if live != 0:
-            offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            a = tl.load(
-                A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                mask=mask_m[:, None] & mask_k[None, :],
-                other=0.0,
-            )
-            if HAS_B_ROWS:
-                rows = tl.load(B_ROWS + offs_k, mask=mask_k, other=0)
-            else:
-                rows = offs_k
-            b = tl.load(
-                Bm + rows[:, None] * stride_bk + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0
-            )
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            else:
-                b = b.to(a.dtype)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    count = tl.load(COUNT + pid_m)
+    for j in range(0, count):
+        kt = tl.load(LIVE + pid_m * stride_live + j)
+        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(
+            A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        if HAS_B_ROWS:
+            rows = tl.load(B_ROWS + offs_k, mask=mask_k, other=0)
+        else:
+            rows = offs_k
+        b = tl.load(
+            Bm + rows[:, None] * stride_bk + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0
+        )
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        else:
+            b = b.to(a.dtype)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if HAS_OUT_ROWS:
         out_rows = tl.load(OUT_ROWS + offs_m, mask=mask_m, other=0)
     else:
@@ -336,6 +337,20 @@ def _mm_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.float(), b.float())
 
 
+def sparse_mm_config(dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_N, num_stages) of the block-sparse GEMM: its K tile is a whole 128-wide filter tile, so float32 needs
+    narrower N tiles and 2 stages to stay within sm_90's shared memory (tests/kernels/aot_compile.py)."""
+    if INTERPRET or dtype != torch.float32:
+        return _BLOCK_N, _STAGES
+    return 64, 2
+
+
+def live_tiles(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``flags`` (m-tiles × k-tiles, 0/1): the indices of its set entries first (int32), and their count."""
+    order = torch.sort(flags.to(torch.int8), dim=1, descending=True, stable=True).indices.to(torch.int32)
+    return order.contiguous(), flags.sum(dim=1, dtype=torch.int32)
+
+
 def _block_sparse_mm(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -351,15 +366,17 @@ def _block_sparse_mm(
     """``out[out_rows] (+)= a @ b[b_rows]`` skipping the tiles of ``a`` whose flag is 0 (``flags``: m-tiles × k-tiles)."""
     m, k = a.shape
     n = b.shape[1]
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, _BLOCK_N))
+    block_n, stages = sparse_mm_config(a.dtype)
+    live, count = live_tiles(flags)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _block_sparse_mm_kernel[grid](
-        a, b, out, flags,
-        b_rows if b_rows is not None else flags, out_rows if out_rows is not None else flags,
+        a, b, out, live, count,
+        b_rows if b_rows is not None else live, out_rows if out_rows is not None else live,
         m, n, k,
-        a.stride(0), a.stride(1), b.stride(0), out.stride(0), flags.stride(0), flags.stride(1),
+        a.stride(0), a.stride(1), b.stride(0), out.stride(0), live.stride(0),
         ACCUMULATE=accumulate, HAS_B_ROWS=b_rows is not None, HAS_OUT_ROWS=out_rows is not None,
-        BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_K=block_k, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
-        num_warps=_WARPS, num_stages=_STAGES,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
+        num_warps=_WARPS, num_stages=stages,
     )  # fmt: skip
 
 
