@@ -168,7 +168,7 @@ def test_filter_error_is_bounded_by_the_threshold():
     assert (got[1].double() - want[1]).abs().max() > 0  # something was really skipped
 
 
-def test_dispatch_and_errors():
+def test_dispatch_and_errors(monkeypatch):
     leaves, labels = make()
     h, w, b = leaves
     auto = hfx.linear_cross_entropy(h, w, labels, b, impl="auto")
@@ -186,6 +186,20 @@ def test_dispatch_and_errors():
         hfx.linear_cross_entropy(h, w[:10], labels.clamp(max=40), impl="triton")
     with pytest.raises(ValueError, match="softcap"):
         hfx.linear_cross_entropy(h, w, labels, impl="triton", softcap=-1.0)
+    # $HFX_CCE_IMPL overrides "auto" (here: force the kernel on CPU, which the interpreter runs)
+    real, calls = triton_kernel._per_token, []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_kernel, "_per_token", counting)
+    monkeypatch.setenv("HFX_CCE_IMPL", "triton")
+    hfx.linear_cross_entropy(h, w, labels, b)
+    assert calls == [1]
+    monkeypatch.setenv("HFX_CCE_IMPL", "cuda")
+    with pytest.raises(ValueError, match="HFX_CCE_IMPL"):
+        hfx.linear_cross_entropy(h, w, labels, b)
 
 
 def test_use_cce_with_triton_trains_like_the_reference():

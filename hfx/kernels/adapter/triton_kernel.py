@@ -89,7 +89,9 @@ def _adapted_mm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         a = tl.load(
-            A + offs_m[:, None] * stride_am + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+            A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :],
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
         )
         if K_IS_IN:  # tile rows are input features i, columns output features o
             i2 = offs_k[:, None]
@@ -98,7 +100,7 @@ def _adapted_mm_kernel(
             i2 = offs_n[None, :]
             o2 = offs_k[:, None]
         tile_mask = mask_k[:, None] & mask_n[None, :]
-        w = tl.load(W + o2 * stride_w + i2, mask=tile_mask, other=0.0)
+        w = tl.load(W + o2.to(tl.int64) * stride_w + i2, mask=tile_mask, other=0.0)
         if MODE == 1:
             slot = tl.load(SLOT + i2, mask=tile_mask, other=-1)
             d = tl.load(DELTA + o2 * R + slot, mask=tile_mask & (slot >= 0), other=0.0)
@@ -114,7 +116,7 @@ def _adapted_mm_kernel(
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    ptrs = OUT + offs_m[:, None] * stride_om + offs_n[None, :]
+    ptrs = OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     tl.store(ptrs, acc.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 

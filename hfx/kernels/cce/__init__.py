@@ -9,13 +9,15 @@ Dispatch (``impl``):
 * ``"triton"`` — :mod:`hfx.kernels.cce.triton_kernel` (needs ``triton``): used by ``"auto"`` for CUDA tensors in
   float32/float16/bfloat16; on CPU it runs only under ``TRITON_INTERPRET=1`` (how CI tests it).
 
-``filter_eps`` / ``sort_vocab`` are options of the Triton kernel's gradient filter (an approximation for speed);
+``HFX_CCE_IMPL=reference`` (or ``triton``) in the environment overrides ``"auto"`` process-wide, e.g. to rule the kernel
+out when debugging. ``filter_eps`` / ``sort_vocab`` are options of the Triton kernel's gradient filter (an approximation for speed);
 the reference is always exact and ignores them.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -56,6 +58,10 @@ _KERNEL_ONLY = ("filter_eps", "sort_vocab", "_force_sparse")
 
 
 def _select(impl: str, hidden: torch.Tensor, weight: torch.Tensor, kwargs: dict[str, Any]) -> Any:
+    if impl == "auto":
+        impl = os.environ.get("HFX_CCE_IMPL", "auto")
+        if impl not in _IMPLS:
+            raise ValueError(f"$HFX_CCE_IMPL must be one of {_IMPLS}, got {impl!r}")
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
     triton_impl = _triton_module()

@@ -35,7 +35,8 @@ from .reference import DEFAULT_CHUNK_BYTES
 
 __all__ = ["linear_cross_entropy", "linear_log_probs", "supports"]
 
-# Tile sizes. One configuration (the interpreter cannot autotune over several); GPU tuning is open (RESULTS.md).
+# Row offsets are widened to int64 before they meet a stride: V·H or N·V elements can pass 2^31 (e.g. V = 256k at
+# H = 8192). Tile sizes: one configuration (the interpreter cannot autotune over several); GPU tuning is open (RESULTS.md).
 _BLOCK_M = 16 if INTERPRET else 128
 _BLOCK_V = 16 if INTERPRET else 128
 _BLOCK_D = 16 if INTERPRET else 64
@@ -91,9 +92,15 @@ def _logit_tile(
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         e = tl.load(
-            E + offs_m[:, None] * stride_e + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0
+            E + offs_m[:, None].to(tl.int64) * stride_e + offs_d[None, :],
+            mask=mask_m[:, None] & mask_d[None, :],
+            other=0.0,
         )
-        c = tl.load(C + cols[None, :] * stride_c + offs_d[:, None], mask=mask_v[None, :] & mask_d[:, None], other=0.0)
+        c = tl.load(
+            C + cols[None, :].to(tl.int64) * stride_c + offs_d[:, None],
+            mask=mask_v[None, :] & mask_d[:, None],
+            other=0.0,
+        )
         if UPCAST:
             e = e.to(tl.float32)
             c = c.to(tl.float32)
@@ -248,7 +255,7 @@ def _grad_logits_kernel(
         dz = dz * (1.0 - t * t)
     dz = tl.where(valid, dz, 0.0)
     rel = pos - c0
-    tl.store(DZ + offs_m[:, None] * stride_dz + rel[None, :], dz.to(DZ.dtype.element_ty), mask=valid)
+    tl.store(DZ + offs_m[:, None].to(tl.int64) * stride_dz + rel[None, :], dz.to(DZ.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -296,7 +303,7 @@ def _block_sparse_mm_kernel(
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         a = tl.load(
-            A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :].to(tl.int64) * stride_ak,
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
@@ -305,7 +312,9 @@ def _block_sparse_mm_kernel(
         else:
             rows = offs_k
         b = tl.load(
-            Bm + rows[:, None] * stride_bk + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0
+            Bm + rows[:, None].to(tl.int64) * stride_bk + offs_n[None, :],
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
         )
         if UPCAST:
             a = a.to(tl.float32)
@@ -317,7 +326,7 @@ def _block_sparse_mm_kernel(
         out_rows = tl.load(OUT_ROWS + offs_m, mask=mask_m, other=0)
     else:
         out_rows = offs_m
-    ptrs = OUT + out_rows[:, None] * stride_om + offs_n[None, :]
+    ptrs = OUT + out_rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if ACCUMULATE:
         acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -520,6 +529,7 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
                     dw.index_copy_(0, cols, blk.to(dw.dtype))
         LAST_BACKWARD["filter_density"] = density_sum / tiles if tiles else None
         LAST_BACKWARD["vocab_chunk"] = vc
+        del dz_buf, flags_buf, dz, flags  # free the chunk buffer before dh's final cast (peak memory)
         return (
             None if dh is None else dh.to(hidden.dtype),
             dw,
