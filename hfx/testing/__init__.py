@@ -7,6 +7,7 @@ Usable from hfx's own tests and by users who want small, fast, reproducible mode
     path = save_tiny_model("/tmp/tiny-llama")  # then pass `path` wherever a model id is expected
 """
 
+from .memory import saved_activation_bytes
 from .models import ARCHS, save_tiny_model, tiny_causal_lm, tiny_config, tiny_reward_model
 from .tokenizer import CHAT_TEMPLATE, build_tokenizer, tokenizer_fingerprint
 
@@ -14,6 +15,7 @@ __all__ = [
     "ARCHS",
     "CHAT_TEMPLATE",
     "build_tokenizer",
+    "saved_activation_bytes",
     "save_tiny_model",
     "tiny_causal_lm",
     "tiny_config",

@@ -15,6 +15,7 @@ from torch import nn
 
 import hfx
 from hfx.kernels.adapter import reference
+from hfx.testing import saved_activation_bytes
 
 kernels = pytest.importorskip("hfx.kernels.adapter.triton_kernel")
 
@@ -170,29 +171,13 @@ def test_fused_layer_equals_unfused_layer(cfg, monkeypatch):
     assert not hfx.kernels.fused_adapters_enabled()  # the context manager restores the switch
 
 
-def _saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd keeps for backward that are not the model's parameters or buffers."""
-    owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        if t.untyped_storage().data_ptr() not in owned:
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return total
-
-
 def test_fused_paca_keeps_only_the_partial_activation():
     n, m, r, t = 64, 48, 8, 20
     x = torch.randn(2, 10, n, requires_grad=True, device=DEVICE)
     torch.manual_seed(0)
     paca = get_peft_model(One(n, m), hfx.PacaConfig(r=r, target_modules=["lin"])).to(DEVICE)
     with hfx.fused_adapters():
-        saved = _saved_activation_bytes(paca, x)
+        saved = saved_activation_bytes(paca, x)
     assert saved == t * r * 4  # x[..., idx] only, as on the unfused path
 
 

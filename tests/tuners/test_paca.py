@@ -15,6 +15,7 @@ from peft.utils.quantization_utils import ForwardOnlyQuantizationBackend
 from torch import nn
 
 import hfx
+from hfx.testing import saved_activation_bytes
 from hfx.tuners.paca import PartialConnection, paca_column_indices
 from hfx.tuners.paca import layer as paca_layer
 from hfx.tuners.paca import model as paca_model
@@ -184,36 +185,20 @@ def test_indices_are_saved_and_restored(tmp_path):
 
 
 # ---- memory ----------------------------------------------------------------------------------------------------
-def _saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd keeps for backward that are not parameters/buffers of the model (i.e. activations)."""
-    owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        if t.untyped_storage().data_ptr() not in owned:
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return total
-
-
 def test_saved_activation_is_t_times_r():
     """Only x[..., idx] (T x r) is kept for backward; LoRA keeps x (T x n). A frozen linear keeps no activation."""
     n, m, r, t = 64, 48, 8, 2 * 10
     x = torch.randn(2, 10, n, requires_grad=True)
     torch.manual_seed(0)
     frozen = One(n, m).requires_grad_(False)
-    assert _saved_activation_bytes(frozen, x) == 0
+    assert saved_activation_bytes(frozen, x) == 0
     paca = get_peft_model(One(n, m), cfg(r=r))
-    assert _saved_activation_bytes(paca, x) == t * r * 4
+    assert saved_activation_bytes(paca, x) == t * r * 4
     lora = get_peft_model(One(n, m), LoraConfig(r=r, target_modules=["lin"]))
-    assert _saved_activation_bytes(lora, x) >= t * n * 4
+    assert saved_activation_bytes(lora, x) >= t * n * 4
     # bf16 input: saved in the input's dtype
     xb = x.detach().bfloat16().requires_grad_()
-    assert _saved_activation_bytes(paca.to(torch.bfloat16), xb) == t * r * 2
+    assert saved_activation_bytes(paca.to(torch.bfloat16), xb) == t * r * 2
 
 
 # ---- PEFT behaviour --------------------------------------------------------------------------------------------
@@ -583,7 +568,7 @@ def test_qpaca_forward_gradients_and_untouched_4bit_storage():
     torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
     # saved activations: x[..., idx] only (the 4-bit matmul keeps no activation)
     xg = x.clone().requires_grad_()
-    assert _saved_activation_bytes(model, xg) == 10 * 8 * 4
+    assert saved_activation_bytes(model, xg) == 10 * 8 * 4
 
 
 def test_qpaca_merge_warns_and_unmerge_restores_4bit_storage():
