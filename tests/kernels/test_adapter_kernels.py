@@ -205,20 +205,20 @@ def test_fused_path_falls_back_where_it_is_not_exact(monkeypatch):
 
 @pytest.mark.parametrize("method", ["paca", "bone"])
 def test_training_with_fused_adapters_and_triton_cce_tracks_the_reference(method, monkeypatch):
-    """A tiny Llama, adapter on every linear layer, a few AdamW steps: fused adapters + Triton CCE give the reference
+    """A tiny Llama, adapter on every linear layer, three AdamW steps: fused adapters + Triton CCE give the reference
     path's losses step for step (float32 here; bf16 tolerance on the GPU test below)."""
     calls = _count_kernel_calls(monkeypatch)
     losses = {"reference": _train(method, fused=False)}
     assert calls["n"] == 0
     losses["fused"] = _train(method, fused=True)
-    # 4 steps x (7 adapted linear layers forward + dx for the 4 whose input needs a gradient: q/k/v read the
+    # 3 steps x (7 adapted linear layers forward + dx for the 4 whose input needs a gradient: q/k/v read the
     # normalised embeddings of a frozen base, so autograd asks them for no dx)
-    assert calls["n"] == 4 * (7 + 4)
+    assert calls["n"] == 3 * (7 + 4)
     assert losses["reference"][-1] < losses["reference"][0]
     torch.testing.assert_close(torch.tensor(losses["fused"]), torch.tensor(losses["reference"]), atol=1e-4, rtol=1e-4)
 
 
-def _train(method: str, fused: bool, steps: int = 4, dtype=torch.float32) -> list[float]:
+def _train(method: str, fused: bool, steps: int = 3, dtype=torch.float32) -> list[float]:
     from hfx.testing import tiny_causal_lm
 
     base = tiny_causal_lm(hidden_size=32, num_layers=1, seed=0).to(device=DEVICE, dtype=dtype)
@@ -230,7 +230,7 @@ def _train(method: str, fused: bool, steps: int = 4, dtype=torch.float32) -> lis
     model = hfx.use_cce(get_peft_model(base, cfg), impl="triton" if fused else "reference")
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     out_losses = []
     with hfx.fused_adapters(fused):
         for _ in range(steps):
