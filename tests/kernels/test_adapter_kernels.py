@@ -171,6 +171,31 @@ def test_fused_layer_equals_unfused_layer(cfg, monkeypatch):
     assert not hfx.kernels.fused_adapters_enabled()  # the context manager restores the switch
 
 
+@pytest.mark.parametrize("method", ["paca", "bone"])
+def test_fused_layer_follows_autocast_like_the_unfused_one(method, monkeypatch):
+    """Under autocast the fused GEMM runs in autocast's dtype, as the base layer's ``F.linear`` does unfused."""
+    seen = []
+    original = kernels._adapted_mm
+    monkeypatch.setattr(
+        kernels, "_adapted_mm", lambda a, w, **kw: seen.append((a.dtype, w.dtype)) or original(a, w, **kw)
+    )
+    cfg = (
+        hfx.PacaConfig(r=6, target_modules=["lin"])
+        if method == "paca"
+        else hfx.BoneConfig(r=8, target_modules=["lin"])
+    )
+    model, _ = _adapted(cfg, dtype=torch.float32)
+    x = torch.randn(3, 5, 40, device=DEVICE)
+    half = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    with torch.autocast(DEVICE, dtype=half):
+        want = model(x)
+        with hfx.fused_adapters():
+            got = model(x)
+    assert seen == [(half, half)]  # the GEMM ran in autocast's dtype
+    assert got.dtype == want.dtype == torch.float32  # the layers return the input's dtype
+    assert rel(got, want) < 1e-2
+
+
 def test_fused_paca_keeps_only_the_partial_activation():
     n, m, r, t = 64, 48, 8, 20
     x = torch.randn(2, 10, n, requires_grad=True, device=DEVICE)

@@ -239,6 +239,13 @@ class _BoneLinear(torch.autograd.Function):
         return dx, None, db, dblk
 
 
+def _autocast_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The GEMM's operand dtype: autocast's when it is on (as ``F.linear`` would run), else the base weight's."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 def paca_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -248,16 +255,18 @@ def paca_linear(
     indices: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """PaCA layer ``x·W_effᵀ + b`` as one fused GEMM (output in ``x``'s dtype); gradients for ``x``, ``P``, ``b``."""
+    """PaCA layer ``x·W_effᵀ + b`` as one fused GEMM in the base weight's dtype (autocast's when it is on, like
+    ``F.linear``); gradients for ``x``, ``P``, ``b``."""
     _check(x, weight, "PaCA")
-    if x.dtype != weight.dtype:
-        x = x.to(weight.dtype)
-    return _PacaLinear.apply(x, weight, bias, p, orig, indices, float(scaling))
+    x, weight, bias = _autocast_inputs(x, weight, bias)
+    with torch.autocast(x.device.type, enabled=False):
+        return _PacaLinear.apply(x, weight, bias, p, orig, indices, float(scaling))
 
 
 def bone_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block: torch.Tensor) -> torch.Tensor:
-    """Bone layer ``x·(W0 + ΔW)ᵀ + b`` as one fused GEMM (output in ``x``'s dtype); gradients for ``x``, ``B``, ``b``."""
+    """Bone layer ``x·(W0 + ΔW)ᵀ + b`` as one fused GEMM in the base weight's dtype (autocast's when it is on);
+    gradients for ``x``, ``B``, ``b``."""
     _check(x, weight, "Bone")
-    if x.dtype != weight.dtype:
-        x = x.to(weight.dtype)
-    return _BoneLinear.apply(x, weight, bias, block)
+    x, weight, bias = _autocast_inputs(x, weight, bias)
+    with torch.autocast(x.device.type, enabled=False):
+        return _BoneLinear.apply(x, weight, bias, block)
