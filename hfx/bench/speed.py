@@ -80,6 +80,8 @@ def run_one(args: argparse.Namespace) -> dict:
     if fused:
         import hfx
 
+        if not args.device.startswith("cuda"):
+            raise SystemExit(f"{args.method}: the fused Triton layers run on CUDA only (--device cuda)")
         hfx.set_fused_adapters(True)
     factory = method_configs(args.r)[args.method.removesuffix("_fused")]
     if factory is not None:
