@@ -29,7 +29,7 @@ def test_kernels_compile_for_sm90_with_tensor_cores_no_spills_and_shared_memory_
             stderr=subprocess.PIPE,
             text=True,
             env=env,
-        )  # fmt: skip
+        )
         for dtype in ("bf16", "fp32")
     ]
     outputs = [p.communicate() for p in procs]
