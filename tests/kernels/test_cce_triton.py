@@ -180,6 +180,10 @@ def test_dispatch_and_errors(monkeypatch):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="filter_eps"):
         hfx.linear_cross_entropy(h, w, labels, b, impl="triton", filter_eps=2.0)
+    with pytest.raises(ValueError, match="vocab_chunk must be a positive int"):
+        hfx.linear_cross_entropy(h, w, labels, b, impl="triton", vocab_chunk=0)
+    with pytest.raises(ValueError, match="chunk_bytes must be positive"):
+        hfx.linear_cross_entropy(h, w, labels, b, impl="triton", chunk_bytes=-1)
     with pytest.raises(ValueError, match="impl='reference' for float64"):
         hfx.linear_cross_entropy(h.double(), w.double(), labels, impl="triton")
     with pytest.raises(ValueError, match="labels out of range"):

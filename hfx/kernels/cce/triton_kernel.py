@@ -507,22 +507,21 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
                 else:
                     db[cols] = sums
             if sparse:
-                if need_h:  # dh (M×H) += dz (M×width) · W[cols]
+                rows = cols if cols is not None else torch.arange(c0, c1, device=hidden.device)
+                if need_h:  # dh (M×H) += dz (M×width) · W[rows]
                     _block_sparse_mm(
-                        dz, weight, dh, flags, block_m=_BLOCK_M, block_k=_BLOCK_V, accumulate=True,
-                        b_rows=cols if cols is not None else _arange(c0, c1, hidden.device),
-                    )  # fmt: skip
-                if need_w:  # dW[cols] (width×H) = dzᵀ (width×M) · h, flags transposed
+                        dz, weight, dh, flags, block_m=_BLOCK_M, block_k=_BLOCK_V, accumulate=True, b_rows=rows
+                    )
+                if need_w:  # dW[rows] (width×H) = dzᵀ (width×M) · h, flags transposed
                     _block_sparse_mm(
-                        dz.T, hidden, dw, flags.T, block_m=_BLOCK_V, block_k=_BLOCK_M, accumulate=False,
-                        out_rows=cols if cols is not None else _arange(c0, c1, hidden.device),
-                    )  # fmt: skip
+                        dz.T, hidden, dw, flags.T, block_m=_BLOCK_V, block_k=_BLOCK_M, accumulate=False, out_rows=rows
+                    )
                 continue
             w_c = weight[c0:c1] if cols is None else weight.index_select(0, cols)
             if need_h:
                 _mm_into_fp32(dh, dz, w_c.to(dz.dtype))
             if need_w:
-                blk = torch.mm(dz.T, hidden.to(dz.dtype))
+                blk = torch.mm(dz.T, hidden)  # dz has hidden's dtype
                 if cols is None:
                     dw[c0:c1] = blk
                 else:
@@ -543,10 +542,6 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
         )
 
 
-def _arange(c0: int, c1: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(c0, c1, device=device)
-
-
 def _options(
     filter_eps: float | str | None, sort_vocab: bool, chunk_bytes, vocab_chunk, dtype: torch.dtype, force_sparse
 ) -> dict[str, Any]:
@@ -558,6 +553,13 @@ def _options(
         filter_eps = float(filter_eps)
     if chunk_bytes is not None and chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    if vocab_chunk is not None and (
+        isinstance(vocab_chunk, bool) or not isinstance(vocab_chunk, int) or vocab_chunk <= 0
+    ):
+        raise ValueError(
+            f"vocab_chunk must be a positive int (vocabulary columns per backward chunk, rounded to a multiple of "
+            f"{_BLOCK_V}) or None to size it from chunk_bytes; got {vocab_chunk!r}"
+        )
     return dict(
         filter_eps=filter_eps,
         sort_vocab=bool(sort_vocab),
@@ -654,4 +656,4 @@ def linear_log_probs(
         temperature=temperature, label_smoothing=0.0, z_loss=0.0, filter_eps=filter_eps, sort_vocab=sort_vocab,
         chunk_bytes=chunk_bytes, vocab_chunk=vocab_chunk, force_sparse=False,
     )  # fmt: skip
-    return (-per_valid).new_zeros(valid.shape).masked_scatter(valid, -per_valid).view(out_shape)
+    return reference._reduce(-per_valid, valid, out_shape, "none", None)

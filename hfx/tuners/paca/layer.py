@@ -349,9 +349,7 @@ class PacaLinear(nn.Module, PacaLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
-        for adapter in self.active_adapters:
-            if adapter not in self.paca_w:
-                continue
+        for adapter in active:
             result = result + self.paca_w(self._partial_term, adapter, x).to(result.dtype)
         return result.to(previous_dtype)
 
