@@ -1,10 +1,11 @@
 """A reusable sparse weight delta: a 1-D fp32 ``values`` vector on a sorted flat index set into ``W.view(-1)``.
 
-Used by LIFT (arXiv 2506.00772) and meant for DSEE's sparse part and SaRA. The delta is applied next to the base
+Used by LIFT (arXiv 2506.00772), DSEE's sparse part and SaRA. The delta is applied next to the base
 layer (``y = base_layer(x) + x @ D^T`` with ``D = scatter(indices, values)``), never by writing into the base
 weight, so DeepSpeed ZeRO-3's hooks still gather a partitioned base weight and a quantized (bitsandbytes 4-bit) base
 keeps working. The dense ``D`` (and, in backward, the dense ``g^T x``) exist only transiently inside
-[`SparseDeltaLinear`]: nothing of size ``m x n`` is kept for backward.
+[`SparseDeltaLinear`]: nothing of size ``m x n`` is kept for backward. A delta on few rows and columns (DSEE's 64
+entries) is applied through the dense block of just those rows and columns.
 """
 
 from __future__ import annotations
@@ -36,12 +37,64 @@ def scatter_dense(
     return dense.view(shape)
 
 
+# The compact path multiplies by the dense block of D's touched rows x touched columns. It is taken when nnz**2, a
+# bound on that block's size known without looking at the indices (so no GPU sync to decide), is at most this
+# fraction of m x n: DSEE's 64-entry residual gets a <= 64 x 64 block instead of a 4096 x 4096 D; LIFT's and SaRA's
+# masks (a few % of W) keep the full-size D.
+COMPACT_MAX_FRACTION = 1 / 8
+
+
+def _distinct(ids: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted distinct values of ``ids`` (all in ``[0, size)``) and each id's position among them, without a sort."""
+    seen = torch.zeros(size, dtype=torch.bool, device=ids.device)
+    seen[ids] = True
+    return seen.nonzero().view(-1), (seen.cumsum(0) - 1)[ids]
+
+
+class _Plan:
+    """How to multiply by ``D``: full size (``rows is None``), or on the dense block of its distinct touched rows x
+    columns, with ``indices`` / ``frozen_indices`` renumbered as flat positions in that block."""
+
+    def __init__(self, indices: torch.Tensor, frozen_indices: torch.Tensor, shape: tuple[int, int]) -> None:
+        m, n = shape
+        self.shape, self.indices, self.frozen_indices = shape, indices, frozen_indices
+        self.rows = self.cols = None
+        nnz = indices.numel() + frozen_indices.numel()
+        if nnz == 0 or nnz**2 > COMPACT_MAX_FRACTION * m * n:
+            return
+        flat = torch.cat([indices.long(), frozen_indices.long().to(indices.device)])
+        self.rows, r_pos = _distinct(flat // n, m)
+        self.cols, c_pos = _distinct(flat % n, n)
+        self.shape = (self.rows.numel(), self.cols.numel())
+        local = r_pos * self.cols.numel() + c_pos
+        self.indices, self.frozen_indices = local[: indices.numel()], local[indices.numel() :]
+
+    def delta(self, values: torch.Tensor, frozen_values: torch.Tensor) -> torch.Tensor:
+        """``D`` (or its block), in ``values``' dtype."""
+        return scatter_dense(self.shape, self.indices, values.detach(), (self.frozen_indices, frozen_values))
+
+    def take(self, t: torch.Tensor, which: str) -> torch.Tensor:
+        """``t[..., rows]`` / ``t[..., cols]`` on the compact path, ``t`` itself otherwise."""
+        sel = self.rows if which == "rows" else self.cols
+        return t if sel is None else t.index_select(-1, sel.to(t.device))
+
+    def put(self, part: torch.Tensor, which: str, size: int) -> torch.Tensor:
+        """Inverse of [`take`]: ``part`` written into zeros of last dimension ``size`` (distinct positions, so
+        deterministic on every device)."""
+        sel = self.rows if which == "rows" else self.cols
+        if sel is None:
+            return part
+        return part.new_zeros(*part.shape[:-1], size).index_copy_(-1, sel.to(part.device), part)
+
+
 class SparseDeltaLinear(torch.autograd.Function):
     """``x @ D^T`` for ``D = scatter(indices, values) + scatter(frozen_indices, frozen_values)`` (shape ``m x n``).
 
-    Forward and backward each build ``D`` transiently; only ``x`` (shared with the base layer's own saved input when
-    the dtypes match), ``values`` and the index tensors are saved. Backward: ``dx = g @ D`` and
-    ``dvalues = (g^T x).view(-1)[indices]``; the frozen part gets no gradient.
+    Forward and backward each build ``D`` transiently, in ``values``' dtype (fp32 for a bf16 model, so that small
+    deltas are not rounded), and cast ``x`` to it only transiently: the saved ``x`` is the caller's, which the base
+    layer saves too. When D touches few rows and columns (``COMPACT_MAX_FRACTION``), only the dense block
+    ``D[rows][:, cols]`` is built, and multiplied with ``x[..., cols]``. Backward: ``dx = g @ D`` and
+    ``dvalues = (g^T x).view(-1)[indices]``, on the same block; the frozen part gets no gradient.
     """
 
     @staticmethod
@@ -55,25 +108,27 @@ class SparseDeltaLinear(torch.autograd.Function):
         out_features: int,
         in_features: int,
     ) -> torch.Tensor:
-        shape = (out_features, in_features)
-        delta = scatter_dense(shape, indices, values.detach(), (frozen_indices, frozen_values))
-        ctx.save_for_backward(x, values, indices, frozen_indices, frozen_values)
-        ctx.shape = shape
-        return x @ delta.to(x.dtype).t()
+        plan = _Plan(indices, frozen_indices, (out_features, in_features))
+        part = plan.take(x, "cols").to(values.dtype) @ plan.delta(values, frozen_values).t()
+        ctx.save_for_backward(x, values, frozen_values)
+        ctx.plan = plan
+        return plan.put(part, "rows", out_features)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
-        x, values, indices, frozen_indices, frozen_values = ctx.saved_tensors
+        x, values, frozen_values = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        m, n = grad.shape[-1], x.shape[-1]
+        work = values.dtype
+        g2 = plan.take(grad.reshape(-1, m), "rows").to(work)
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            delta = scatter_dense(ctx.shape, indices, values.detach(), (frozen_indices, frozen_values))
-            grad_x = grad @ delta.to(grad.dtype)
-            del delta  # free the transient m x n before the second one (g^T x) below
+            delta = plan.delta(values, frozen_values)
+            grad_x = plan.put(g2 @ delta, "cols", n).to(x.dtype).view(x.shape)
+            del delta  # free the transient D before the second one (g^T x) below
         if ctx.needs_input_grad[1]:
-            g2 = grad.reshape(-1, grad.shape[-1])
-            x2 = x.reshape(-1, x.shape[-1])
-            dense = g2.t().to(values.dtype) @ x2.to(values.dtype)  # transient m x n
-            grad_values = dense.view(-1)[indices.long()]
+            x2 = plan.take(x.reshape(-1, n), "cols").to(work)
+            grad_values = (g2.t() @ x2).view(-1)[plan.indices.long()]  # transient m x n (or the block)
         return grad_x, grad_values, None, None, None, None, None
 
 
@@ -84,7 +139,8 @@ def sparse_delta_linear(
     shape: tuple[int, int],
     frozen: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """``x @ D^T`` for the sparse delta ``D`` of ``shape`` (out x in); see [`SparseDeltaLinear`]."""
+    """``x @ D^T`` for the sparse delta ``D`` of ``shape`` (out x in), in ``values``' dtype; see
+    [`SparseDeltaLinear`]. Pass ``x`` uncast: it is saved for backward as given."""
     if frozen is None:
         empty = indices.new_zeros(0)
         frozen = (empty, values.new_zeros(0))

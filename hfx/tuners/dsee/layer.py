@@ -1,11 +1,12 @@
 """DSEE layers (arXiv 2111.00160): ``y = base(x) + s * B A x + s * S x`` on an ``nn.Linear``.
 
 ``S`` is sparse: ``dsee_s_values`` (1-D fp32, zero at init) on ``dsee_s_indices`` (sorted flat indices into
-``W.view(-1)``, persistent), applied with the transient-dense primitive of [`hfx.tuners._sparse`]. After
-[`hfx.tuners.dsee.prune`] a layer also holds a keep-mask ``M`` of its base weight (``dsee_prune_mask``, a
-non-persistent buffer: pruning is a property of the base weights and is saved beside the adapter by
-[`hfx.tuners.dsee.save_pruning`]); its update is then ``s * (B A + S) * M`` so that ``W0 * M + dW * M`` is exactly
-zero at every pruned entry, during retraining and after merging.
+``W.view(-1)``, persistent), applied with the sparse-delta primitive of [`hfx.tuners._sparse`], which builds only
+the small block of rows and columns its few entries touch. After [`hfx.tuners.dsee.prune`] a layer also holds a
+keep-mask ``M`` of its base weight (``dsee_prune_mask``, a non-persistent buffer: pruning is a property of the base
+weights and is saved beside the adapter by [`hfx.tuners.dsee.save_pruning`]); its update is then
+``s * (B A + S) * M`` so that ``W0 * M + dW * M`` is exactly zero at every pruned entry, during retraining and after
+merging.
 """
 
 from __future__ import annotations
@@ -290,7 +291,7 @@ class DseeLinear(nn.Module, DseeLayer):
         idx = self.dsee_s_indices[adapter]
         if self.pruned:
             v = v * self.dsee_prune_mask.view(-1)[idx.long()].to(v.dtype)
-        return sparse_delta_linear(self._cast_input_dtype(x, v.dtype), v, idx, (self.out_features, self.in_features))
+        return sparse_delta_linear(x, v, idx, (self.out_features, self.in_features))
 
     def _lora_term(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         lora_a, lora_b = self.dsee_A[adapter], self.dsee_B[adapter]

@@ -216,9 +216,7 @@ class LiftLinear(nn.Module, LiftLayer):
     def _lift_term(self, values: SparseValues, adapter: str, x: torch.Tensor) -> torch.Tensor:
         v = values[adapter]
         shape = (self.out_features, self.in_features)
-        return sparse_delta_linear(
-            self._cast_input_dtype(x, v.dtype), v, self.lift_indices[adapter], shape, self._past(adapter)
-        )
+        return sparse_delta_linear(x, v, self.lift_indices[adapter], shape, self._past(adapter))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         previous_dtype = x.dtype

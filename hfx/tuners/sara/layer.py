@@ -258,9 +258,7 @@ class SaraLinear(nn.Module, SaraLayer):
     # ---- forward --------------------------------------------------------------------------------------------------
     def _sara_term(self, values: SparseValues, adapter: str, x: torch.Tensor) -> torch.Tensor:
         v = values[adapter]
-        return sparse_delta_linear(
-            self._cast_input_dtype(x, v.dtype), v, self.sara_indices[adapter], self.shape, self._frozen(adapter)
-        )
+        return sparse_delta_linear(x, v, self.sara_indices[adapter], self.shape, self._frozen(adapter))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         previous_dtype = x.dtype
