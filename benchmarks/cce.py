@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no-check", action="store_true", help="skip the float32 reference gradients")
-    p.add_argument("--out", default=None, help="write <out>/cce.json and cce.md")
+    p.add_argument("--out", default=None, help="write <out>/cce.json and cce.md (after every method)")
+    p.add_argument("--method-timeout", type=float, default=None, help="seconds per (method, regime) process")
     p.add_argument("--method", default=None, help=argparse.SUPPRESS)
     p.add_argument("--regime", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -227,18 +228,6 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_one(args)))
         return
     argv = sys.argv[1:] if argv is None else list(argv)
-    rows = []
-    for regime in args.regimes.split(","):
-        for method in args.methods.split(","):
-            if method == "floor" and regime != args.regimes.split(",")[0]:
-                continue  # the floor does not depend on the data
-            cmd = [sys.executable, __file__, *argv, "--dtype", args.dtype, "--method", method, "--regime", regime]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                rows.append({"method": method, "regime": regime, "skipped": "failed: " + proc.stderr[-300:]})
-            else:
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(_line(rows[-1]), flush=True)
     import torch
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
@@ -251,14 +240,34 @@ def main(argv: list[str] | None = None) -> None:
         "args": vars(args),
         "command": "python benchmarks/cce.py " + " ".join(argv),
     }
-    table = markdown(meta, rows)
-    print("\n" + table)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "cce.json"), "w") as f:
-            json.dump({**meta, "rows": rows}, f, indent=1)
-        with open(os.path.join(args.out, "cce.md"), "w") as f:
-            f.write(table + "\n")
+    rows = []
+    for regime in args.regimes.split(","):
+        for method in args.methods.split(","):
+            if method == "floor" and regime != args.regimes.split(",")[0]:
+                continue  # the floor does not depend on the data
+            cmd = [sys.executable, __file__, *argv, "--dtype", args.dtype, "--method", method, "--regime", regime]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.method_timeout)
+            except subprocess.TimeoutExpired:
+                rows.append({"method": method, "regime": regime, "skipped": f"timed out ({args.method_timeout:g} s)"})
+            else:
+                if proc.returncode != 0:
+                    rows.append({"method": method, "regime": regime, "skipped": "failed: " + proc.stderr[-300:]})
+                else:
+                    rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(_line(rows[-1]), flush=True)
+            _write(args.out, meta, rows)  # so that a run stopped from outside keeps what it measured
+    print("\n" + markdown(meta, rows))
+
+
+def _write(out: str | None, meta: dict, rows: list[dict]) -> None:
+    if not out:
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "cce.json"), "w") as f:
+        json.dump({**meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(out, "cce.md"), "w") as f:
+        f.write(markdown(meta, rows) + "\n")
 
 
 def _line(r: dict) -> str:

@@ -75,7 +75,8 @@ def run_one(args: argparse.Namespace) -> dict:
     )  # fmt: skip
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(dtype).to(args.device)
+    with torch.device(args.device):  # initialised where it runs: a 1B model's random init takes ~20 s on a CPU
+        model = LlamaForCausalLM(cfg).to(dtype)
     fused = args.method.endswith("_fused")  # paca_fused / bone_fused: hfx's fused Triton layers (CUDA)
     if fused:
         import hfx

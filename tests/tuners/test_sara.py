@@ -359,11 +359,12 @@ FRESH_LOAD = textwrap.dedent(
     from peft import PeftModel
     from hfx.testing import tiny_causal_lm
     torch.manual_seed(987)  # another RNG state than the saving process
-    base = tiny_causal_lm("llama", hidden_size=32, num_layers=2, seed=0)
-    model = PeftModel.from_pretrained(base, sys.argv[1]).eval()
-    ids = torch.load(sys.argv[2] + ".ids", weights_only=True)
-    with torch.no_grad():
-        torch.save(model(ids).logits, sys.argv[2])
+    for adapter, out in zip(sys.argv[1::2], sys.argv[2::2]):  # each adapter on its own fresh base
+        base = tiny_causal_lm("llama", hidden_size=32, num_layers=2, seed=0)
+        model = PeftModel.from_pretrained(base, adapter).eval()
+        ids = torch.load(out + ".ids", weights_only=True)
+        with torch.no_grad():
+            torch.save(model(ids).logits, out)
     """
 )
 
@@ -390,10 +391,11 @@ def test_save_after_adjustment_then_load_in_fresh_process_gives_identical_logits
     script = tmp_path / "load.py"
     script.write_text(FRESH_LOAD)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    for name, expected in (("before", before_adjust), ("after", logits)):
-        out = tmp_path / f"{name}.pt"
-        subprocess.run([sys.executable, str(script), str(tmp_path / name), str(out)], check=True, env=env, timeout=300)
-        assert torch.equal(torch.load(out, weights_only=True), expected), name
+    cases = (("before", before_adjust), ("after", logits))
+    argv = [str(tmp_path / a) for name, _ in cases for a in (name, f"{name}.pt")]
+    subprocess.run([sys.executable, str(script), *argv], check=True, env=env, timeout=300)
+    for name, expected in cases:
+        assert torch.equal(torch.load(tmp_path / f"{name}.pt", weights_only=True), expected), name
 
 
 # ---- the HF Trainer: loss drops, adjustment timing, logging, resume -------------------------------------------------
