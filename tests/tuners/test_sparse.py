@@ -15,7 +15,7 @@ TORCH64 = torch.float64
 
 def random_delta(m: int, n: int, nnz: int, n_frozen: int, seed: int = 0, rows: int | None = None):
     """Sorted int32 flat indices (``nnz`` trainable, ``n_frozen`` frozen, disjoint), float64 values; when ``rows`` is
-    given, every entry lies in the first ``rows`` rows (to reach the compact path with many entries)."""
+    given, every entry lies in the first ``rows`` rows (so that entries share rows)."""
     gen = torch.Generator().manual_seed(seed)
     pool = (rows or m) * n
     perm = torch.randperm(pool, generator=gen)
