@@ -288,6 +288,42 @@ class TestTunerMatrix:
         trainable = PeftModel.from_pretrained(make_base(), tmp_path, is_trainable=True)
         assert any(p.requires_grad for p in trainable.parameters())
 
+    def test_mixed_adapter_batch(self, cfg_cls, kw, default_kw):
+        # each row through its own adapter; "other" adapts only lin0/lin1, so lin2 is the base layer for its rows
+        model = make_peft(cfg_cls, kw)
+        model.add_adapter("other", cfg_cls(target_modules=TARGETS[:2], **kw))
+        randomise(model, "other", seed=7)
+        with model.disable_adapter():
+            y_base = model(X)
+        y_default = model(X)
+        model.set_adapter("other")
+        y_other = model(X)
+        model.set_adapter("default")
+        names = ["default", "other", "__base__", "other", "default", "__base__"]
+        out = model(X, adapter_names=names)
+        expected = {"default": y_default, "other": y_other, "__base__": y_base}
+        for row, name in enumerate(names):
+            torch.testing.assert_close(out[row], expected[name][row], rtol=0, atol=1e-6)
+        assert model.active_adapters == ["default"]
+        torch.testing.assert_close(model(X), y_default, rtol=0, atol=0)  # nothing left behind
+        torch.testing.assert_close(model(X, adapter_names=["other"] * len(X)), y_other, rtol=0, atol=1e-6)
+
+    def test_mixed_adapter_batch_errors(self, cfg_cls, kw, default_kw):
+        model = make_peft(cfg_cls, kw)
+        names = ["default", "__base__"] * 3
+        with pytest.raises(ValueError, match="non-existing adapter.*typo"):
+            model(X, adapter_names=["default", "typo"] * 3)
+        with pytest.raises(ValueError, match="Length of `adapter_names`"):
+            model(X, adapter_names=names[:4])
+        with pytest.raises(TypeError, match="list of adapter names"):
+            model(X, adapter_names="default")
+        model.train()
+        with pytest.raises(ValueError, match="training mode"):
+            model(X, adapter_names=names)
+        model.eval().merge_adapter()
+        with pytest.raises(ValueError, match="merged adapters"):
+            model(X, adapter_names=names)
+
 
 def hfx_key_prefix(cfg_cls) -> str:
     from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING

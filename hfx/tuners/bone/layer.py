@@ -20,6 +20,7 @@ from peft.utils import resolve_quantization_backend
 from torch import nn
 
 from ...kernels import adapter as fused
+from .._mixed_batch import mixed_batch_forward, pop_adapter_names
 
 
 def _divisors(n: int) -> list[int]:
@@ -268,12 +269,15 @@ class BoneLinear(nn.Module, BoneLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         previous_dtype = x.dtype
+        adapter_names = pop_adapter_names(self, x, kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return mixed_batch_forward(self, x, adapter_names, *args, **kwargs)
 
         active = [a for a in self.active_adapters if a in self.bone_block]
         base = self.get_base_layer()

@@ -12,6 +12,7 @@ from peft.utils import (
     resolve_quantization_backend,
 )
 
+from .._mixed_batch import MixedBatchTunerMixin
 from .config import BoneConfig
 from .layer import BoneLayer, BoneLinear
 
@@ -23,7 +24,7 @@ def _supports(base: torch.nn.Module) -> bool:
     return backend is not None and backend.layer_type == "linear"
 
 
-class BoneModel(BaseTuner):
+class BoneModel(MixedBatchTunerMixin, BaseTuner):
     """Bone / BAT adapters (arXiv 2409.15371) as a PEFT tuner; build it with ``get_peft_model(model, BoneConfig())``."""
 
     prefix: str = "bone_"

@@ -18,6 +18,7 @@ from peft.utils import resolve_quantization_backend
 from torch import nn
 
 from .._compat import IndexedTunerLayer
+from .._mixed_batch import mixed_batch_forward, pop_adapter_names
 from .._sparse import (
     ResizableBufferDict,
     SparseValues,
@@ -220,12 +221,15 @@ class LiftLinear(nn.Module, LiftLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         previous_dtype = x.dtype
+        adapter_names = pop_adapter_names(self, x, kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return mixed_batch_forward(self, x, adapter_names, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)

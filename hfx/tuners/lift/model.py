@@ -13,6 +13,7 @@ from peft.utils import (
 )
 from tqdm.auto import tqdm
 
+from .._mixed_batch import MixedBatchTunerMixin
 from .._sparse import remap_optimizer_state
 from .config import LiftConfig
 from .layer import LiftLayer, LiftLinear
@@ -31,7 +32,7 @@ def _is_rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-class LiftModel(BaseTuner):
+class LiftModel(MixedBatchTunerMixin, BaseTuner):
     """LIFT adapters (arXiv 2506.00772) as a PEFT tuner; build it with ``get_peft_model(model, LiftConfig())``."""
 
     prefix: str = "lift_"

@@ -41,6 +41,7 @@ from torch.autograd.function import once_differentiable
 
 from ...kernels import adapter as fused
 from .._compat import IndexedTunerLayer
+from .._mixed_batch import mixed_batch_forward, pop_adapter_names
 
 
 def paca_column_indices(in_features: int, r: int, seed: int, layer_name: str) -> torch.Tensor:
@@ -329,12 +330,15 @@ class PacaLinear(nn.Module, PacaLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         previous_dtype = x.dtype
+        adapter_names = pop_adapter_names(self, x, kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return mixed_batch_forward(self, x, adapter_names, *args, **kwargs)
 
         active = [a for a in self.active_adapters if a in self.paca_w]
         base = self.get_base_layer()

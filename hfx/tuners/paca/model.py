@@ -12,6 +12,7 @@ from peft.utils import (
     resolve_quantization_backend,
 )
 
+from .._mixed_batch import MixedBatchTunerMixin
 from .config import PacaConfig
 from .layer import PacaLayer, PacaLinear
 
@@ -23,7 +24,7 @@ def _supports(base: torch.nn.Module) -> bool:
     return backend is not None and backend.layer_type == "linear"
 
 
-class PacaModel(BaseTuner):
+class PacaModel(MixedBatchTunerMixin, BaseTuner):
     """PaCA adapters (arXiv 2503.01905) as a PEFT tuner; build it with ``get_peft_model(model, PacaConfig())``."""
 
     prefix: str = "paca_"

@@ -28,6 +28,7 @@ from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 from .._compat import IndexedTunerLayer
+from .._mixed_batch import mixed_batch_forward, pop_adapter_names
 from .._sparse import ResizableBufferDict, SparseValues, index_dtype, scatter_dense, sparse_delta_linear
 
 
@@ -262,12 +263,15 @@ class SaraLinear(nn.Module, SaraLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         previous_dtype = x.dtype
+        adapter_names = pop_adapter_names(self, x, kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return mixed_batch_forward(self, x, adapter_names, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for adapter in self.active_adapters:
             if adapter in self.sara_values:
