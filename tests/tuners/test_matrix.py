@@ -324,6 +324,51 @@ class TestTunerMatrix:
         with pytest.raises(ValueError, match="merged adapters"):
             model(X, adapter_names=names)
 
+    def test_save_as_lora(self, cfg_cls, kw, default_kw, tmp_path):
+        # every hfx tuner is additive, so PEFT's converter writes a plain LoRA; at full energy it is the same model
+        peft = pytest.importorskip("peft")
+        if not hasattr(peft, "save_as_lora"):
+            pytest.skip(f"PEFT {peft.__version__} has no LoRA conversion")
+        model = make_peft(cfg_cls, kw)
+        y = model(X)
+        peft.save_as_lora(tmp_path, model, rank=1.0)
+        lora = PeftModel.from_pretrained(make_base(), tmp_path).eval()
+        assert lora.peft_config["default"].peft_type == peft.PeftType.LORA
+        torch.testing.assert_close(lora(X), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "cfg_cls,kw",
+    [(hfx.BoneConfig, {"r": 4, "init_weights": False}), (hfx.PacaConfig, {"r": 6, "init_weights": False})],
+)
+def test_convert_to_lora_is_exact_at_rank_r(cfg_cls, kw):
+    # Bone's dW is a tiled block and PaCA's lives on r columns: both have rank <= r, so a rank-r LoRA is exact
+    peft = pytest.importorskip("peft")
+    if not hasattr(peft, "convert_to_lora"):
+        pytest.skip(f"PEFT {peft.__version__} has no LoRA conversion")
+    from peft import set_peft_model_state_dict
+
+    model = make_peft(cfg_cls, kw)
+    config, state = peft.convert_to_lora(model, rank=kw["r"])
+    assert all(t.shape[0] == kw["r"] for k, t in state.items() if "lora_A" in k)
+    lora = get_peft_model(make_base(), config)
+    set_peft_model_state_dict(lora, state)
+    torch.testing.assert_close(lora.eval()(X), model(X), rtol=1e-5, atol=1e-5)
+
+
+def test_convert_to_lora_refuses_pruned_dsee():
+    peft = pytest.importorskip("peft")
+    if not hasattr(peft, "convert_to_lora"):
+        pytest.skip(f"PEFT {peft.__version__} has no LoRA conversion")
+    from hfx.dsee import prune
+
+    model = make_peft(hfx.DseeConfig, {"r": 2, "num_sparse": 8})
+    assert model.base_model.supports_lora_conversion()
+    prune(model, ratio=0.3)
+    assert not model.base_model.supports_lora_conversion()
+    with pytest.raises(TypeError, match="do not support LoRA conversion"):
+        peft.convert_to_lora(model, rank=4)
+
 
 def hfx_key_prefix(cfg_cls) -> str:
     from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING

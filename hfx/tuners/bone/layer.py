@@ -223,6 +223,12 @@ class BoneLinear(nn.Module, BoneLayer):
         """Dense ``dW`` of one adapter with respect to the current base weight (out x in)."""
         return self._delta(adapter, self.get_base_weight())
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Additive, so PEFT's ``convert_to_lora`` can factor ``dW``: Bone is LoRA with A = tiled identity (rank r is
+        exact); BAT's ``dW`` depends on W (full rank in general, so approximated) and is taken on the current base
+        weight, which is the original one only while unmerged."""
+        return not (self.merged and adapter_name in self.bone_block and self._is_bat(adapter_name))
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold the adapters into the base weight: ``W += dW`` for Bone, ``W <- W (I + B) + B`` for BAT."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
@@ -310,10 +316,6 @@ class BoneLinear(nn.Module, BoneLayer):
                 xd = self.bone_dropout[adapter](x)
                 result = result + self.bone_block(self._bone_term, adapter, xd)
         return result.to(previous_dtype)
-
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        # Bone is LoRA with A = tiled identity; BAT's update depends on W and is full rank in general.
-        return not self._is_bat(adapter_name) if adapter_name in self.bone_init else True
 
     def __repr__(self) -> str:
         return "bone." + super().__repr__()

@@ -249,6 +249,11 @@ class DseeLinear(nn.Module, DseeLayer):
             delta = delta * self.dsee_prune_mask.to(delta.device)
         return delta
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Additive while unpruned (``dW = s (B A + S)``, rank <= r + nnz), so PEFT's ``convert_to_lora`` can factor it;
+        a pruned model's point is its sparse merged weight, which no LoRA on the dense base reproduces."""
+        return not self.pruned
+
     def _check_mergeable(self) -> None:
         if self.quantization_backend is not None:
             raise ValueError(

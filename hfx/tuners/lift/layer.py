@@ -175,6 +175,10 @@ class LiftLinear(nn.Module, LiftLayer):
             (self.out_features, self.in_features), self.lift_indices[adapter], values, self._past(adapter)
         )
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Additive, so PEFT's ``convert_to_lora`` can approximate the sparse ``dW`` by its top singular vectors."""
+        return True
+
     def _check_mergeable(self, what: str) -> None:
         if self.quantization_backend is not None:
             raise ValueError(

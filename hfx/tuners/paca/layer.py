@@ -257,6 +257,10 @@ class PacaLinear(nn.Module, PacaLayer):
         cols = _column_delta(p.detach(), self.paca_orig[adapter], self.paca_scaling[adapter])
         return delta.index_copy_(1, self.paca_indices[adapter], cols)
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Additive, so PEFT's ``convert_to_lora`` can factor ``dW``: it lives on r columns, so rank r is exact."""
+        return True
+
     def _merged_columns(self, adapter: str, current: torch.Tensor) -> torch.Tensor:
         """New values of the adapter's columns: ``current + s * (P - P0)``, computed in float32 or wider.
 

@@ -216,6 +216,10 @@ class SaraLinear(nn.Module, SaraLayer):
         values = self.sara_values[adapter].detach()
         return scatter_dense(self.shape, self.sara_indices[adapter], values, self._frozen(adapter))
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Additive, so PEFT's ``convert_to_lora`` can approximate the sparse ``dW`` by its top singular vectors."""
+        return True
+
     def nuclear_norm(self, adapter: str) -> torch.Tensor:
         """``||dW||_*`` (sum of singular values) of ``adapter``'s update: the paper's low-rank constraint on the
         sparse update (Sec. 3.2). Its gradient ``U V^T`` reaches ``sara_values`` at the trained entries."""
