@@ -92,9 +92,8 @@ def test_empty_delta():
     ids=["lift", "sara", "dsee"],
 )
 def test_bf16_layer_keeps_no_fp32_copy_of_its_input(config):
-    """The fp32 values of a bf16 layer: the sparse term computes in fp32 but saves the bf16 input the base layer
-    saves too, instead of an fp32 copy (2x the input's bytes per layer). DSEE's LoRA part, like PEFT's LoRA, still
-    saves an fp32 x for its A."""
+    """The fp32 values of a bf16 layer: the sparse term saves the bf16 input the base layer saves too, instead of an
+    fp32 copy (2x the input's bytes per layer). DSEE's LoRA part, like PEFT's LoRA, still saves an fp32 x for its A."""
     torch.manual_seed(0)
     frozen = nn.Sequential()
     frozen.add_module("lin", nn.Linear(64, 64))
@@ -105,3 +104,50 @@ def test_bf16_layer_keeps_no_fp32_copy_of_its_input(config):
     x_bytes = x.numel() * x.element_size()
     lora_extra = 8 * 64 * 4 + 8 * 2 * 4 if isinstance(config, hfx.DseeConfig) else 0  # fp32 x for A, A·x for B
     assert total <= x_bytes + lora_extra, (total, x_bytes)
+
+
+class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the input dtypes of every matrix multiply run under it (forward and autograd's backward)."""
+
+    OPS = {"mm", "addmm", "bmm", "matmul", "baddbmm"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[torch.dtype, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.OPS:
+            self.seen.append(tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "x_dtype, autocast, expected",
+    [
+        (torch.bfloat16, False, torch.bfloat16),  # a bf16 model, fp32 values: bf16 GEMMs (fp32 would be ~15x slower)
+        (torch.float16, False, torch.float16),
+        (torch.float32, True, torch.bfloat16),  # autocast: bf16 in forward and, kept on ctx, in backward too
+        (torch.float32, False, torch.float32),
+    ],
+)
+def test_gemms_run_in_the_model_or_autocast_dtype(x_dtype, autocast, expected):
+    m, n = 48, 40
+    idx, f_idx, v, fv = random_delta(m, n, 200, 20)  # full-size D
+    v32, fv32 = v.float().requires_grad_(True), fv.float()
+    x = torch.randn(6, n, generator=torch.Generator().manual_seed(2)).to(x_dtype).requires_grad_(True)
+    mode = _MatmulDtypes()
+    with mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = sparse_delta_linear(x, v32, idx, (m, n), (f_idx, fv32))
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.dtype)
+    with mode:
+        y.backward(g)
+    assert len(mode.seen) == 3 and all(set(d) == {expected} for d in mode.seen), mode.seen
+    assert y.dtype == expected and x.grad.dtype == x_dtype and v32.grad.dtype == torch.float32
+    # against the float64 reference, within the compute dtype's rounding
+    ref_x, ref_v = x.detach().double().requires_grad_(True), v.clone().requires_grad_(True)
+    ref = ref_x @ dense(m, n, idx, ref_v, f_idx, fv).t()
+    ref.backward(g.double())
+    tol = {torch.bfloat16: 3e-2, torch.float16: 4e-3, torch.float32: 1e-5}[expected]
+    for got, want in ((y, ref), (x.grad, ref_x.grad), (v32.grad, ref_v.grad)):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * scale)
