@@ -14,6 +14,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 import hfx
+from hfx.testing import saved_activation_bytes
 from hfx.tuners.dsee import DseeLinear, dsee_select, grebsmo, load_pruning, prune, remove_pruned_heads, save_pruning
 
 TORCH64 = torch.float64
@@ -141,6 +142,33 @@ def test_gradcheck_layer():
     assert torch.autograd.gradcheck(
         lambda v: _with_values(layer, model, v, x.detach()), (params[2].detach().clone().requires_grad_(True),)
     )
+
+
+def test_pruned_layer_matches_float64_and_keeps_no_dense_product():
+    """After pruning, the update is s (B A + S) * M: checked against float64 closed forms, and autograd keeps no
+    m x n tensor for it (it used to keep the dense masked product of every adapted layer)."""
+    cfg = hfx.DseeConfig(r=2, lora_alpha=4, num_sparse=7, target_modules=["lin"])
+    model, layer = one_layer(12, 10, cfg)
+    randomise(model)
+    prune(model, ratio=0.3)
+    keep = layer.dsee_prune_mask
+    assert 0 < int((~keep).sum()) < keep.numel()
+    a, b = layer.dsee_A["default"].weight, layer.dsee_B["default"].weight
+    s = layer.dsee_scaling["default"]
+    w0, bias = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
+    x = torch.randn(2, 3, 12, dtype=TORCH64, requires_grad=True)
+    y = model(x)
+    delta = layer.get_delta_weight("default")
+    torch.testing.assert_close(y, x @ (w0 + delta).T + bias, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    grad_x, grad_a, grad_b = torch.autograd.grad(y, (x, a, b), g)
+    dw = (g.reshape(-1, 10).T @ x.detach().reshape(-1, 12)) * keep  # dL/dW on the kept entries
+    torch.testing.assert_close(grad_x, g @ (w0 + delta), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_a, s * b.detach().T @ dw, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_b, s * dw @ a.detach().T, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: model(t), (x,))
+    saved = saved_activation_bytes(model, x.detach().requires_grad_(True), distinct=True)
+    assert saved < 10 * 12 * 8, saved  # less than one m x n float64 tensor: x and a few per-token vectors
 
 
 def _with_values(layer, model, v, x):

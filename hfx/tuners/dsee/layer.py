@@ -17,15 +17,62 @@ import zlib
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import _get_in_out_features, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
 from torch import nn
 
 from .._compat import IndexedTunerLayer
 from .._mixed_batch import mixed_batch_forward, pop_adapter_names
-from .._sparse import ResizableBufferDict, SparseValues, index_dtype, scatter_dense, sparse_delta_linear
+from .._sparse import (
+    ResizableBufferDict,
+    SparseValues,
+    compute_dtype,
+    index_dtype,
+    scatter_dense,
+    sparse_delta_linear,
+)
 from ..lift.layer import broadcast_from_rank0, low_rank_approximation
+
+
+class MaskedLowRankLinear(torch.autograd.Function):
+    """``x @ ((B A) * M)^T`` for a pruned DSEE layer, without keeping anything of size ``m x n`` for backward.
+
+    Autograd through ``F.linear(x, (B @ A) * M)`` would save the dense masked product (an fp32 copy of the layer's
+    weight per adapted layer) and an fp32 copy of ``x``. Here the product is built transiently in the compute dtype
+    of [`hfx.tuners._sparse.compute_dtype`], in forward and again in backward, and the caller's ``x`` is saved.
+    Backward: ``dx = g (B A * M)``, ``G = (g^T x) * M``, ``dB = G A^T``, ``dA = B^T G``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        work = compute_dtype(x, a)
+        out = x.to(work) @ _masked_product(a, b, mask, work).t()
+        ctx.save_for_backward(x, a, b, mask)
+        ctx.work = work
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        x, a, b, mask = ctx.saved_tensors
+        work = ctx.work
+        m, n = b.shape[0], a.shape[1]
+        g2 = grad.reshape(-1, m).to(work)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g2 @ _masked_product(a, b, mask, work)).to(x.dtype).view(x.shape)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            dw = (g2.t() @ x.reshape(-1, n).to(work)).mul_(mask.to(work))  # transient m x n
+            if ctx.needs_input_grad[1]:
+                grad_a = (b.to(work).t() @ dw).to(a.dtype)
+            if ctx.needs_input_grad[2]:
+                grad_b = (dw @ a.to(work).t()).to(b.dtype)
+        return grad_x, grad_a, grad_b, None
+
+
+def _masked_product(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(B A) * M`` in ``dtype`` (the product of the small factors in their own precision, rounded once)."""
+    prod = b.detach() @ a.detach()
+    return prod.mul_(mask.to(prod.device, prod.dtype)).to(dtype)
 
 
 # ---- selection of the sparse positions ---------------------------------------------------------------------------
@@ -301,12 +348,12 @@ class DseeLinear(nn.Module, DseeLayer):
 
     def _lora_term(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         lora_a, lora_b = self.dsee_A[adapter], self.dsee_B[adapter]
-        x = self._cast_input_dtype(self.dsee_dropout[adapter](x), lora_a.weight.dtype)
+        x = self.dsee_dropout[adapter](x)
         if not self.pruned:
+            x = self._cast_input_dtype(x, lora_a.weight.dtype)
             return lora_b(lora_a(x))
-        # pruned: (B A) * M, dense and transient, so that pruned entries stay exactly zero during retraining
-        delta = (lora_b.weight @ lora_a.weight) * self.dsee_prune_mask.to(lora_a.weight.dtype)
-        return F.linear(x, delta)
+        # pruned: (B A) * M, so that pruned entries stay exactly zero during retraining
+        return MaskedLowRankLinear.apply(x, lora_a.weight, lora_b.weight, self.dsee_prune_mask)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         previous_dtype = x.dtype
