@@ -133,6 +133,29 @@ def test_bat_gradient_matches_finite_differences():
     )
 
 
+def test_bat_layer_gradients_match_the_loop_reference_and_keep_nothing_layer_sized():
+    """The layer's own BAT path (a custom autograd Function): dx and dB against autograd through the explicit-loop
+    float64 reference, and autograd keeps no m x n tensor (it kept dW and a copy of W: two per layer)."""
+    from hfx.testing import saved_activation_bytes
+
+    model, layer = one_layer(8, 12, hfx.BoneConfig(r=4, target_modules=["lin"], init_weights="bat"))
+    w0, bias, block = layer.base_layer.weight.detach(), layer.base_layer.bias.detach(), layer.bone_block["default"]
+    x = torch.randn(2, 3, 8, dtype=TORCH64, requires_grad=True)
+    y = model(x)
+    ref_block = block.detach().clone().requires_grad_(True)
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = ref_x @ ref_bat_weight(ref_block, w0).T + bias
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(block.grad, ref_block.grad, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: model(t), (x.detach().clone().requires_grad_(True),))
+    saved = saved_activation_bytes(model, x.detach().requires_grad_(True), distinct=True)
+    assert saved < 12 * 8 * 8, saved  # less than one m x n float64 tensor: x only
+
+
 def test_several_adapters_bone_add_and_bat_compose():
     # Bone: two active adapters add up
     model, layer = one_layer(12, 8, hfx.BoneConfig(r=4, target_modules=["lin"]))
@@ -334,7 +357,10 @@ def test_convert_to_miss_refuses_other_types(tmp_path):
 def test_lora_conversion_flag():
     model, layer = one_layer(8, 8, hfx.BoneConfig(r=4, target_modules=["lin"]))
     assert layer.supports_lora_conversion("default")
+    # BAT's dW depends on W: convertible (approximately, by SVD) on the original weight, i.e. while unmerged
     model, layer = one_layer(8, 8, hfx.BoneConfig(r=4, target_modules=["lin"], init_weights="bat"))
+    assert layer.supports_lora_conversion("default")
+    model.merge_adapter()
     assert not layer.supports_lora_conversion("default")
 
 

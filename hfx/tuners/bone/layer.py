@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Optional
 
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 
 from ...kernels import adapter as fused
 from .._mixed_batch import mixed_batch_forward, pop_adapter_names
+from .._sparse import compute_dtype
 
 
 def _divisors(n: int) -> list[int]:
@@ -56,6 +57,39 @@ def bat_delta_weight(block: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """BAT update ``dW_ij = W_ij B_i + B_i`` for blocks ``B`` of shape (out/r, r, r); depends on ``W``."""
     bb = block[:, None]  # (out/r, 1, r, r), shared by every column block j of row block i
     return _bat_unblock(_bat_blocks(weight, block.shape[-1]) @ bb + bb)
+
+
+class BatLinear(torch.autograd.Function):
+    """``x @ dW^T`` for one BAT adapter (``dW_ij = W_ij B_i + B_i``), keeping neither ``dW`` nor a copy of ``W``
+    for backward: autograd through [`bat_delta_weight`] and ``F.linear`` kept two fp32 tensors the size of the layer.
+
+    ``dW`` is rebuilt in backward; the GEMMs with ``x`` run in [`hfx.tuners._sparse.compute_dtype`] (the model's
+    16-bit dtype, autocast's, else fp32), ``dW`` itself in the block's dtype. ``dB_i = sum_j (W_ij^T G_ij + G_ij)``
+    with ``G = g^T x``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, block: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        work = compute_dtype(x, block)
+        delta = bat_delta_weight(block.detach(), weight.detach().to(block.dtype)).to(work)
+        ctx.save_for_backward(x, block, weight)
+        ctx.work = work
+        return x.to(work) @ delta.t()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        x, block, weight = ctx.saved_tensors
+        work = ctx.work
+        m, n = weight.shape
+        w = weight.detach().to(block.dtype)
+        g2 = grad.reshape(-1, m).to(work)
+        grad_x = grad_block = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g2 @ bat_delta_weight(block.detach(), w).to(work)).to(x.dtype).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            g_blocks = _bat_blocks((g2.t() @ x.reshape(-1, n).to(work)).to(block.dtype), block.shape[-1])
+            grad_block = torch.einsum("ijba,ijbc->iac", _bat_blocks(w, block.shape[-1]), g_blocks) + g_blocks.sum(1)
+        return grad_x, grad_block, None
 
 
 def bat_invert(block: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
@@ -210,6 +244,9 @@ class BoneLinear(nn.Module, BoneLayer):
         block = blocks[adapter]
         return bone_fold(self._cast_input_dtype(x, block.dtype), self.bone_r[adapter]) @ block
 
+    def _bat_term(self, blocks: BoneBlocks, adapter: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return BatLinear.apply(x, blocks[adapter], weight)
+
     def _composed_delta(self, blocks: BoneBlocks, adapters: list[str], weight: torch.Tensor) -> torch.Tensor:
         """Total dW of ``adapters`` applied in order, each on the weight the previous ones produced."""
         delta = None
@@ -306,11 +343,16 @@ class BoneLinear(nn.Module, BoneLayer):
             # Dropout of the first active adapter applies to the composed update (one weight, one input).
             xd = self.bone_dropout[active[0]](x)
             if self.quantization_backend is not None:
-                delta = self.bone_block(self._composed_delta, active, self.get_base_weight())
+                weight_ctx = nullcontext(self.get_base_weight())
             else:
-                with gathered_weight(self.get_base_layer()) as weight:
+                weight_ctx = gathered_weight(self.get_base_layer())
+            with weight_ctx as weight:
+                if len(active) == 1:  # the common case: nothing layer-sized kept for backward
+                    term = self.bone_block(self._bat_term, active[0], xd, weight.detach())
+                else:
                     delta = self.bone_block(self._composed_delta, active, weight.detach())
-            result = result + F.linear(self._cast_input_dtype(xd, delta.dtype), delta)
+                    term = F.linear(self._cast_input_dtype(xd, delta.dtype), delta)
+            result = result + term.to(result.dtype)
         else:
             for adapter in active:
                 xd = self.bone_dropout[adapter](x)
