@@ -113,7 +113,7 @@ def mixed_batch_forward(layer: BaseTunerLayer, x: torch.Tensor, adapter_names: l
         y = layer.base_layer(sub, *args, **kwargs) if name == BASE else _only(layer, name, sub, *args, **kwargs)
         if out is None:
             out = y.new_empty((len(x), *y.shape[1:]))
-        out.index_copy_(0, index, y)
+        out.index_copy_(0, index, y.to(out.dtype))
     return out
 
 
