@@ -8,7 +8,7 @@
 # Steps, most needed first, each under its own cap and all under BUDGET seconds (a step that ends early leaves its
 # time to the next ones; what a step measured before its cap stays in its log and files):
 #   1. the @pytest.mark.gpu tests (bf16 kernels vs the reference, a tiny-model training run with fused adapters and
-#      the CCE kernel against the reference path)
+#      the CCE kernel against the reference path, bf16 GEMMs in LIFT/SaRA/DSEE/BAT layers vs float64)
 #   2. the CCE table at the Gemma-2 shape, flat and spread regimes, against every competitor installed
 #   3. the adapter-layer table (frozen, LoRA, MiSS, PaCA and Bone unfused and fused) at the 1B shapes
 #   4. CCE at the Llama-3 shape
@@ -51,7 +51,7 @@ step() {
     cp "$work/device.txt" "$out/" && tar czf "$out/gpu_results.tgz" -C "$work" .
 }
 
-step gpu_tests 150 python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider
+step gpu_tests 150 python3 -m pytest -q -m gpu tests/kernels tests/tuners/test_sparse.py -p no:cacheprovider
 step cce-gemma2 220 python3 benchmarks/cce.py --device cuda --shape gemma2 --sets 2 --method-timeout 75 \
     --methods floor,eager,compile,torch_lce,cce,liger,hfx,hfx_filter --out "$work/cce-gemma2"
 step adapters 90 python3 benchmarks/adapters.py --device cuda --sets 2 --reps 5 --out "$work/adapters"

@@ -114,11 +114,15 @@ class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[tuple[torch.dtype, ...]] = []
+        self.flops: list[int] = []  # multiply-adds of each
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
         if func.overloadpacket.__name__ in self.OPS:
-            self.seen.append(tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
-        return func(*args, **(kwargs or {}))
+            mats = [a for a in args if isinstance(a, torch.Tensor)]
+            self.seen.append(tuple(a.dtype for a in mats))
+            self.flops.append(out.numel() * mats[-1].shape[-2])  # output entries x reduction length
+        return out
 
 
 @pytest.mark.parametrize(
@@ -151,3 +155,74 @@ def test_gemms_run_in_the_model_or_autocast_dtype(x_dtype, autocast, expected):
     for got, want in ((y, ref), (x.grad, ref_x.grad), (v32.grad, ref_v.grad)):
         scale = want.abs().max().item()
         torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * scale)
+
+
+GPU = "cuda"  # the device of the GPU test below (a CPU run of its logic sets "cpu")
+
+
+def _bf16_cuda_copy(model: nn.Module) -> nn.Module:
+    """``model`` on CUDA as a bf16 model with PEFT's fp32 adapters: frozen weights bf16, trainable ones and floating
+    buffers fp32, index buffers and masks as they are."""
+    import copy
+
+    gpu = copy.deepcopy(model).to(GPU)
+    with torch.no_grad():
+        for p in gpu.parameters():
+            p.data = p.data.to(torch.float32 if p.requires_grad else torch.bfloat16)
+        for mod in gpu.modules():
+            for name, buf in mod.named_buffers(recurse=False):
+                if buf is not None and buf.is_floating_point():
+                    setattr(mod, name, buf.float())
+    return gpu
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["lift", "sara", "dsee", "dsee-pruned", "bat"])
+def test_gpu_bf16_layer_runs_bf16_gemms_and_matches_float64(method):
+    """On CUDA in bf16: every layer-sized GEMM of the sparse / masked / BAT terms runs in bf16 (tensor cores), and
+    forward and gradients stay within bf16 rounding of a float64 CPU model with the same (bf16-rounded) weights."""
+    from hfx.dsee import prune
+
+    torch.manual_seed(0)
+    cfg = {
+        "lift": hfx.LiftConfig(r=8, target_modules=["lin"]),
+        "sara": hfx.SaraConfig(ratio=0.05, target_modules=["lin"]),
+        "dsee": hfx.DseeConfig(r=8, target_modules=["lin"]),
+        "dsee-pruned": hfx.DseeConfig(r=8, target_modules=["lin"]),
+        "bat": hfx.BoneConfig(r=16, init_weights="bat", target_modules=["lin"]),
+    }[method]
+    base = nn.Sequential()
+    base.add_module("lin", nn.Linear(512, 256))
+    with torch.no_grad():  # the reference gets the weights the bf16 model will hold
+        base.lin.weight.copy_(base.lin.weight.bfloat16().float())
+        base.lin.bias.copy_(base.lin.bias.bfloat16().float())
+    ref = get_peft_model(base.double(), cfg)
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.requires_grad:
+                p.copy_((0.02 * torch.randn(p.shape, dtype=torch.float64)).float().double())
+    if method == "dsee-pruned":
+        prune(ref, ratio=0.3)
+    gpu = _bf16_cuda_copy(ref)
+    x = torch.randn(4, 64, 512).bfloat16()
+    x_gpu = x.to(GPU, copy=True).requires_grad_(True)
+    mode = _MatmulDtypes()
+    with mode:
+        y = gpu(x_gpu)
+        y.float().square().sum().backward()
+    layer_flops = 4 * 64 * 512 * 256  # tokens x in x out
+    big_fp32 = [(d, f) for d, f in zip(mode.seen, mode.flops) if f >= layer_flops // 4 and torch.float32 in d]
+    assert y.dtype == torch.bfloat16 and not big_fp32, big_fp32  # small fp32 GEMMs (LoRA's A/B, BAT's dW) are fine
+    assert any(f >= layer_flops // 4 and set(d) == {torch.bfloat16} for d, f in zip(mode.seen, mode.flops))
+    x_ref = x.detach().double().requires_grad_(True)
+    y_ref = ref(x_ref)
+    y_ref.square().sum().backward()
+    scale = y_ref.abs().max().item()
+    torch.testing.assert_close(y.double().cpu(), y_ref.detach(), rtol=0, atol=2e-2 * scale)
+    torch.testing.assert_close(
+        x_gpu.grad.double().cpu(), x_ref.grad, rtol=0, atol=3e-2 * x_ref.grad.abs().max().item()
+    )
+    for (n, p), (_, q) in zip(gpu.named_parameters(), ref.named_parameters()):
+        if p.requires_grad:
+            assert p.grad.dtype == torch.float32, n
+            torch.testing.assert_close(p.grad.double().cpu(), q.grad, rtol=0, atol=3e-2 * q.grad.abs().max().item())
