@@ -8,6 +8,7 @@ read once, when a kernel module is imported, because Triton decides at decoratio
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import triton
@@ -40,6 +41,59 @@ def dot_precision(dtype: torch.dtype) -> str | None:
     if dtype != torch.float32:
         return None
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+try:  # raised before a kernel runs when its shared memory exceeds what the GPU gives a block
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # pragma: no cover - older Triton
+
+    class OutOfResources(Exception):  # noqa: N818 - Triton's name
+        pass
+
+
+# Stage counts found to fit, per (kernel, its constexprs, tensor dtypes, device): a GPU with less shared memory per
+# block than the H100's 227 KiB (A10, L4, RTX 3090/4090: 99 KiB) gets fewer pipeline stages instead of a failed launch.
+_FITTING_STAGES: dict[tuple, int] = {}
+
+
+def launch(kernel: Any, grid: tuple, *args: Any, num_stages: int, **kwargs: Any) -> None:
+    """``kernel[grid](*args, **kwargs)`` with ``num_stages`` software-pipeline stages, or the most that fit.
+
+    The tile sizes are tuned for Hopper. Compiled for sm_86, the Bone path's bf16 kernel needs 128 KiB of shared
+    memory at 3 stages and 64 KiB at 2 (tests/kernels/aot_compile.py), so it would not launch within those GPUs'
+    99 KiB. Triton raises ``OutOfResources`` before anything runs; this retries with one stage fewer and remembers
+    the count for the same kernel, configuration and device.
+    """
+    device = args[0].device if args and isinstance(args[0], torch.Tensor) else None
+    key = (
+        kernel.fn.__name__ if hasattr(kernel, "fn") else repr(kernel),
+        tuple(sorted((k, v) for k, v in kwargs.items() if k.isupper())),
+        tuple(a.dtype for a in args if isinstance(a, torch.Tensor)),
+        str(device),
+    )
+    stages = _FITTING_STAGES.get(key, num_stages)
+    while True:
+        try:
+            kernel[grid](*args, num_stages=stages, **kwargs)
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+            continue
+        _FITTING_STAGES[key] = stages
+        return
+
+
+def device_supports(t: torch.Tensor) -> bool:
+    """Whether ``t``'s GPU can run the kernels in ``t``'s dtype (always true off CUDA: the interpreter)."""
+    if INTERPRET or not t.is_cuda:
+        return True
+    return dtype_runs_on(t.dtype, torch.cuda.get_device_capability(t.device))
+
+
+def dtype_runs_on(dtype: torch.dtype, capability: tuple[int, int]) -> bool:
+    """bf16 tensor-core dots need sm_80 (Ampere) or newer; fp16 and fp32 run on older GPUs too."""
+    return dtype != torch.bfloat16 or tuple(capability) >= (8, 0)
 
 
 def supported_dtype(dtype: torch.dtype) -> bool:

@@ -66,7 +66,8 @@ def eligible(x: torch.Tensor, base: nn.Module) -> bool:
     w = base.weight
     if hasattr(w, "ds_id") or w.requires_grad or w.stride(1) != 1:  # ZeRO-3 partitioned / trainable base
         return False
-    from .._triton_utils import INTERPRET, supported_dtype
+    from .._triton_utils import INTERPRET, device_supports, supported_dtype
 
     on_device = x.is_cuda or (INTERPRET and x.device.type == "cpu")
-    return on_device and x.device == w.device and supported_dtype(w.dtype) and supported_dtype(x.dtype)
+    dtypes_ok = supported_dtype(w.dtype) and supported_dtype(x.dtype) and device_supports(x)
+    return on_device and x.device == w.device and dtypes_ok

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_utils import INTERPRET, check_device, dot_precision, supported_dtype
+from .._triton_utils import INTERPRET, check_device, dot_precision, launch, supported_dtype
 
 __all__ = ["bone_linear", "paca_linear"]
 
@@ -142,7 +142,8 @@ def _adapted_mm(
         return out
     grid = (triton.cdiv(m, _BLOCK_M) * triton.cdiv(n, _BLOCK_N),)
     dummy = weight
-    _adapted_mm_kernel[grid](
+    launch(
+        _adapted_mm_kernel, grid,
         a, weight, out, bias if bias is not None else dummy, delta if delta is not None else dummy,
         slot if slot is not None else dummy, m, n, k, out_f, r, a.stride(0), weight.stride(0), out.stride(0),
         MODE=mode, K_IS_IN=k_is_in, HAS_BIAS=bias is not None, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,

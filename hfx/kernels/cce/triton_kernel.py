@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_utils import INTERPRET, check_device, dot_precision, supported_dtype, tanh
+from .._triton_utils import INTERPRET, check_device, device_supports, dot_precision, launch, supported_dtype, tanh
 from . import reference
 from .reference import DEFAULT_CHUNK_BYTES
 
@@ -61,7 +61,8 @@ LAST_BACKWARD: dict[str, Any] = {"filter_density": None, "vocab_chunk": None}
 def supports(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether these inputs can run on the kernels (device and dtype)."""
     on_device = hidden.is_cuda or (INTERPRET and hidden.device.type == "cpu")
-    return on_device and supported_dtype(hidden.dtype) and supported_dtype(weight.dtype)
+    dtypes_ok = supported_dtype(hidden.dtype) and supported_dtype(weight.dtype)
+    return on_device and dtypes_ok and device_supports(hidden) and device_supports(weight)
 
 
 @triton.jit
@@ -378,7 +379,8 @@ def _block_sparse_mm(
     block_n, stages = sparse_mm_config(a.dtype)
     live, count = live_tiles(flags)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _block_sparse_mm_kernel[grid](
+    launch(
+        _block_sparse_mm_kernel, grid,
         a, b, out, live, count,
         b_rows if b_rows is not None else live, out_rows if out_rows is not None else live,
         m, n, k,
@@ -432,7 +434,8 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
         want_sort = filter_eps is not None and sort_vocab
         colsum = torch.zeros((v,), **f32) if want_sort else part_sum
         grid = (triton.cdiv(m, _BLOCK_M), splits)
-        _forward_kernel[grid](
+        launch(
+            _forward_kernel, grid,
             hidden, weight, bias if bias is not None else weight, labels,
             part_max, part_sum, part_zy, part_zsum, colsum,
             m, v, d, hidden.stride(0), weight.stride(0), v_per_split,
@@ -484,7 +487,8 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
             n_vt = triton.cdiv(width, _BLOCK_V)
             dz = dz_buf[:, :width]
             flags = flags_buf[:, :n_vt]
-            _grad_logits_kernel[(n_mt, n_vt)](
+            launch(
+                _grad_logits_kernel, (n_mt, n_vt),
                 hidden, weight, bias if bias is not None else weight, labels, lse, p_scale, y_scale, smooth,
                 perm if perm is not None else labels, dz_buf, flags_buf,
                 m, d, c0, c1, hidden.stride(0), weight.stride(0), dz_buf.stride(0), flags_buf.stride(0),
