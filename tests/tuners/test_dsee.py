@@ -171,6 +171,15 @@ def test_pruned_layer_matches_float64_and_keeps_no_dense_product():
     assert saved < 10 * 12 * 8, saved  # less than one m x n float64 tensor: x and a few per-token vectors
 
 
+def test_pruned_retraining_under_zero3_is_a_clear_error():
+    cfg = hfx.DseeConfig(r=2, lora_alpha=4, num_sparse=7, target_modules=["lin"])
+    model, layer = one_layer(12, 10, cfg)
+    prune(model, ratio=0.3)
+    layer.dsee_A["default"].weight.ds_id = 0  # what DeepSpeed ZeRO-3 puts on a partitioned parameter
+    with pytest.raises(NotImplementedError, match="ZeRO-3 is not supported.*'lin'.*ZeRO-1/2"):
+        model(torch.randn(2, 12, dtype=TORCH64))
+
+
 def _with_values(layer, model, v, x):
     from hfx.tuners._sparse import sparse_delta_linear
 

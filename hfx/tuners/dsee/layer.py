@@ -353,6 +353,12 @@ class DseeLinear(nn.Module, DseeLayer):
             x = self._cast_input_dtype(x, lora_a.weight.dtype)
             return lora_b(lora_a(x))
         # pruned: (B A) * M, so that pruned entries stay exactly zero during retraining
+        if hasattr(lora_a.weight, "ds_id"):
+            raise NotImplementedError(
+                f"DSEE: retraining a pruned model under DeepSpeed ZeRO-3 is not supported ({self._describe()} holds "
+                "partitioned A/B, which the masked product needs whole). Retrain the pruned model with DDP or DeepSpeed "
+                "ZeRO-1/2 (pruning itself is single-process)."
+            )
         return MaskedLowRankLinear.apply(x, lora_a.weight, lora_b.weight, self.dsee_prune_mask)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
