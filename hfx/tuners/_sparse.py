@@ -90,7 +90,8 @@ class _Plan:
 
 
 def compute_dtype(x: torch.Tensor, values: torch.Tensor) -> torch.dtype:
-    """The dtype of the sparse term's GEMMs: autocast's, else the input's if it is 16-bit, else ``values``' (fp32).
+    """The dtype of the layer-sized GEMMs of hfx's transient dense adapter terms (this sparse delta, DSEE's masked
+    low-rank product, BAT): autocast's, else the input's if it is 16-bit, else ``values``' (fp32).
 
     A bf16 model with fp32 ``values`` computes in bf16 with fp32 accumulation: three layer-sized fp32 GEMMs would
     run ~15x slower than bf16 on a tensor-core GPU (H100: 67 vs 989 dense TFLOP/s). Rounding ``D`` to bf16 is a
@@ -158,7 +159,7 @@ def sparse_delta_linear(
     shape: tuple[int, int],
     frozen: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """``x @ D^T`` for the sparse delta ``D`` of ``shape`` (out x in), in ``values``' dtype; see
+    """``x @ D^T`` for the sparse delta ``D`` of ``shape`` (out x in), in the dtype of [`compute_dtype`]; see
     [`SparseDeltaLinear`]. Pass ``x`` uncast: it is saved for backward as given."""
     if frozen is None:
         empty = indices.new_zeros(0)
