@@ -3,6 +3,8 @@ few-step training run with it matches the run without it step for step (Trainer,
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -71,6 +73,39 @@ def test_undo_restores_plain_forward(tokenizer):
     assert not hfx.cce_enabled(model)
     assert "forward" not in vars(model) and "forward" not in vars(model.lm_head)
     assert model(**inputs).logits is not None
+
+
+def _trl_style_chunked_forward(model):
+    """A stand-in for TRL 1.10-1.14 SFTTrainer's patched forward: it returns its own loss plus extra fields."""
+
+    def _patch_chunked_ce_lm_head(model):
+        original = model.forward
+
+        def _chunked_ce_forward(self, *args, labels=None, **kwargs):
+            out = original(*args, labels=labels, **kwargs)
+            out["num_valid_tokens"] = (labels != -100).sum() if labels is not None else None
+            return out
+
+        _chunked_ce_forward.__module__ = "trl.trainer.sft_trainer"
+        model.forward = types.MethodType(_chunked_ce_forward, model)
+
+    _patch_chunked_ce_lm_head(model)
+    return model
+
+
+def test_trl_chunked_loss_forward_stays_in_charge(tokenizer):
+    """use_cce on top of TRL's own logits-free loss (TRL < 1.15 SFTTrainer) warns and passes calls through, so TRL's
+    extra outputs survive; on a plain model the same call goes through CCE (logits=None)."""
+    inputs = batch(tokenizer)
+    reference = _trl_style_chunked_forward(tiny_causal_lm(hidden_size=32)).train()(**inputs)
+    model = _trl_style_chunked_forward(tiny_causal_lm(hidden_size=32)).train()
+    with pytest.warns(UserWarning, match="chunked loss .*stays in charge"):
+        hfx.use_cce(model)
+    out = model(**inputs)
+    assert out.num_valid_tokens == (inputs["labels"] != -100).sum() and out.logits is not None
+    torch.testing.assert_close(out.loss, reference.loss)
+    hfx.use_cce(model, enabled=False)
+    assert model(**inputs).num_valid_tokens is not None  # TRL's forward is back, untouched
 
 
 def test_return_dict_false_and_shift_labels(tokenizer):
@@ -225,7 +260,13 @@ def _run_sft(tokenizer, tmp_path, cce, before):
     args = SFTConfig(**_common(tmp_path), max_length=128)
     trainer = SFTTrainer(model=model, args=args, train_dataset=sft_dataset(32, seed=0), processing_class=tokenizer)
     if cce and not before:
-        hfx.use_cce(trainer.model)
+        from hfx.kernels.cce.integration import _is_trl_chunked_loss
+
+        if _is_trl_chunked_loss(trainer.model.forward):  # TRL 1.10-1.14: its chunked NLL forward stays in charge
+            with pytest.warns(UserWarning, match="stays in charge"):
+                hfx.use_cce(trainer.model)
+        else:
+            hfx.use_cce(trainer.model)
     return _losses(trainer)
 
 

@@ -19,8 +19,11 @@ one (or ``shift_labels`` used as given), ``ignore_index=-100``, mean over non-ig
 ``router_aux_loss_coef · aux_loss`` like their own forward does.
 
 Calls that keep the plain forward: eval mode, no ``labels``, a non-zero ``logits_to_keep``, and TRL's
-``fused_lm_head=True`` (TRL ≥ 1.x SFTTrainer/DPOTrainer already compute per-token log-probabilities in chunks through
-their own fused LM head; those calls pass through untouched).
+``fused_lm_head=True`` (TRL ≥ 1.15 SFTTrainer/DPOTrainer already compute per-token log-probabilities in chunks through
+their own fused LM head; those calls pass through untouched). TRL 1.10–1.14's SFTTrainer instead replaces the model's
+forward with its own chunked loss (``loss_type="chunked_nll"``, the default); ``use_cce`` applied on top of that
+leaves it in charge, with a warning, since that loss already never builds the logits and TRL reads extra outputs of
+it (``num_valid_tokens``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import contextlib
 import contextvars
 import functools
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +68,7 @@ class _State:
     options: dict[str, Any] = field(default_factory=dict)
     heads: list[nn.Module] = field(default_factory=list)
     patched_func: Any = None
+    defer: bool = False  # the wrapped forward computes its own logits-free loss (TRL's chunked NLL): pass through
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -78,6 +83,14 @@ def _base_model(model: nn.Module) -> nn.Module:
     if not hasattr(model, "get_output_embeddings"):
         raise TypeError(f"use_cce needs a transformers causal LM (PreTrainedModel); got {type(model).__name__}")
     return model
+
+
+def _is_trl_chunked_loss(forward: Any) -> bool:
+    """Whether ``forward`` is TRL 1.10–1.14 SFTTrainer's patched forward (``loss_type="chunked_nll"``)."""
+    func = getattr(forward, "__func__", forward)
+    return str(getattr(func, "__module__", "")).startswith("trl.") and "_patch_chunked_ce_lm_head" in str(
+        getattr(func, "__qualname__", "")
+    )
 
 
 def _head_linears(head: nn.Module) -> tuple[nn.Module, ...]:
@@ -195,6 +208,7 @@ def _make_forward(model: nn.Module, state: _State):
         logits_to_keep = kwargs.get("logits_to_keep", 0)
         plain = (
             not state.enabled
+            or state.defer
             or not self.training
             or labels is None
             or kwargs.get("fused_lm_head", False)
@@ -296,6 +310,15 @@ def use_cce(model: nn.Module, enabled: bool = True, **options: Any) -> nn.Module
         state.options = dict(options)
         return model
     state = _State(enabled=True, original_forward=base.forward, options=dict(options))
+    if _is_trl_chunked_loss(base.forward):
+        state.defer = True
+        warnings.warn(
+            "use_cce: this model's forward is TRL SFTTrainer's chunked loss (loss_type='chunked_nll'), which already "
+            "never builds the logits and whose extra outputs (num_valid_tokens, entropy_sum) TRL reads; it stays in "
+            "charge and hfx's CCE is not used. TRL >= 1.15 scores tokens through a fused LM head instead, which "
+            "use_cce also leaves as it is.",
+            stacklevel=2,
+        )
     func = _make_forward(base, state)
     state.patched_func = func
     base.forward = types.MethodType(func, base)
