@@ -21,6 +21,7 @@ import time
 import torch
 
 import hfx
+from hfx.compat import activation_checkpointing
 from hfx.data import preference_dataset
 from hfx.testing.pretrained import BaseRecipe, pretrained_base
 from hfx.trainers import closed_form_alpha
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = preference_dataset(n, args.difficulty, seed=args.seed, think=True)
     config = hfx.BVPOConfig(
         output_dir="/tmp/hfx-bvpo-variance", bvpo_alpha=args.alpha, beta=args.beta, use_cpu=not torch.cuda.is_available(),
-        bf16=False, activation_checkpointing=False, report_to="none", per_device_train_batch_size=args.batch_size,
+        bf16=False, **activation_checkpointing(False), report_to="none", per_device_train_batch_size=args.batch_size,
     )  # fmt: skip
     trainer = hfx.BVPOTrainer(path, args=config, train_dataset=data)
     model = trainer.model

@@ -17,6 +17,7 @@ import time
 import torch
 
 import hfx
+from hfx.compat import activation_checkpointing
 from hfx.data import sft_dataset
 from hfx.testing.pretrained import pretrained_base
 
@@ -46,7 +47,7 @@ def run(kind: str, base, tokenizer, train, args) -> dict:
         seed=args.seed,
         use_cpu=True,
         dataloader_num_workers=0,
-        activation_checkpointing=False,
+        **activation_checkpointing(False),
     )
     trainer = SFTTrainer(model=model, args=sft, train_dataset=train, processing_class=tokenizer)
     init_s = 0.0

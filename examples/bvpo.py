@@ -26,6 +26,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hfx
+from hfx.compat import activation_checkpointing
 from hfx.data import preference_dataset
 from hfx.testing.pretrained import BaseRecipe, pretrained_base
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         report_to="none",
         seed=args.seed,
         bf16=args.bf16,
-        activation_checkpointing=False,
+        **activation_checkpointing(False),
         use_cpu=not torch.cuda.is_available(),
     )
     peft_config = (

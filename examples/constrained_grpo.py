@@ -29,6 +29,7 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hfx
+from hfx.compat import activation_checkpointing
 from hfx.data import accuracy, correctness_reward, format_reward, prompt_dataset
 from hfx.testing.pretrained import pretrained_base
 
@@ -99,7 +100,7 @@ def build(args: argparse.Namespace, model_path: str):
         report_to="none",
         seed=args.seed,
         bf16=args.bf16,
-        activation_checkpointing=False,
+        **activation_checkpointing(False),
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
     )

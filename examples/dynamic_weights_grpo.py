@@ -26,6 +26,7 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import hfx
+from hfx.compat import activation_checkpointing
 from hfx.data import correctness_reward, format_reward, make_length_reward, prompt_dataset
 from hfx.data.metrics import generate_completions
 from hfx.testing.pretrained import pretrained_base
@@ -84,7 +85,7 @@ def build(args: argparse.Namespace, model_path: str, callbacks: list | None = No
         report_to="none",
         seed=args.seed,
         bf16=args.bf16,
-        activation_checkpointing=False,
+        **activation_checkpointing(False),
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
     )

@@ -28,6 +28,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hfx
+from hfx.compat import activation_checkpointing
 from hfx.data import accuracy, generate_problems, sft_dataset
 from hfx.testing.pretrained import BaseRecipe, pretrained_base
 from hfx.trainers import add_mask_token
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         report_to="none",
         seed=args.seed,
         bf16=args.bf16,
-        activation_checkpointing=False,
+        **activation_checkpointing(False),
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
     )

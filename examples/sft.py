@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 import hfx
+from hfx.compat import activation_checkpointing
 from hfx.data import accuracy, generate_problems, sft_dataset
 from hfx.testing.pretrained import BaseRecipe, pretrained_base
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         report_to="none",
         seed=args.seed,
         bf16=args.bf16,
-        activation_checkpointing=False,
+        **activation_checkpointing(False),
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
     )

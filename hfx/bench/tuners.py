@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from ..compat import activation_checkpointing
 from .report import environment, load_runs, markdown_table, plot, run_path, save_run, summarize
 
 __all__ = ["METHODS", "QUICK", "FULL", "TunerRecipe", "main", "run_one"]
@@ -141,7 +142,7 @@ def run_one(method: str, seed: int, recipe: TunerRecipe, model_path: str) -> dic
         save_strategy="no",
         report_to="none",
         seed=seed,
-        activation_checkpointing=False,
+        **activation_checkpointing(False),
         use_cpu=not torch.cuda.is_available(),
         bf16=False,
         disable_tqdm=False,  # the per-run progress bar

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compat import activation_checkpointing
 from .tokenizer import tokenizer_fingerprint
 
 _RECIPE_VERSION = 1
@@ -102,7 +103,7 @@ def pretrained_base(
                 report_to="none",
                 seed=recipe.seed,
                 bf16=False,
-                activation_checkpointing=False,
+                **activation_checkpointing(False),
                 use_cpu=not torch.cuda.is_available(),
                 dataloader_num_workers=0,
                 disable_tqdm=True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from hfx.compat import activation_checkpointing
 
 
 def short(completions, **kwargs):
@@ -33,7 +34,7 @@ def main() -> None:
 
     common = dict(
         max_steps=3, per_device_train_batch_size=4, num_generations=2, max_completion_length=6, learning_rate=1e-2,
-        logging_steps=1, report_to="none", bf16=False, activation_checkpointing=False, save_strategy="no", seed=0,
+        logging_steps=1, report_to="none", bf16=False, **activation_checkpointing(False), save_strategy="no", seed=0,
         disable_tqdm=True, deepspeed=zero3_test_config(), accelerator_config={"use_configured_state": True},
     )  # fmt: skip
     rewards = [format_reward, short]

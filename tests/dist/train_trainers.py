@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from hfx.compat import activation_checkpointing
 
 COMMON = dict(
     max_steps=3,
@@ -27,7 +28,7 @@ COMMON = dict(
     report_to="none",
     use_cpu=True,
     bf16=False,
-    activation_checkpointing=False,
+    **activation_checkpointing(False),
     seed=0,
     disable_tqdm=True,
 )

@@ -11,6 +11,7 @@ import torch
 from datasets import Dataset
 
 import hfx
+from hfx.compat import activation_checkpointing
 from hfx.data import correctness_reward, preference_dataset
 from hfx.testing import save_tiny_model
 from hfx.trainers import AlphaEstimator, closed_form_alpha, make_bvpo_pairs
@@ -42,7 +43,7 @@ def config(tmp_path, cls=None, **kw):
         report_to="none",
         use_cpu=True,
         bf16=False,
-        activation_checkpointing=False,
+        **activation_checkpointing(False),
         save_strategy="no",
         seed=0,
         disable_tqdm=True,
@@ -185,7 +186,7 @@ def test_train_lora_auto_alpha_logged_every_step(model_path, tokenizer, tmp_path
     from peft import LoraConfig
 
     ds = preference_dataset(16, think=True, format="conversational")
-    args = config(tmp_path, bvpo_alpha="auto", bvpo_alpha_warmup_steps=2, activation_checkpointing=True)
+    args = config(tmp_path, bvpo_alpha="auto", bvpo_alpha_warmup_steps=2, **activation_checkpointing(True))
     trainer = hfx.BVPOTrainer(
         model_path, args=args, train_dataset=ds, processing_class=tokenizer,
         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import hfx
+from hfx.compat import activation_checkpointing
 from hfx.data import prompt_dataset
 from hfx.testing import save_tiny_model
 from hfx.trainers.lagrange import LagrangeMultipliers
@@ -165,7 +166,7 @@ def config(tmp_path, cls=hfx.ConstrainedGRPOConfig, **kw):
     base = dict(
         output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4, num_generations=2,
         max_completion_length=6, learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True, bf16=False,
-        activation_checkpointing=False, save_strategy="no", seed=0, disable_tqdm=True, beta=0.05,
+        **activation_checkpointing(False), save_strategy="no", seed=0, disable_tqdm=True, beta=0.05,
         constraint_rewards=["hash_graded", "short"], constraint_thresholds=[0.6, -0.1],
         constraint_types=["ge", "le"], lagrange_lr=1.0,
     )  # fmt: skip

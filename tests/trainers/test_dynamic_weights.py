@@ -16,6 +16,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import hfx
+from hfx.compat import activation_checkpointing
 from hfx.data import format_reward, prompt_dataset
 from hfx.testing import save_tiny_model, tiny_causal_lm
 from hfx.trainers.dynamic_weight_utils import (
@@ -195,7 +196,7 @@ def config(tmp_path, cls=hfx.DynamicWeightGRPOConfig, **kw):
         report_to="none",
         use_cpu=True,
         bf16=False,
-        activation_checkpointing=False,
+        **activation_checkpointing(False),
         save_strategy="no",
         seed=0,
         disable_tqdm=True,

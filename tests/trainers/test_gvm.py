@@ -15,6 +15,7 @@ import torch
 from datasets import Dataset
 
 import hfx
+from hfx.compat import activation_checkpointing
 from hfx.data import correctness_reward, prompt_dataset
 from hfx.gvm import (
     GVMAllocation,
@@ -206,7 +207,7 @@ def config(tmp_path, cls=hfx.GVMRAFTConfig, **kw):
         report_to="none",
         use_cpu=True,
         bf16=False,
-        activation_checkpointing=False,
+        **activation_checkpointing(False),
         save_strategy="no",
         seed=0,
         disable_tqdm=True,

@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset
 
 import hfx
+from hfx.compat import activation_checkpointing
 from hfx.data import sft_dataset
 from hfx.testing import save_tiny_model, tiny_causal_lm
 from hfx.trainers import add_mask_token, mask_rate_at
@@ -37,7 +38,7 @@ def config(tmp_path, cls=None, **kw):
         report_to="none",
         use_cpu=True,
         bf16=False,
-        activation_checkpointing=False,
+        **activation_checkpointing(False),
         save_strategy="no",
         seed=0,
         disable_tqdm=True,
