@@ -304,16 +304,6 @@ def _render_conversational(
     return prompt_text, full[len(os.path.commonprefix([full, plain_gen])) :]
 
 
-def _common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
-    """Leading tokens two id lists share: a template may render the prompt alone differently from prompt + reply."""
-    n = 0
-    for a, b in zip(ids, other_ids):
-        if a != b:
-            break
-        n += 1
-    return n
-
-
 def tokenize_empty_view(
     example: dict[str, Any],
     tokenizer: Any,
@@ -348,7 +338,8 @@ def tokenize_empty_view(
         completion_texts = [EMPTY_THINK_RE.sub("", c, count=1) for c in completion_texts]
     prompt_ids = tokenizer(prompt_text, add_special_tokens=special)["input_ids"]
     full_ids = [tokenizer(prompt_text + c, add_special_tokens=special)["input_ids"] for c in completion_texts]
-    n = min(_common_prefix_length(prompt_ids, ids) for ids in full_ids)
+    # a template may tokenize the prompt alone differently from prompt + reply: split where they stop agreeing
+    n = len(os.path.commonprefix([prompt_ids, *full_ids]))
     return {
         EMPTY_PREFIX + "prompt_ids": prompt_ids[:n],
         EMPTY_PREFIX + "chosen_ids": full_ids[0][n:],
