@@ -67,6 +67,7 @@ def run_gloo(args: argparse.Namespace) -> None:
     save_file(init_state(model), os.path.join(args.out, f"rank{rank}.safetensors"))
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(summary, f)
+    torch.distributed.barrier()  # both ranks leave together: torch 2.6 could hang in destroy once the peer had exited
     torch.distributed.destroy_process_group()
 
 

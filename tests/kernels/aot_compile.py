@@ -36,9 +36,15 @@ def compile_kernel(fn, types: dict, consts: dict, arch: int) -> dict:
     # allocations 16-byte aligned): without these hints loads cannot be vectorised or pipelined (cp.async).
     aligned = [n for n in names if n not in consts and (types[n].startswith("*") or n in _ALIGNED_INTS)]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(
-        fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs
-    )
+    if "constexprs" in inspect.signature(ASTSource).parameters:  # Triton >= 3.3
+        src = ASTSource(
+            fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs
+        )
+    else:  # Triton 3.2 (torch 2.6): constexprs by name, outside the signature; hints through the backend's descriptor
+        from triton.backends.compiler import AttrsDescriptor
+
+        hints = AttrsDescriptor.from_hints({names.index(n): 16 for n in aligned})
+        src = ASTSource(fn, {n: t for n, t in signature.items() if n not in consts}, dict(consts), hints)
     kernel = triton_compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = kernel.asm["ptx"]
     return {

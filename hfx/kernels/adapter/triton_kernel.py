@@ -96,13 +96,16 @@ def _adapted_mm_kernel(
         if K_IS_IN:  # tile rows are input features i, columns output features o
             i2 = offs_k[:, None]
             o2 = offs_n[None, :]
+            mask_i = mask_k[:, None]
         else:  # tile rows are output features o, columns input features i
             i2 = offs_n[None, :]
             o2 = offs_k[:, None]
+            mask_i = mask_n[None, :]
         tile_mask = mask_k[:, None] & mask_n[None, :]
         w = tl.load(W + o2.to(tl.int64) * stride_w + i2, mask=tile_mask, other=0.0)
         if MODE == 1:
-            slot = tl.load(SLOT + i2, mask=tile_mask, other=-1)
+            # the mask has the pointer's shape: Triton < 3.3 broadcasts a mask to its pointer, never the other way
+            slot = tl.load(SLOT + i2, mask=mask_i, other=-1)
             d = tl.load(DELTA + o2 * R + slot, mask=tile_mask & (slot >= 0), other=0.0)
             w = (w.to(tl.float32) + d.to(tl.float32)).to(W.dtype.element_ty)
         if MODE == 2:
