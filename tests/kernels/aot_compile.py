@@ -16,6 +16,7 @@ import os
 os.environ.pop("TRITON_INTERPRET", None)  # before any kernel is decorated
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler import compile as triton_compile  # noqa: E402
@@ -36,7 +37,7 @@ def compile_kernel(fn, types: dict, consts: dict, arch: int) -> dict:
     # allocations 16-byte aligned): without these hints loads cannot be vectorised or pipelined (cp.async).
     aligned = [n for n in names if n not in consts and (types[n].startswith("*") or n in _ALIGNED_INTS)]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    if "constexprs" in inspect.signature(ASTSource).parameters:  # Triton >= 3.3
+    if "constexprs" in inspect.signature(ASTSource).parameters:  # newer Triton (3.6 on the GPU image, 3.9 here)
         src = ASTSource(
             fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs
         )
@@ -49,6 +50,7 @@ def compile_kernel(fn, types: dict, consts: dict, arch: int) -> dict:
     ptx = kernel.asm["ptx"]
     return {
         "kernel": fn.fn.__name__,
+        "triton": triton.__version__,
         "consts": {k: v for k, v in consts.items() if k.startswith(("HAS", "MODE", "K_IS", "PRECISION"))},
         "cubin_bytes": len(kernel.asm["cubin"]),
         "wgmma": ptx.count("wgmma.mma_async"),

@@ -104,7 +104,7 @@ def _adapted_mm_kernel(
         tile_mask = mask_k[:, None] & mask_n[None, :]
         w = tl.load(W + o2.to(tl.int64) * stride_w + i2, mask=tile_mask, other=0.0)
         if MODE == 1:
-            # the mask has the pointer's shape: Triton < 3.3 broadcasts a mask to its pointer, never the other way
+            # the mask has the pointer's shape: Triton 3.2 broadcasts a mask to its pointer, never the other way
             slot = tl.load(SLOT + i2, mask=mask_i, other=-1)
             d = tl.load(DELTA + o2 * R + slot, mask=tile_mask & (slot >= 0), other=0.0)
             w = (w.to(tl.float32) + d.to(tl.float32)).to(W.dtype.element_ty)
