@@ -293,6 +293,11 @@ def test_errors():
         hfx.initialize(make(min_rank=1, rank_budget=1), batches, show_progress=False)
     with pytest.raises(ValueError, match="too few valid tokens"):
         hfx.initialize(make(), iter([{"x": torch.randn(2, 12)}]), show_progress=False)
+    # a LoRA Embedding keeps its adapter in lora_embedding_A: named in the error, not skipped at PEFT's default init
+    lm = tiny_causal_lm(hidden_size=32, num_layers=1, seed=0)
+    emb = get_peft_model(lm, hfx.EvaConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
+    with pytest.raises(TypeError, match=r"embed_tokens.*Embedding"):
+        hfx.initialize(emb, lm_batches(lm.config.vocab_size, n=2, bsz=2, seq=8), show_progress=False)
     with pytest.raises(ValueError, match="rho must be >= 1"):
         hfx.EvaConfig(rho=0.5)
     with pytest.raises(ValueError, match="max_iterations must be >= 2"):

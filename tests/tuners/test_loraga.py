@@ -397,3 +397,37 @@ def test_config_validation():
     with pytest.raises(ValueError, match="dora"):
         hfx.LoraGAConfig(use_dora=True)
     assert hfx.LoraGAConfig().peft_type.value == "LORA" and hfx.LoraGAConfig().use_rslora
+
+
+def test_error_second_loraga_adapter_and_warning_for_shared_layers():
+    """A second LoRA-GA init would offset the shared base again (changing the first adapter's outputs and making the
+    second save relative to an offset base): it raises, and leaves the first adapter's outputs as they were."""
+    from peft import LoraConfig
+
+    base, model = fresh()
+    batches = make_batches(base.config.vocab_size)
+    hfx.initialize(model, batches, show_progress=False)
+    ids = probe(base.config.vocab_size)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    model.add_adapter("other", hfx.LoraGAConfig(r=2, target_modules=TARGETS))
+    with pytest.raises(RuntimeError, match=r"'default' of this model is already LoRA-GA-initialised.*one LoRA-GA"):
+        hfx.initialize(model, batches, adapter_names=["other"], show_progress=False)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+    # a plain LoRA adapter on the same layers sees the offset: warned, by name
+    base, model = fresh()
+    model.add_adapter("plain", LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.warns(UserWarning, match=r"adapter\(s\) \['plain'\] share"):
+        hfx.initialize(model, batches, adapter_names=["default"], show_progress=False)
+
+
+
+def test_error_embedding_target_is_named_not_skipped():
+    """A LoRA Embedding keeps its adapter in lora_embedding_A; it used to be skipped silently (left at PEFT's
+    default init) instead of getting the unsupported-target error."""
+    base = make_base()
+    model = get_peft_model(base, hfx.LoraGAConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
+    with pytest.raises(TypeError, match=r"embed_tokens.*Embedding"):
+        hfx.initialize(model, make_batches(base.config.vocab_size), show_progress=False)

@@ -248,13 +248,16 @@ def target_layers(peft_model: nn.Module, adapter_name: str) -> list[tuple[str, n
         Conv1D = nn.Linear  # noqa: N806
     layers = []
     for name, module in peft_model.named_modules():
-        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+        # a LoRA Embedding keeps its adapter in lora_embedding_A: it carries the adapter too, and must get the error
+        if not isinstance(module, LoraLayer) or (
+            adapter_name not in module.lora_A and adapter_name not in getattr(module, "lora_embedding_A", {})
+        ):
             continue
         if not isinstance(module.get_base_layer(), (nn.Linear, Conv1D)) and not hasattr(module, "in_features"):
             raise TypeError(
                 f"EVA supports Linear/Conv1D targets; {name!r} is {type(module.get_base_layer()).__name__}."
             )
-        if not isinstance(module.lora_A[adapter_name], nn.Linear):
+        if adapter_name not in module.lora_A or not isinstance(module.lora_A[adapter_name], nn.Linear):
             raise TypeError(
                 f"EVA supports Linear/Conv1D targets; {name!r} ({type(module).__name__}) is not one. Exclude it from "
                 "target_modules."

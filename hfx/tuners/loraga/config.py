@@ -22,6 +22,11 @@ class LoraGAConfig(LoraConfig):
     before the optimizer is built. ``save_pretrained`` writes a plain LoRA adapter for the *original* base weights
     (rank ``2r``: ``[B_t, -B_0] [A_t; A_0]``), which stock PEFT loads without hfx.
 
+    The offset lives in the frozen base weights (as with PEFT's PiSSA/OLoRA inits): with the adapter disabled,
+    unloaded or deleted, the model is the offset base, not the original one; load the base again for that. Hence one
+    LoRA-GA adapter per model: ``hfx.initialize`` refuses a second one, and warns when other adapters share the
+    target layers (their outputs move with the offset).
+
     Args:
         iters (`int`, *optional*): how many batches to use for the gradient estimate; ``None``: all of them.
         direction (`str`): which singular vectors go to A and B. ``"ArB2r"`` (paper default): A = V[:, :r]^T,

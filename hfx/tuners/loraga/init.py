@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
 from functools import partial
@@ -76,7 +77,10 @@ def target_layers(peft_model: nn.Module, adapter_name: str) -> list[tuple[str, n
     supported = (nn.Linear,) + ((conv1d,) if conv1d is not None else ())
     layers = []
     for name, module in peft_model.named_modules():
-        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+        # a LoRA Embedding keeps its adapter in lora_embedding_A: it carries the adapter too, and must get the error
+        if not isinstance(module, LoraLayer) or (
+            adapter_name not in module.lora_A and adapter_name not in getattr(module, "lora_embedding_A", {})
+        ):
             continue
         base = module.get_base_layer()
         weight = getattr(base, "weight", None)
@@ -373,8 +377,24 @@ def initialize_loraga(
             f"LoRA-GA: adapter {adapter_name!r} is already initialised (its base weights carry the offset); build "
             "the model again to re-initialise."
         )
+    offset_by = [n for n, c in peft_model.peft_config.items() if isinstance(c, LoraGAConfig) and c._loraga_init]
+    if offset_by:
+        raise RuntimeError(
+            f"LoRA-GA: adapter {offset_by[0]!r} of this model is already LoRA-GA-initialised, so the base weights carry "
+            f"its offset; initialising {adapter_name!r} too would offset them again, which changes {offset_by[0]!r}'s "
+            f"outputs and makes {adapter_name!r} save relative to an offset base. Use one LoRA-GA adapter per model: "
+            f"save {offset_by[0]!r}, then build {adapter_name!r} on a freshly loaded base model."
+        )
     start = time.perf_counter()
     layers = target_layers(peft_model, adapter_name)
+    others = sorted({o for _, layer in layers for o in layer.lora_A if o != adapter_name})
+    if others:
+        warnings.warn(
+            f"LoRA-GA[{adapter_name}]: the offset W <- W - s*B*A goes into base weights that adapter(s) {others} share, "
+            "so their outputs change, and they save relative to the offset base. Initialise LoRA-GA on a model "
+            "without other adapters on its target layers.",
+            stacklevel=3,
+        )
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     summary: dict[str, Any] = {"method": "lora_ga", "layers": len(layers)}
     if init_from is not None:
