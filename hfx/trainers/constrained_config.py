@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig, RLOOConfig
@@ -78,6 +79,10 @@ class _ConstraintArguments:
                 "constraint_thresholds is required: one threshold per constrained reward, e.g. [0.8, -0.1]"
             )
         n = len(self.constraint_thresholds)
+        for name in ("constraint_thresholds", "lagrange_init"):
+            bad = [v for v in getattr(self, name) or [] if not math.isfinite(float(v))]
+            if bad:
+                raise ValueError(f"{name} must be finite numbers, got {getattr(self, name)}")
         if self.constraint_rewards is not None and len(self.constraint_rewards) != n:
             raise ValueError(
                 f"constraint_rewards names {len(self.constraint_rewards)} rewards but constraint_thresholds has {n} "
@@ -96,10 +101,19 @@ class _ConstraintArguments:
             )
         if self.lagrange_init is not None and len(self.lagrange_init) != n:
             raise ValueError(f"lagrange_init must have {n} values (one per constraint), got {len(self.lagrange_init)}")
-        if self.lagrange_lr <= 0 or not 0 <= self.lagrange_momentum < 1 or self.lagrange_max <= 0:
-            raise ValueError("need lagrange_lr > 0, 0 <= lagrange_momentum < 1 and lagrange_max > 0")
-        if self.lagrange_max_grad_norm is not None and self.lagrange_max_grad_norm <= 0:
-            raise ValueError("lagrange_max_grad_norm must be > 0 or None")
+        # chained comparisons are False for NaN, so NaN fails too
+        if not (
+            0 < self.lagrange_lr < math.inf and 0 <= self.lagrange_momentum < 1 and 0 < self.lagrange_max < math.inf
+        ):
+            raise ValueError(
+                "need finite lagrange_lr > 0, 0 <= lagrange_momentum < 1 and finite lagrange_max > 0; got "
+                f"lagrange_lr={self.lagrange_lr}, lagrange_momentum={self.lagrange_momentum}, "
+                f"lagrange_max={self.lagrange_max}"
+            )
+        if self.lagrange_max_grad_norm is not None and not 0 < self.lagrange_max_grad_norm < math.inf:
+            raise ValueError(
+                f"lagrange_max_grad_norm must be a finite number > 0 or None, got {self.lagrange_max_grad_norm}"
+            )
         super().__post_init__()
 
 

@@ -88,7 +88,7 @@ class _DynamicWeightArguments:
                 f"maximize has {len(self.maximize)} entries but objectives names {len(self.objectives)}; "
                 "give one bool per objective"
             )
-        if not self.weight_regularization > 0:
+        if not 0 < self.weight_regularization < math.inf:
             raise ValueError(f"weight_regularization must be > 0, got {self.weight_regularization}")
         if self.weight_grad_max_samples is not None and self.weight_grad_max_samples < 1:
             raise ValueError(f"weight_grad_max_samples must be >= 1 or None, got {self.weight_grad_max_samples}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -76,8 +77,13 @@ class GVMGRPOConfig(GRPOConfig):
             raise ValueError(f"gvm_budget must be >= 1 or None, got {self.gvm_budget}")
         if self.gvm_pool_size is not None and self.gvm_pool_size < 1:
             raise ValueError(f"gvm_pool_size must be >= 1 or None, got {self.gvm_pool_size}")
-        if self.gvm_min_per_prompt < 0 or self.gvm_alpha < 0:
-            raise ValueError("gvm_min_per_prompt and gvm_alpha must be >= 0")
+        if self.gvm_min_per_prompt < 0:
+            raise ValueError(f"gvm_min_per_prompt must be >= 0, got {self.gvm_min_per_prompt}")
+        for name in ("gvm_alpha", "gvm_beta"):
+            if not 0 <= getattr(self, name) < math.inf:  # NaN fails too
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if math.isnan(self.gvm_accept_threshold):
+            raise ValueError("gvm_accept_threshold must be a number (-inf accepts every sample), got nan")
         super().__post_init__()
 
 

@@ -15,6 +15,14 @@ from typing import Any
 __all__ = ["LagrangeMultipliers"]
 
 
+def _sigmoid(v: float) -> float:
+    """σ(v) without overflow: ``math.exp(-v)`` overflows below v ≈ -709 (a constraint met by a wide margin)."""
+    if v >= 0:
+        return 1.0 / (1.0 + math.exp(-v))
+    e = math.exp(v)
+    return e / (1.0 + e)
+
+
 class LagrangeMultipliers:
     """Multipliers for ``kinds`` (``"ge"``/``"le"``/``"eq"``) constraints with ``thresholds``; see the module doc.
 
@@ -55,7 +63,7 @@ class LagrangeMultipliers:
         """The multipliers ``m_i`` as applied (σ(μ), tanh(μ) or the projected μ)."""
         if self.parametrization == "projected":
             return list(self.raw)
-        return [math.tanh(v) if k == "eq" else 1.0 / (1.0 + math.exp(-v)) for k, v in zip(self.kinds, self.raw)]
+        return [math.tanh(v) if k == "eq" else _sigmoid(v) for k, v in zip(self.kinds, self.raw)]
 
     def derivatives(self) -> list[float]:
         """``dm_i/dμ_i`` at the current μ."""
@@ -94,6 +102,12 @@ class LagrangeMultipliers:
         """One SGD-with-momentum step from the batch means ``values`` (``J``); returns the gradient used."""
         if len(values) != len(self.raw):
             raise ValueError(f"{len(values)} constraint values for {len(self.raw)} constraints")
+        infinite = [i for i, v in enumerate(values) if math.isinf(float(v))]
+        if infinite:
+            raise ValueError(
+                f"constraint {infinite[0]}'s batch mean reward is {float(values[infinite[0]])}: the multiplier update "
+                "needs finite rewards; check that reward function (NaN, i.e. no scored sample, is skipped)."
+            )
         grad = self.gradient(values)
         if self.max_grad_norm is not None:
             norm = math.sqrt(sum(g * g for g in grad))

@@ -26,6 +26,20 @@ def sig(x: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ multipliers
+def test_sigmoid_saturates_instead_of_overflowing():
+    """A constraint met (ge) or violated (le) by a wide margin drives μ far below -709, where math.exp(-μ)
+    overflowed; σ(μ) must saturate to 0 and the step must go on."""
+    lm = LagrangeMultipliers(["ge", "le"], [0.0, 0.0], lr=1.0, momentum=0.0, init=[-800.0, 800.0])
+    assert lm.values() == [0.0, 1.0] and lm.derivatives() == [0.0, 0.0]
+    lm = LagrangeMultipliers(["ge"], [0.0], lr=1.0, momentum=0.0)
+    lm.step([3000.0])  # μ = -0.25 * 3000 = -750
+    assert lm.raw == [-750.0] and 0.0 <= lm.values()[0] < 1e-300
+    lm.step([3000.0])  # the derivative has saturated too: μ stays
+    assert lm.raw == [-750.0]
+    with pytest.raises(ValueError, match="constraint 0's batch mean reward is inf"):
+        lm.step([float("inf")])
+
+
 def test_sigmoid_step_equals_hand_computed():
     mu0 = [0.3, -0.2, 0.5]
     lm = LagrangeMultipliers(["ge", "le", "eq"], [0.5, 0.2, 0.0], lr=0.1, momentum=0.1, init=mu0)
@@ -324,6 +338,15 @@ def test_errors(model_path, tmp_path):
         config(tmp_path, constraint_types=["gt"])
     with pytest.raises(ValueError, match="lagrange_parametrization"):
         config(tmp_path, lagrange_parametrization="softplus")
+    # NaN/inf used to pass (NaN > 0 is False) and then train with NaN reward weights and a zero loss
+    nan, inf = float("nan"), float("inf")
+    for kw, name in [({"constraint_thresholds": [nan, 0.1]}, "constraint_thresholds"),
+                     ({"constraint_thresholds": [0.5, inf]}, "constraint_thresholds"),
+                     ({"lagrange_init": [0.0, nan]}, "lagrange_init"), ({"lagrange_lr": nan}, "lagrange_lr"),
+                     ({"lagrange_lr": inf}, "lagrange_lr"), ({"lagrange_max": nan}, "lagrange_max"),
+                     ({"lagrange_max_grad_norm": nan}, "lagrange_max_grad_norm")]:  # fmt: skip
+        with pytest.raises(ValueError, match=name):
+            config(tmp_path, **kw)
     with pytest.raises(ValueError, match="constraint_thresholds has 2 values but there are 3 reward functions"):
         hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=REWARDS, train_dataset=ds,
                                    args=config(tmp_path, constraint_rewards=None))  # fmt: skip

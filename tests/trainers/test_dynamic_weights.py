@@ -320,6 +320,8 @@ def test_errors(model_path, tmp_path):
         config(tmp_path, objectives=["hash_reward"], maximize=[True, False])
     with pytest.raises(ValueError, match="hv_source"):
         config(tmp_path, hv_source="test")
+    with pytest.raises(ValueError, match="weight_regularization"):
+        config(tmp_path, weight_regularization=float("inf"))
     ds = prompt_dataset(8)
     with pytest.raises(ValueError, match="objectives: unknown reward name 'accuracy'"):
         hfx.DynamicWeightGRPOTrainer(model_path, reward_funcs=REWARDS, args=config(tmp_path, objectives=["accuracy"]),

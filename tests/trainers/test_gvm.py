@@ -298,6 +298,10 @@ def test_trainer_errors(model_path, tmp_path):
         )  # fmt: skip
     with pytest.raises(ValueError, match="gvm_loss"):
         config(tmp_path, gvm_loss="ppo")
+    for name, bad in [("gvm_alpha", float("nan")), ("gvm_beta", float("inf")), ("gvm_beta", -1.0),
+                      ("gvm_accept_threshold", float("nan"))]:  # fmt: skip
+        with pytest.raises(ValueError, match=name):
+            config(tmp_path, **{name: bad})
     trainer = hfx.GVMRAFTTrainer(
         model_path, reward_funcs=hash_reward, args=config(tmp_path, gvm_budget=4, gvm_min_per_prompt=2),
         train_dataset=prompt_dataset(8),

@@ -215,6 +215,8 @@ def test_default_init_is_exactly_the_base_and_paper_init():
         ({"sparse_method": "omp"}, "sparse_method"),
         ({"lora_dropout": 1.0}, "lora_dropout"),
         ({"bias": "lora_only"}, "bias"),
+        ({"grebsmo_threshold": float("inf")}, "grebsmo_threshold"),
+        ({"grebsmo_threshold": float("nan")}, "grebsmo_threshold"),
     ],
 )
 def test_config_validation(kwargs, match):

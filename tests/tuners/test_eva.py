@@ -298,8 +298,9 @@ def test_errors():
     emb = get_peft_model(lm, hfx.EvaConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
     with pytest.raises(TypeError, match=r"embed_tokens.*Embedding"):
         hfx.initialize(emb, lm_batches(lm.config.vocab_size, n=2, bsz=2, seq=8), show_progress=False)
-    with pytest.raises(ValueError, match="rho must be >= 1"):
-        hfx.EvaConfig(rho=0.5)
+    for rho in (0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="rho must be >= 1"):
+            hfx.EvaConfig(rho=rho)
     with pytest.raises(ValueError, match="max_iterations must be >= 2"):
         hfx.EvaConfig(max_iterations=1)
 

@@ -396,6 +396,9 @@ def test_config_validation():
         hfx.LoraGAConfig(direction="bogus")
     with pytest.raises(ValueError, match="dora"):
         hfx.LoraGAConfig(use_dora=True)
+    for gamma in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="stable_gamma"):
+            hfx.LoraGAConfig(stable_gamma=gamma)
     assert hfx.LoraGAConfig().peft_type.value == "LORA" and hfx.LoraGAConfig().use_rslora
 
 

@@ -526,6 +526,7 @@ def test_non_linear_target_is_refused():
         ({"threshold": -1.0}, "threshold"),
         ({"ratio": 1.0}, "ratio"),
         ({"nuclear_norm_weight": -1.0}, "nuclear_norm_weight"),
+        ({"nuclear_norm_weight": float("inf")}, "nuclear_norm_weight"),
         ({"nuclear_norm_layers": 0}, "nuclear_norm_layers"),
         ({"progressive_fraction": 1.5}, "progressive_fraction"),
         ({"bias": "lora_only"}, "bias"),

@@ -3,6 +3,7 @@ Models", ACL 2023, arXiv 2111.00160)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -136,8 +137,10 @@ class DseeConfig(PeftConfig):
         for name in ("sparse_rank", "grebsmo_max_iters", "grebsmo_rank_step", "grebsmo_max_numel"):
             if not _positive_int(getattr(self, name)):
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
-        if not (isinstance(self.grebsmo_threshold, (int, float)) and self.grebsmo_threshold >= 0):
-            raise ValueError(f"`grebsmo_threshold` must be a non-negative number, got {self.grebsmo_threshold!r}.")
+        if not (isinstance(self.grebsmo_threshold, (int, float)) and 0 <= self.grebsmo_threshold < math.inf):
+            raise ValueError(
+                f"`grebsmo_threshold` must be a finite non-negative number, got {self.grebsmo_threshold!r}."
+            )
         if self.init_lora_weights not in (True, False, "kaiming"):
             raise ValueError(f"`init_lora_weights` must be True, False or 'kaiming', got {self.init_lora_weights!r}.")
         if self.bias not in ("none", "all", "dsee_only"):

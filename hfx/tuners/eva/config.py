@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -57,8 +58,8 @@ class EvaConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.rho < 1:
-            raise ValueError(f"EvaConfig.rho must be >= 1, got {self.rho}.")
+        if not 1 <= self.rho < math.inf:  # NaN fails too
+            raise ValueError(f"EvaConfig.rho must be >= 1 and finite, got {self.rho}.")
         if not 0 < self.tau <= 1:
             raise ValueError(f"EvaConfig.tau must be in (0, 1], got {self.tau}.")
         if self.max_iterations < 2:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -69,7 +70,7 @@ class LoraGAConfig(LoraConfig):
             raise ValueError(f"LoraGAConfig.export must be one of {EXPORTS}, got {self.export!r}.")
         if self.svd not in ("auto", "full", "lowrank"):
             raise ValueError(f"LoraGAConfig.svd must be 'auto', 'full' or 'lowrank', got {self.svd!r}.")
-        if self.stable_gamma <= 0:
+        if not 0 < self.stable_gamma < math.inf:  # NaN fails too
             raise ValueError(f"LoraGAConfig.stable_gamma must be > 0, got {self.stable_gamma}.")
         if self.iters is not None and self.iters < 1:
             raise ValueError(f"LoraGAConfig.iters must be >= 1 or None, got {self.iters}.")

@@ -138,7 +138,7 @@ class SaraConfig(PeftConfig):
         if (
             isinstance(self.nuclear_norm_weight, bool)
             or not isinstance(self.nuclear_norm_weight, (int, float))
-            or not self.nuclear_norm_weight >= 0
+            or not 0 <= self.nuclear_norm_weight < math.inf
         ):
             raise ValueError(f"`nuclear_norm_weight` must be a number >= 0, got {self.nuclear_norm_weight!r}.")
         if self.nuclear_norm_layers is not None and (
