@@ -37,7 +37,9 @@ class GVMGRPOConfig(GRPOConfig):
             ``N``, completions allocated per round; ``None``: ``gvm_num_pilot × pool size`` (the paper's ``N = N'·n``).
             Rounded down to a multiple of ``num_generations`` (allocations are made in whole groups).
         gvm_pool_size (`int` or `None`, defaults to `None`):
-            Prompts per round, taken in order from a seeded permutation of the dataset (cycling); ``None``: all.
+            Prompts per round (at most the dataset's size), taken in order from a seeded permutation of the dataset,
+            a new one each epoch (an epoch's last round wraps to its start: no round holds a prompt twice); ``None``:
+            all.
         gvm_refresh_steps (`int`, defaults to `10`):
             Optimizer steps between allocation rounds (the paper: ~10 M-steps per EM iteration).
         gvm_alpha (`float`, defaults to `1e-3`), gvm_beta (`float`, defaults to `2.0`):

@@ -73,6 +73,11 @@ class GVMGRPOTrainer(JsonCheckpointStateMixin, GRPOTrainer):
         if "prompt" not in columns:
             raise ValueError(f"the train dataset has no 'prompt' column (columns: {sorted(columns)})")
         check_reward_columns(self.reward_funcs, columns)
+        if args.gvm_pool_size is not None and args.gvm_pool_size > len(self.train_dataset):
+            raise ValueError(
+                f"gvm_pool_size={args.gvm_pool_size} is larger than the train dataset ({len(self.train_dataset)} "
+                f"prompts): a round would hold a prompt twice. Use at most {len(self.train_dataset)}, or None (all)."
+            )
         self.gvm_state: GVMAllocation | None = None
         self._gvm_cursor = 0  # plan entries consumed in the current round
         self._gvm_counters = {"pilot_samples": 0, "train_samples": 0, "pilot_seconds": 0.0, "rounds_run_here": 0}
@@ -81,18 +86,15 @@ class GVMGRPOTrainer(JsonCheckpointStateMixin, GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------------ plan
     def _pool_indices(self, iteration: int) -> list[int]:
-        """Round ``iteration``'s prompts: positions ``[k·P, (k+1)·P)`` of a seeded, per-epoch permutation stream."""
+        """Round ``iteration``'s prompts: the next ``P`` of a seeded permutation of the dataset, a new one each epoch
+        of ``ceil(size / P)`` rounds; an epoch's last round wraps to that permutation's start, so that no round holds
+        a prompt twice (its pilot statistics would be split between the copies)."""
         size = len(self.train_dataset)
         pool = self.args.gvm_pool_size or size
-        out, perms = [], {}
-        for pos in range(iteration * pool, (iteration + 1) * pool):
-            epoch, offset = divmod(pos, size)
-            if epoch not in perms:
-                perm = list(range(size))
-                random.Random(f"hfx-gvm-pool|{self.args.seed}|{epoch}").shuffle(perm)
-                perms[epoch] = perm
-            out.append(perms[epoch][offset])
-        return out
+        epoch, chunk = divmod(iteration, -(-size // pool))
+        perm = list(range(size))
+        random.Random(f"hfx-gvm-pool|{self.args.seed}|{epoch}").shuffle(perm)
+        return [perm[(chunk * pool + t) % size] for t in range(pool)]
 
     def _plan_pass(self, state: GVMAllocation, pass_index: int) -> list[int]:
         """One pass over the round's plan: prompts in a seeded order, each as ``n_i`` consecutive entries."""

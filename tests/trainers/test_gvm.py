@@ -290,7 +290,28 @@ def test_resume_restores_allocation(model_path, tmp_path):
     assert resumed.gvm_state == trainer.gvm_state and resumed._gvm_cursor == trainer._gvm_cursor == 12
 
 
+def test_pools_never_repeat_a_prompt_and_cover_each_epoch(model_path, tmp_path):
+    """A round's pool used to run on across the epoch boundary, so it could hold a prompt twice (8 prompts, pool 6:
+    round 1 = the last 2 of epoch 0 + the first 4 of epoch 1); now an epoch's last round wraps to its own start."""
+    trainer = hfx.GVMRAFTTrainer(
+        model_path, reward_funcs=hash_reward, args=config(tmp_path), train_dataset=prompt_dataset(8)
+    )
+    for pool in (1, 3, 6, 7, 8):
+        trainer.args.gvm_pool_size = pool
+        rounds_per_epoch = -(-8 // pool)
+        for epoch in range(3):
+            pools = [trainer._pool_indices(epoch * rounds_per_epoch + j) for j in range(rounds_per_epoch)]
+            assert all(len(p) == pool and len(set(p)) == pool for p in pools), (pool, pools)
+            assert set().union(*pools) == set(range(8))  # every prompt once per epoch (the wrap repeats a few)
+        assert trainer._pool_indices(1) == trainer._pool_indices(1)  # deterministic (resume recomputes it)
+    trainer.args.gvm_pool_size = 6
+    assert trainer._pool_indices(0) != trainer._pool_indices(2)[:6]  # a new permutation each epoch
+
+
 def test_trainer_errors(model_path, tmp_path):
+    with pytest.raises(ValueError, match=r"gvm_pool_size=9 is larger than the train dataset \(8 prompts\)"):
+        hfx.GVMRAFTTrainer(model_path, reward_funcs=hash_reward, args=config(tmp_path, gvm_pool_size=9),
+                           train_dataset=prompt_dataset(8))  # fmt: skip
     with pytest.raises(ValueError, match="'answer' column"):
         hfx.GVMRAFTTrainer(
             model_path, reward_funcs=correctness_reward, args=config(tmp_path),
@@ -310,7 +331,7 @@ def test_trainer_errors(model_path, tmp_path):
         trainer.train()
     none_reward = lambda completions, **kw: [None] * len(completions)  # noqa: E731
     trainer = hfx.GVMRAFTTrainer(
-        model_path, reward_funcs=none_reward, args=config(tmp_path), train_dataset=Dataset.from_list(
+        model_path, reward_funcs=none_reward, args=config(tmp_path, gvm_pool_size=4), train_dataset=Dataset.from_list(
             [{"prompt": "Question: a\nAnswer:\n"}] * 4
         ),
     )  # fmt: skip
