@@ -47,7 +47,9 @@ class BVPOConfig(DPOConfig):
         bvpo_alpha_init (`float`, defaults to `0.5`):
             ``"auto"`` only: the α used until the estimator has ``bvpo_alpha_warmup_steps`` observations.
         bvpo_alpha_warmup_steps (`int`, defaults to `10`):
-            ``"auto"`` only: observations before the estimate replaces ``bvpo_alpha_init``.
+            ``"auto"`` only: observations before the estimate replaces ``bvpo_alpha_init``. One observation per
+            optimizer step (the probe gradients averaged over its micro-batches and processes); α changes only
+            between steps.
         bvpo_alpha_stats_decay (`float` or `None`, defaults to `0.95`):
             ``"auto"`` only: decay of the exponentially weighted gradient moments (``None``: plain running averages).
         bvpo_alpha_smoothing (`float`, defaults to `0.9`):

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from accelerate.logging import get_logger
 from datasets import Dataset, IterableDataset, concatenate_datasets
+from transformers import TrainerCallback
 from trl import DPOTrainer
 from trl.data_utils import is_conversational
 
@@ -370,6 +371,16 @@ class BVPODataCollator:
 # --------------------------------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------------------------------
+class _AlphaStepCallback(TrainerCallback):
+    """Feeds the α estimator once per optimizer step (after it, before logging and checkpointing)."""
+
+    def __init__(self, trainer: BVPOTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._flush_alpha_observation()
+
+
 class BVPOTrainer(DPOTrainer):
     """BVPO trainer: ``L = α·DPO(trace pairs) + (1 − α)·DPO(empty-trace pairs)`` over the same prompts, each step.
 
@@ -408,6 +419,8 @@ class BVPOTrainer(DPOTrainer):
         self._estimator: AlphaEstimator | None = None
         self._probe: _GradientProbe | None = None
         self._warned: set[str] = set()
+        self._pending: torch.Tensor | None = None  # this step's summed (g_t, g_e) probe gradients, per micro-batch
+        self._pending_count = 0
         super().__init__(model, ref_model, args, *pos_args, **kwargs)
         if not isinstance(self.data_collator, BVPODataCollator):
             self.data_collator = BVPODataCollator(self.data_collator)
@@ -419,11 +432,13 @@ class BVPOTrainer(DPOTrainer):
                 warmup=args.bvpo_alpha_warmup_steps,
             )
             self._probe = _GradientProbe(self._probe_modules(), args.bvpo_alpha_max_rows)
+            self.add_callback(_AlphaStepCallback(self))
 
     # ---------------------------------------------------------------- α
     @property
     def alpha(self) -> float:
-        """The α used for the next step (fixed, or the smoothed online estimate with ``"auto"``)."""
+        """The α used for the next step (fixed, or the smoothed online estimate with ``"auto"``, which changes only
+        between optimizer steps: every micro-batch of a step uses the same α)."""
         return self._estimator.alpha if self._estimator is not None else float(self.args.bvpo_alpha)
 
     @property
@@ -458,7 +473,7 @@ class BVPOTrainer(DPOTrainer):
             raise ValueError(f"bvpo_alpha='auto': no linear module matches bvpo_alpha_modules={wanted!r}")
         return found
 
-    def _update_alpha(self, loss_t: torch.Tensor, loss_e: torch.Tensor, mode: str) -> None:
+    def _update_alpha(self, loss_t: torch.Tensor, loss_e: torch.Tensor) -> None:
         rec_t, rec_e = self._probe.pop("trace"), self._probe.pop("empty")
         g_t = self._probe.gradient(loss_t, rec_t)
         g_e = self._probe.gradient(loss_e, rec_e)
@@ -475,11 +490,22 @@ class BVPOTrainer(DPOTrainer):
                 )
             return
         g = torch.stack([g_t, g_e])
+        self._pending = g if self._pending is None else self._pending + g
+        self._pending_count += 1
+
+    def _flush_alpha_observation(self) -> None:
+        """One estimator update per optimizer step, from the probe gradients of the whole step: the mean over its
+        micro-batches (gradient accumulation) and processes, i.e. the gradient the optimizer step uses. Every rank
+        saw the same number of probed micro-batches (the check in :meth:`_update_alpha` is collective)."""
+        if self._estimator is None or self._pending_count == 0:
+            return
+        g = self._pending / self._pending_count
+        self._pending, self._pending_count = None, 0
         if self.accelerator.num_processes > 1:
             g = self.accelerator.reduce(g, reduction="mean")  # the global mini-batch gradients: same α on all ranks
         self._estimator.update(g[0], g[1])
         if self._estimator.last_estimate is not None:
-            self._metrics[mode]["bvpo/alpha_estimate"].append(self._estimator.last_estimate)
+            self._metrics["train"]["bvpo/alpha_estimate"].append(self._estimator.last_estimate)
 
     # ---------------------------------------------------------------- data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -581,7 +607,7 @@ class BVPOTrainer(DPOTrainer):
         loss_t, outputs = self._view_loss(model, inputs["trace"], "trace", mode, return_outputs, probe)
         loss_e, _ = self._view_loss(model, inputs["empty"], "empty", mode, False, probe)
         if probe:
-            self._update_alpha(loss_t, loss_e, mode)
+            self._update_alpha(loss_t, loss_e)
         self._metrics[mode]["bvpo/alpha"].append(alpha)
         loss = alpha * loss_t + (1.0 - alpha) * loss_e
         return (loss, outputs) if return_outputs else loss

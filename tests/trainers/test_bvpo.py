@@ -203,6 +203,36 @@ def test_train_lora_auto_alpha_logged_every_step(model_path, tokenizer, tmp_path
     assert before and all(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
 
 
+def test_auto_alpha_one_observation_per_optimizer_step(model_path, tokenizer, tmp_path):
+    """With gradient accumulation α used to move between the micro-batches of one step (and the warm-up counted
+    micro-batches). Now the estimator sees each step's gradient once, the mean over its micro-batches: batch 4 x 1
+    and batch 2 x 2 accumulation steps give the same observations, the same α, and α is constant within a step."""
+    ds = preference_dataset(16, think=True)
+    kw = dict(bvpo_alpha="auto", bvpo_alpha_warmup_steps=1, max_steps=3)
+    whole = hfx.BVPOTrainer(model_path, args=config(tmp_path / "a", **kw), train_dataset=ds, processing_class=tokenizer)
+    whole.train()
+    accum = hfx.BVPOTrainer(
+        model_path, train_dataset=ds, processing_class=tokenizer,
+        args=config(tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=2, **kw),
+    )  # fmt: skip
+    seen = []
+    original = accum.compute_loss
+
+    def spy(*a, **k):
+        seen.append((accum.state.global_step, accum.alpha))
+        return original(*a, **k)
+
+    accum.compute_loss = spy
+    accum.train()
+    assert accum.alpha_estimator.num_updates == whole.alpha_estimator.num_updates == 3
+    assert len(seen) == 6 and all(seen[2 * i][1] == seen[2 * i + 1][1] for i in range(3))  # fixed within a step
+    assert len({a for _, a in seen}) == 3  # and moved between steps
+    torch.testing.assert_close(accum.alpha_estimator.sum_t, whole.alpha_estimator.sum_t, rtol=1e-4, atol=1e-7)
+    assert accum.alpha == pytest.approx(whole.alpha, abs=1e-5)
+    alphas = lambda t: [h["bvpo/alpha"] for h in t.state.log_history if "loss" in h]  # noqa: E731
+    assert alphas(accum) == pytest.approx(alphas(whole), abs=1e-5)
+
+
 def test_precompute_ref_log_probs_both_views(model_path, tokenizer, tmp_path):
     ds = preference_dataset(8, think=True)
     pre = hfx.BVPOTrainer(
