@@ -235,19 +235,19 @@ class _DynamicWeightMixin(MultiObjectiveMixin):
             self._eval_stash.append(rewards.detach().cpu())
         return rewards
 
-    def evaluate(self, *args, **kwargs):
+    def evaluation_loop(self, *args, **kwargs):
+        # The buffer update runs here, between the loop and evaluate()'s self.log(metrics), so that the next r_pareto
+        # is logged (state.log_history, report_to) with the eval metrics, not only returned by evaluate().
         use = self.weighting == "hypervolume" and self.args.hv_source == "eval"
         self._eval_stash = [] if use else None
         try:
-            result = super().evaluate(*args, **kwargs)
+            output = super().evaluation_loop(*args, **kwargs)
         finally:
             stash, self._eval_stash = self._eval_stash, None
         if stash:
             self._hv_update(torch.cat(stash))
-            if result is not None:
-                result = dict(result)
-                result["eval_dynamic_weights/next_r_pareto"] = self.hv_buffer.r_pareto
-        return result
+            self._metrics["eval"]["dynamic_weights/next_r_pareto"].append(self.hv_buffer.r_pareto)
+        return output
 
     # ------------------------------------------------------------------------------------------------ state
     def method_state_dict(self) -> dict[str, Any]:

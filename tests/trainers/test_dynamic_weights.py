@@ -275,6 +275,8 @@ def test_hypervolume_from_evaluation(model_path, tmp_path):
     first = trainer.evaluate()
     assert trainer.hv_buffer.reference is not None and trainer.hv_buffer.num_updates == 1
     assert first["eval_dynamic_weights/next_r_pareto"] == 1.0  # the first evaluation is the reference
+    logged = [h for h in trainer.state.log_history if "eval_dynamic_weights/next_r_pareto" in h]
+    assert len(logged) == 1 and logged[0]["eval_dynamic_weights/next_r_pareto"] == 1.0  # logged, not only returned
     means = [first[f"eval_rewards/{name}/mean"] for name in REWARDS_NAMES]
     assert trainer.hv_buffer.reference == pytest.approx(means)
     trainer.evaluate()
