@@ -39,6 +39,7 @@ from transformers import TrainerCallback
 from trl import DPOTrainer
 from trl.data_utils import is_conversational
 
+from ._data import check_not_empty
 from .bvpo_config import BVPOConfig
 
 __all__ = [
@@ -421,6 +422,7 @@ class BVPOTrainer(DPOTrainer):
         self._warned: set[str] = set()
         self._pending: torch.Tensor | None = None  # this step's summed (g_t, g_e) probe gradients, per micro-batch
         self._pending_count = 0
+        check_not_empty(kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
         super().__init__(model, ref_model, args, *pos_args, **kwargs)
         if not isinstance(self.data_collator, BVPODataCollator):
             self.data_collator = BVPODataCollator(self.data_collator)
@@ -523,6 +525,13 @@ class BVPOTrainer(DPOTrainer):
                 "`hfx.trainers.make_bvpo_pairs` or `hfx.data.preference_dataset(..., think=True)`, or point "
                 "`chosen_no_trace_column` / `rejected_no_trace_column` at your columns."
             )
+        for column in needed:
+            value = dataset[0][column]
+            if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(m, Mapping) for m in value))):
+                raise TypeError(
+                    f"BVPO: column {column!r} of the {dataset_name} dataset must hold text (str) or conversational "
+                    f"messages (a list of {{'role', 'content'}} dicts); its first row holds {type(value).__name__}."
+                )
         tokenizer = self._tokenizer
         mode = resolve_no_trace_mode(dataset[0], tokenizer, args)
         map_kwargs: dict[str, Any] = {"num_proc": args.dataset_num_proc}

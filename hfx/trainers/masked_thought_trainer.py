@@ -32,6 +32,7 @@ import torch
 from accelerate.logging import get_logger
 from trl import SFTTrainer
 
+from ._data import check_not_empty
 from .masked_thought_config import MaskedThoughtConfig
 
 __all__ = [
@@ -284,6 +285,7 @@ class MaskedThoughtTrainer(SFTTrainer):
         elif not isinstance(args, MaskedThoughtConfig):
             raise TypeError(f"MaskedThoughtTrainer needs a MaskedThoughtConfig, got {type(args).__name__}")
         self._mask_micro = (None, 0)  # (global step, micro-steps seen in it)
+        check_not_empty(kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
         super().__init__(model, args, *pos_args, **kwargs)
         self._mask_id, self._random_ids = self._resolve_mask_token()
         self._think_ids = self._resolve_think_tokens() if args.mask_scope == "think" else None

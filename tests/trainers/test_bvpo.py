@@ -313,6 +313,12 @@ def test_clear_errors(model_path, tokenizer, tmp_path):
         hfx.BVPOTrainer(
             model_path, args=config(tmp_path), train_dataset=preference_dataset(4), processing_class=tokenizer
         )
+    # used to stop with a bare StopIteration inside TRL, and a TypeError deep in the no-trace rendering
+    with pytest.raises(ValueError, match=r"train_dataset is empty \(0 rows\)"):
+        hfx.BVPOTrainer(model_path, args=config(tmp_path), train_dataset=ds.select([]), processing_class=tokenizer)
+    with pytest.raises(TypeError, match=r"column 'chosen_no_trace' of the train dataset must hold text .* holds int"):
+        hfx.BVPOTrainer(model_path, args=config(tmp_path), processing_class=tokenizer,
+                        train_dataset=ds.map(lambda r: {"chosen_no_trace": 3}))  # fmt: skip
     for bad in (1.5, -0.1, "often"):
         with pytest.raises(ValueError, match="bvpo_alpha"):
             hfx.BVPOConfig(output_dir=str(tmp_path), bvpo_alpha=bad, use_cpu=True)

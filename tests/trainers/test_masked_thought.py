@@ -319,6 +319,9 @@ def test_clear_errors(model_path, tokenizer, tmp_path):
         make(model_path, tokenizer, tmp_path, mask_token="<nomask>")
     with pytest.raises(ValueError, match="'</reason>'"):
         make(model_path, tokenizer, tmp_path, mask_scope="think", think_end_token="</reason>")
+    with pytest.raises(ValueError, match=r"eval_dataset is empty \(0 rows\)"):
+        hfx.MaskedThoughtTrainer(model_path, args=config(tmp_path), train_dataset=sft_dataset(4),
+                                 eval_dataset=sft_dataset(4).select([]), processing_class=tokenizer)  # fmt: skip
     with pytest.raises(ValueError, match="none of the columns"):
         make(model_path, tokenizer, tmp_path, Dataset.from_dict({"question": ["a"], "solution": ["b"]}))
     with pytest.raises(ValueError, match="no 'completion' column"):
