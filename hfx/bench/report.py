@@ -11,7 +11,17 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-__all__ = ["environment", "load_runs", "mean_std", "run_path", "save_run", "summarize", "markdown_table", "plot"]
+__all__ = [
+    "environment",
+    "finished",
+    "load_runs",
+    "mean_std",
+    "run_path",
+    "save_run",
+    "summarize",
+    "markdown_table",
+    "plot",
+]
 
 
 def environment() -> dict[str, Any]:
@@ -45,6 +55,17 @@ def save_run(out: str, name: str, record: dict[str, Any]) -> str:
         json.dump(record, f, indent=1)
     os.replace(tmp, path)  # a run interrupted mid-write never looks finished
     return path
+
+
+def finished(out: str, name: str, **expected: Any) -> bool | None:
+    """Whether run ``name`` has a record in ``out`` made with the ``expected`` settings (e.g. ``recipe=...``,
+    ``model=...``): True; no record: False; a record made with other settings: None (it must be redone)."""
+    path = run_path(out, name)
+    if not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    return True if all(record.get(k) == v for k, v in expected.items()) else None
 
 
 def load_runs(out: str) -> list[dict[str, Any]]:

@@ -142,6 +142,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="also write <out>/speed.json, speed.md and speed.png")
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
+    for option in ("seq", "bs", "r", "steps", "rounds"):
+        if getattr(args, option) < 1:
+            p.error(f"--{option} must be >= 1, got {getattr(args, option)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    known = list(method_configs(args.r)) + ["paca_fused", "bone_fused"]
+    unknown = [m for m in (args.methods or "").split(",") if args.methods and m not in known]
+    if unknown:
+        p.error(f"--methods: unknown method(s) {unknown}; choose from {known}")
 
     if args.method:
         print(json.dumps(run_one(args)))
@@ -164,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
             if name not in best or row["step_ms"] < best[name]["step_ms"]:
                 best[name] = row
     rows = [best[n] for n in names if n in best]
+    failed = [n for n in names if n not in best]
     for row in rows:
         print(
             f"{row['method']:6s} trainable={row['trainable'] / 1e6:7.2f}M  step={row['step_ms']:8.1f} ms  "
@@ -182,10 +192,13 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     meta = {"device": device, "torch": torch.__version__, "args": vars(args), "date": time.strftime("%Y-%m-%d")}
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({**meta, "rows": rows}, f, indent=1)
-    if args.out:
+    if args.out and rows:
         write_report(args.out, {**meta, "rows": rows})
+    if failed:
+        raise SystemExit(f"hfx bench speed: {len(failed)} method(s) failed: {failed} (their errors are above)")
 
 
 def write_report(out: str, result: dict) -> None:
@@ -196,12 +209,13 @@ def write_report(out: str, result: dict) -> None:
     with open(os.path.join(out, "speed.json"), "w") as f:
         json.dump(result, f, indent=1)
     rows = result["rows"]
-    base = next((r for r in rows if r["method"] == "lora"), rows[0])
+    base = next((r for r in rows if r["method"] == "lora"), rows[0])  # without a LoRA row: the first method
+    ref = "LoRA" if base["method"] == "lora" else base["method"]
     a = result["args"]
     lines = [
         f"Device: {result['device']}; torch {result['torch']}; {result['date']}; shape {a['shape']}, {a['dtype']}, "
         f"batch {a['bs']} x {a['seq']} tokens, LoRA r={a['r']}, best of {a['rounds']} interleaved rounds.\n",
-        "| method | trainable | step (ms) | × LoRA time | training memory (GiB) | × LoRA memory |",
+        f"| method | trainable | step (ms) | × {ref} time | training memory (GiB) | × {ref} memory |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -219,7 +233,8 @@ def write_report(out: str, result: dict) -> None:
                label="training memory")  # fmt: skip
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xticks(list(x), [r["method"] for r in rows])
-        ax.set(ylabel="ratio to PEFT LoRA (same run)", title=f"{result['device']}, shape {a['shape']}")
+        ylabel = "ratio to PEFT LoRA (same run)" if ref == "LoRA" else f"ratio to {ref} (same run)"
+        ax.set(ylabel=ylabel, title=f"{result['device']}, shape {a['shape']}")
         ax.legend()
 
     plot(os.path.join(out, "speed.png"), bars)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from .report import environment, load_runs, markdown_table, plot, run_path, save_run, summarize
+from .report import environment, finished, load_runs, markdown_table, plot, save_run, summarize
 
 __all__ = ["PAIRS", "Pair", "main"]
 
@@ -61,6 +62,10 @@ PAIRS: dict[str, Pair] = {
 }  # fmt: skip
 
 
+# the held-out accuracy each pair's example reports (BVPO: preference accuracy on held-out trace pairs)
+PLOT_KEYS = ("accuracy", "hard", "correctness", "trace/rewards/accuracies")
+
+
 def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
@@ -77,7 +82,16 @@ def run_one(pair: str, arm: str, seed: int, quick: bool, model: str | None) -> d
         raise FileNotFoundError(
             f"hfx bench trainers runs the repository's examples; {script} is missing (use a clone)"
         )
-    out_dir = tempfile.mkdtemp(prefix=f"hfx-bench-{pair}-{arm}-{seed}-")
+    out_dir = tempfile.mkdtemp(prefix=f"hfx-bench-{pair}-{arm}-{seed}-")  # the example's saved model: removed below
+    try:
+        return _run_example(pair, arm, seed, quick, model, spec, script, out_dir)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _run_example(
+    pair: str, arm: str, seed: int, quick: bool, model: str | None, spec: Pair, script: str, out_dir: str
+) -> dict[str, Any]:
     flags = spec.method if arm == "method" else spec.baseline
     cmd = [
         sys.executable,
@@ -104,14 +118,37 @@ def run_one(pair: str, arm: str, seed: int, quick: bool, model: str | None) -> d
         "arm": arm,
         "label": f"{pair} / {arm}",
         "seed": seed,
+        "quick": quick,
+        "model": model,
         "command": cmd,
         "env": environment(),
         "metrics": metrics,
     }
 
 
-def write_report(out: str, pairs: list[str]) -> str:
-    runs = [r for r in load_runs(out) if r.get("bench") == "trainers" and r["pair"] in pairs]
+def plot_points(runs: list[dict[str, Any]], pairs: list[str]) -> list[tuple[str, str, str, float, float]]:
+    """``(pair, arm, metric, mean, std)`` for each arm that reports one of :data:`PLOT_KEYS`, in plot order."""
+    points = []
+    for pair in pairs:
+        for arm in ("method", "baseline"):
+            rs = [r for r in runs if r["pair"] == pair and r["arm"] == arm]
+            key = next((k for k in PLOT_KEYS if rs and k in rs[0]["metrics"]), None)
+            if key is not None:
+                mean, std = summarize(rs, "label", [key])[f"{pair} / {arm}"][key]
+                points.append((pair, arm, key, mean, std))
+    return points
+
+
+def write_report(out: str, pairs: list[str], quick: bool | None = None, model: str | None = None) -> str:
+    """Markdown summary + plot from the run records in ``out`` of ``pairs`` (and, when ``quick`` is given, of those
+    settings only); returns the Markdown."""
+    runs = [
+        r
+        for r in load_runs(out)
+        if r.get("bench") == "trainers"
+        and r["pair"] in pairs
+        and (quick is None or (r.get("quick") == quick and r.get("model") == model))
+    ]
     runs.sort(key=lambda r: (pairs.index(r["pair"]), r["arm"] != "method", r["seed"]))
     parts = []
     for pair in pairs:
@@ -132,17 +169,9 @@ def write_report(out: str, pairs: list[str]) -> str:
         f.write(text)
 
     def bars(ax):
-        labels, values, errors = [], [], []
-        for pair in pairs:
-            for arm in ("method", "baseline"):
-                rs = [r for r in runs if r["pair"] == pair and r["arm"] == arm]
-                key = next((k for k in ("accuracy", "hard", "correctness") if rs and k in rs[0]["metrics"]), None)
-                if key is None:
-                    continue
-                s = summarize(rs, "label", [key])[f"{pair} / {arm}"][key]
-                labels.append(f"{pair}\n{arm}")
-                values.append(s[0])
-                errors.append(s[1])
+        points = plot_points(runs, pairs)
+        labels = [f"{pair}\n{arm}" for pair, arm, _, _, _ in points]
+        values, errors = [p[3] for p in points], [p[4] for p in points]
         ax.bar(range(len(labels)), values, yerr=errors, color=["tab:blue", "tab:grey"] * (len(labels) // 2 + 1))
         ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30)
         ax.set(ylabel="held-out accuracy", title="Each method (blue) vs its baseline (grey)")
@@ -161,6 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=None, help="base model path (default: each example's cached tiny base)")
     p.add_argument("--force", action="store_true", help="redo runs whose JSON exists")
     args = p.parse_args(argv)
+    if any(seed < 0 for seed in args.seeds):
+        p.error(f"--seeds must be >= 0, got {args.seeds}")
+    if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
+        p.error(f"--model {args.model!r} is not a saved model folder (no config.json); hfx bench does not use the hub")
     pairs = args.pairs.split(",")
     unknown = [x for x in pairs if x not in PAIRS]
     if unknown:
@@ -172,11 +205,14 @@ def main(argv: list[str] | None = None) -> None:
     bar = tqdm(jobs, desc="hfx bench trainers", unit="run")
     for pair, arm, seed in bar:
         name = f"{pair}-{arm}-seed{seed}"
-        if os.path.exists(run_path(out, name)) and not args.force:
+        done = finished(out, name, quick=args.quick, model=args.model)
+        if done and not args.force:
             continue
+        if done is None:
+            bar.write(f"[hfx bench] {name}: the saved run used other settings (--quick, --model); redoing it")
         bar.set_postfix_str(name)
         save_run(out, name, run_one(pair, arm, seed, args.quick, args.model))
-    print(write_report(out, pairs))
+    print(write_report(out, pairs, args.quick, args.model))
     print(f"[hfx bench] runs, summary.md and trainers.png in {os.path.abspath(out)}")
 
 

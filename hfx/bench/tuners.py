@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ..compat import activation_checkpointing
-from .report import environment, load_runs, markdown_table, plot, run_path, save_run, summarize
+from .report import environment, finished, load_runs, markdown_table, plot, save_run, summarize
 
 __all__ = ["METHODS", "QUICK", "FULL", "TunerRecipe", "main", "run_one"]
 
@@ -132,7 +133,7 @@ def run_one(method: str, seed: int, recipe: TunerRecipe, model_path: str) -> dic
         model = get_peft_model(model, config)
     init_seconds = time.perf_counter() - t0
     args = SFTConfig(
-        output_dir=tempfile.mkdtemp(prefix=f"hfx-bench-{method}-{seed}-"),
+        output_dir=tempfile.mkdtemp(prefix=f"hfx-bench-{method}-{seed}-"),  # removed after training
         max_steps=recipe.max_steps,
         per_device_train_batch_size=recipe.batch_size,
         learning_rate=recipe.full_learning_rate if config is None else recipe.learning_rate,
@@ -156,7 +157,10 @@ def run_one(method: str, seed: int, recipe: TunerRecipe, model_path: str) -> dic
         init_seconds += time.perf_counter() - t1
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     t2 = time.perf_counter()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(args.output_dir, ignore_errors=True)
     train_seconds = time.perf_counter() - t2
     after = evaluate(trainer.model)
     curve = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
@@ -197,9 +201,17 @@ COLUMNS = [
 ]
 
 
-def write_report(out: str, methods: list[str]) -> str:
-    """Markdown summary + plots from every run record in ``out``; returns the Markdown."""
-    runs = [r for r in load_runs(out) if r.get("bench") == "tuners" and r["method"] in methods]
+def write_report(out: str, methods: list[str], recipe: dict[str, Any] | None = None, model: str | None = None) -> str:
+    """Markdown summary + plots from the run records in ``out`` of ``methods`` (and, when given, of this ``recipe``
+    and ``model`` only: records of other settings are never averaged in); returns the Markdown."""
+    runs = [
+        r
+        for r in load_runs(out)
+        if r.get("bench") == "tuners"
+        and r["method"] in methods
+        and (recipe is None or r.get("recipe") == recipe)
+        and (model is None or r.get("model") == model)
+    ]
     runs.sort(key=lambda r: (methods.index(r["method"]), r["seed"]))
     summary = summarize(runs, "method", [k for k, _, _ in COLUMNS])
     env = runs[0]["env"] if runs else {}
@@ -215,7 +227,7 @@ def write_report(out: str, methods: list[str]) -> str:
     def curves(ax):
         for name in summary:
             rs = [r for r in runs if r["method"] == name]
-            steps = [s for s, _ in rs[0]["loss_curve"]]
+            steps = [s for s, _ in min((r["loss_curve"] for r in rs), key=len)]
             mean = [sum(r["loss_curve"][i][1] for r in rs) / len(rs) for i in range(len(steps))]
             ax.plot(steps, mean, label=name)
         ax.set(xlabel="step", ylabel="train loss (mean over seeds)", yscale="log", title="Loss curves")
@@ -258,6 +270,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-eval", type=int, default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one run in this process
     args = p.parse_args(argv)
+    for option in ("max_steps", "n_train", "n_eval"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            p.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+    if any(seed < 0 for seed in args.seeds):
+        p.error(f"--seeds must be >= 0, got {args.seeds}")
+    if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
+        p.error(f"--model {args.model!r} is not a saved model folder (no config.json); hfx bench does not use the hub")
     if args.one:
         spec = json.loads(args.one)
         record = run_one(spec["method"], spec["seed"], TunerRecipe(**spec["recipe"]), spec["model"])
@@ -280,15 +300,18 @@ def main(argv: list[str] | None = None) -> None:
     bar = tqdm(jobs, desc="hfx bench tuners", unit="run")
     for method, seed in bar:
         name = f"{method}-seed{seed}"
-        if os.path.exists(run_path(out, name)) and not args.force:
+        done = finished(out, name, recipe=asdict(recipe), model=model)
+        if done and not args.force:
             continue
+        if done is None:
+            bar.write(f"[hfx bench] {name}: the saved run used another recipe or model; redoing it")
         bar.set_postfix_str(name)
         spec = {"method": method, "seed": seed, "recipe": asdict(recipe), "model": model, "out": out, "name": name}
         cmd = [sys.executable, "-m", "hfx.bench.tuners", "--one", json.dumps(spec)]
-        proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)  # stdout: the run's own progress bar
+        proc = subprocess.run(cmd)  # its output (the run's own progress bar, warnings, errors) goes to the terminal
         if proc.returncode != 0:
-            raise RuntimeError(f"hfx bench tuners: run {name} failed:\n{proc.stderr[-4000:]}")
-    print(write_report(out, methods))
+            raise SystemExit(f"hfx bench tuners: run {name} failed (exit code {proc.returncode}; its error is above)")
+    print(write_report(out, methods, asdict(recipe), model))
     print(f"[hfx bench] runs, summary.md and plots in {os.path.abspath(out)}")
 
 

@@ -122,9 +122,12 @@ def pretrained_base(
                 trainer.processing_class.save_pretrained(tmp)
                 with open(os.path.join(tmp, "hfx_recipe.json"), "w") as f:
                     json.dump(dataclasses.asdict(recipe), f, indent=2)
-                if os.path.isdir(path):  # another run finished first
+                if os.path.isfile(os.path.join(path, "hfx_recipe.json")):  # another run finished first
                     shutil.rmtree(tmp, ignore_errors=True)
                 else:
+                    if os.path.isdir(path):  # an incomplete or damaged entry (no hfx_recipe.json): replace it
+                        log(f"[hfx] replacing the incomplete cache entry {path}")
+                        shutil.rmtree(path)
                     os.replace(tmp, path)
             state.wait_for_everyone()
     return path

@@ -97,3 +97,79 @@ def test_bench_speed_tiny(tmp_path):
     result = json.loads((out / "speed.json").read_text())
     assert [r["method"] for r in result["rows"]] == ["lora", "bone"] and all(r["step_ms"] > 0 for r in result["rows"])
     assert "| bone |" in (out / "speed.md").read_text() and is_png(out / "speed.png")
+
+
+def test_finished_runs_must_match_their_settings(tmp_path):
+    """A record made with another recipe or model used to count as finished (and was averaged into the table, or
+    crashed the loss-curve plot); now it is redone, and the report keeps only this recipe's runs."""
+    from hfx.bench.tuners import write_report as tuners_report
+
+    out = str(tmp_path)
+    short, long = {"max_steps": 2}, {"max_steps": 4}
+    assert report.finished(out, "lora-seed0", recipe=short) is False
+    for seed, recipe, curve in ((0, long, [[1, 2.0], [2, 1.5], [3, 1.2], [4, 1.0]]), (1, short, [[1, 2.0], [2, 1.8]])):
+        report.save_run(out, f"lora-seed{seed}", {
+            "bench": "tuners", "method": "lora", "seed": seed, "recipe": recipe, "model": "m", "env": {},
+            "metrics": {k: 0.5 for k in ("hard_accuracy", "easy_accuracy", "forgetting", "final_loss",
+                                         "trainable_params", "peak_memory_mb", "train_seconds", "init_seconds")},
+            "loss_curve": curve,
+        })  # fmt: skip
+    assert report.finished(out, "lora-seed1", recipe=short, model="m") is True
+    assert report.finished(out, "lora-seed0", recipe=short, model="m") is None  # other recipe: redo
+    assert report.finished(out, "lora-seed1", recipe=short, model="other") is None  # other model: redo
+    text = tuners_report(out, ["lora"], short, "m")
+    assert "| lora | 1 |" in text and json.dumps(short) in text
+    assert "| lora | 2 |" in tuners_report(out, ["lora"])  # no filter: both, curves of unequal length plotted
+
+
+def test_trainers_plot_has_every_pair():
+    """BVPO reports held-out preference accuracy (trace/rewards/accuracies); its bars were missing from the plot."""
+    from hfx.bench.trainers import plot_points
+
+    runs = [
+        {"pair": p, "arm": a, "label": f"{p} / {a}", "seed": 0, "metrics": {k: 0.5}}
+        for p, k in (("bvpo", "trace/rewards/accuracies"), ("gvm_raft", "accuracy")) for a in ("method", "baseline")
+    ]  # fmt: skip
+    assert [(p, a) for p, a, *_ in plot_points(runs, ["bvpo", "gvm_raft"])] == [
+        ("bvpo", "method"), ("bvpo", "baseline"), ("gvm_raft", "method"), ("gvm_raft", "baseline")
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "module, argv, message",
+    [
+        ("tuners", ["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
+        ("tuners", ["--n-eval", "-3"], "--n-eval must be >= 1, got -3"),
+        ("tuners", ["--seeds", "-1"], "--seeds must be >= 0"),
+        ("tuners", ["--model", "/nonexistent"], "--model '/nonexistent' is not a saved model folder"),
+        ("trainers", ["--model", "/nonexistent"], "--model '/nonexistent' is not a saved model folder"),
+        ("speed", ["--methods", "lora,nope"], "--methods: unknown method(s) ['nope']"),
+        ("speed", ["--steps", "0"], "--steps must be >= 1, got 0"),
+    ],
+)
+def test_bad_options_are_named_before_any_run(module, argv, message, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as err:
+        importlib.import_module(f"hfx.bench.{module}").main(argv)
+    assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_pretrained_base_replaces_a_damaged_cache_entry(tmp_path):
+    """A cache folder without hfx_recipe.json (a partial copy, files deleted) was kept forever: every call retrained,
+    threw the result away and returned the broken folder."""
+    from transformers import AutoModelForCausalLM
+
+    from hfx.testing.pretrained import BaseRecipe, pretrained_base
+
+    recipe = BaseRecipe(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, n_train=8, max_steps=1,
+                        batch_size=4)  # fmt: skip
+    path = pretrained_base(recipe, cache=str(tmp_path), log=lambda s: None)
+    for name in os.listdir(path):
+        if name != "config.json":
+            os.remove(os.path.join(path, name))
+    logged = []
+    again = pretrained_base(recipe, cache=str(tmp_path), log=logged.append)
+    assert again == path and os.path.isfile(os.path.join(path, "hfx_recipe.json"))
+    assert any("replacing the incomplete cache entry" in line for line in logged)
+    AutoModelForCausalLM.from_pretrained(path)  # loads again
