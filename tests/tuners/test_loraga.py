@@ -418,6 +418,9 @@ def test_error_second_loraga_adapter_and_warning_for_shared_layers():
         hfx.initialize(model, batches, adapter_names=["other"], show_progress=False)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
+    model.delete_adapter("default")  # its offset stays in the base weights: still refused
+    with pytest.raises(RuntimeError, match=r"'default' of this model is already LoRA-GA-initialised"):
+        hfx.initialize(model, batches, adapter_names=["other"], show_progress=False)
 
     # a plain LoRA adapter on the same layers sees the offset: warned, by name
     base, model = fresh()

@@ -378,6 +378,8 @@ def initialize_loraga(
             "the model again to re-initialise."
         )
     offset_by = [n for n, c in peft_model.peft_config.items() if isinstance(c, LoraGAConfig) and c._loraga_init]
+    # an adapter deleted after its init leaves its offset in the base weights: remembered on the model
+    offset_by = offset_by or list(getattr(peft_model, "_hfx_loraga_offset_by", []))
     if offset_by:
         raise RuntimeError(
             f"LoRA-GA: adapter {offset_by[0]!r} of this model is already LoRA-GA-initialised, so the base weights carry "
@@ -430,6 +432,7 @@ def initialize_loraga(
             passes=len(groups),
             grad_energy_top2r=sum(captured) / len(captured),
         )
+    peft_model._hfx_loraga_offset_by = [adapter_name]
     for name, layer in layers:
         B, A = apply_factors(layer, adapter_name, *factors[name])
         config._loraga_init[name] = (B.detach().cpu().clone(), A.detach().cpu().clone())
