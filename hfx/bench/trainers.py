@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,34 +81,25 @@ def run_one(pair: str, arm: str, seed: int, quick: bool, model: str | None) -> d
         raise FileNotFoundError(
             f"hfx bench trainers runs the repository's examples; {script} is missing (use a clone)"
         )
-    out_dir = tempfile.mkdtemp(prefix=f"hfx-bench-{pair}-{arm}-{seed}-")  # the example's saved model: removed below
-    try:
-        return _run_example(pair, arm, seed, quick, model, spec, script, out_dir)
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
-
-
-def _run_example(
-    pair: str, arm: str, seed: int, quick: bool, model: str | None, spec: Pair, script: str, out_dir: str
-) -> dict[str, Any]:
     flags = spec.method if arm == "method" else spec.baseline
-    cmd = [
-        sys.executable,
-        script,
-        *flags,
-        *(spec.quick if quick else []),
-        "--seed",
-        str(seed),
-        "--output-dir",
-        out_dir,
-    ]
-    if model:
-        cmd += ["--model", model]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"hfx bench trainers: {pair}/{arm} failed:\n{proc.stdout[-4000:]}")
-    with open(os.path.join(out_dir, "hfx_result.json"), encoding="utf-8") as f:
-        result = json.load(f)
+    with tempfile.TemporaryDirectory(prefix=f"hfx-bench-{pair}-{arm}-{seed}-") as out_dir:  # the example's saved model
+        cmd = [
+            sys.executable,
+            script,
+            *flags,
+            *(spec.quick if quick else []),
+            "--seed",
+            str(seed),
+            "--output-dir",
+            out_dir,
+        ]
+        if model:
+            cmd += ["--model", model]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"hfx bench trainers: {pair}/{arm} failed:\n{proc.stdout[-4000:]}")
+        with open(os.path.join(out_dir, "hfx_result.json"), encoding="utf-8") as f:
+            result = json.load(f)
     metrics: dict[str, float] = {}
     _flatten("", result.get("after", {}), metrics)
     return {

@@ -377,9 +377,8 @@ def initialize_loraga(
             f"LoRA-GA: adapter {adapter_name!r} is already initialised (its base weights carry the offset); build "
             "the model again to re-initialise."
         )
-    offset_by = [n for n, c in peft_model.peft_config.items() if isinstance(c, LoraGAConfig) and c._loraga_init]
-    # an adapter deleted after its init leaves its offset in the base weights: remembered on the model
-    offset_by = offset_by or list(getattr(peft_model, "_hfx_loraga_offset_by", []))
+    # set below by every init; kept on the model since the offset outlives the adapter (e.g. delete_adapter)
+    offset_by = list(getattr(peft_model, "_hfx_loraga_offset_by", []))
     if offset_by:
         raise RuntimeError(
             f"LoRA-GA: adapter {offset_by[0]!r} of this model is already LoRA-GA-initialised, so the base weights carry "
