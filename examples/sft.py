@@ -41,23 +41,32 @@ def _targets(args: argparse.Namespace) -> str | list[str]:
 PEFT_METHODS: dict[str, Callable[[argparse.Namespace], PeftConfig | None]] = {
     "bone": lambda a: hfx.BoneConfig(r=a.r, target_modules=_targets(a), bone_dropout=a.dropout),
     "bat": lambda a: hfx.BoneConfig(r=a.r, target_modules=_targets(a), init_weights="bat", bone_dropout=a.dropout),
-    "dsee": lambda a: hfx.DseeConfig(r=a.r, lora_alpha=a.lora_alpha or 2 * a.r, target_modules=_targets(a)),
+    "dsee": lambda a: hfx.DseeConfig(
+        r=a.r, lora_alpha=a.lora_alpha or 2 * a.r, target_modules=_targets(a), lora_dropout=a.dropout
+    ),
     "lift": lambda a: hfx.LiftConfig(r=a.r, filter_rank=a.r, target_modules=_targets(a), update_interval=100),
     "paca": lambda a: hfx.PacaConfig(r=a.r, paca_alpha=a.lora_alpha or 2 * a.r, target_modules=_targets(a)),
-    "sara": lambda a: hfx.SaraConfig(target_modules=_targets(a)),  # the paper's |w| < 2e-3; --r is unused
+    "sara": lambda a: hfx.SaraConfig(target_modules=_targets(a)),  # the paper's |w| < 2e-3
     "lora": lambda a: LoraConfig(
         r=a.r, lora_alpha=a.lora_alpha or 2 * a.r, target_modules=_targets(a), lora_dropout=a.dropout
     ),
     "none": lambda a: None,  # full fine-tuning
 }
+# The methods each adapter option reaches; giving it to another method is an error, not silently ignored.
+OPTION_METHODS: dict[str, set[str]] = {
+    "r": set(PEFT_METHODS) - {"sara", "none"},
+    "lora_alpha": {"dsee", "paca", "lora"},
+    "dropout": {"bone", "bat", "dsee", "lora"},
+}
+DEFAULT_R = 16
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peft", default="bone", choices=sorted(PEFT_METHODS), help="adapter method ('none' = full FT)")
-    p.add_argument("--r", type=int, default=16, help="rank / block size of the adapter")
+    p.add_argument("--r", type=int, default=None, help=f"rank / block size of the adapter (default {DEFAULT_R})")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA / PaCA alpha (default 2*r)")
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--dropout", type=float, default=None, help="adapter dropout (bone, bat, dsee, lora; default 0)")
     p.add_argument("--target-modules", default="all-linear", help="comma-separated module names or 'all-linear'")
     p.add_argument("--model", default=None, help="model path or id; default: the cached tiny base (built-in task)")
     p.add_argument("--difficulty", default="hard", help="difficulty to adapt to: easy, medium, hard, expert")
@@ -72,7 +81,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
     p.add_argument("--logging-steps", type=int, default=25)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for option, methods in OPTION_METHODS.items():
+        if getattr(args, option) is not None and args.peft not in methods:
+            flag = "--" + option.replace("_", "-")
+            p.error(f"{flag} does not apply to --peft {args.peft}; it is used by: {', '.join(sorted(methods))}")
+    args.r = DEFAULT_R if args.r is None else args.r
+    args.dropout = 0.0 if args.dropout is None else args.dropout
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -131,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     say(
-        f"[hfx] method: {args.peft} (r={args.r}, targets={args.target_modules}); trainable parameters: "
+        f"[hfx] method: {args.peft} ({f'r={args.r}, ' if args.peft in OPTION_METHODS['r'] else ''}"
+        f"targets={args.target_modules}); trainable parameters: "
         f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
     )
     say(

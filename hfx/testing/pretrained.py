@@ -1,7 +1,8 @@
 """A tiny base model pre-trained once on the built-in task's easy problems, cached on disk.
 
 The demo and the benchmarks adapt this base to harder problems; training it from scratch takes about a minute and a
-half on a 2-core CPU, so it is cached under ``$HFX_CACHE`` (default ``~/.cache/hfx``), keyed by its recipe.
+half on a 2-core CPU, so it is cached under ``$HFX_CACHE`` (default ``$XDG_CACHE_HOME/hfx``, i.e. ``~/.cache/hfx``),
+keyed by its recipe.
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ class BaseRecipe:
 
 
 def cache_dir() -> str:
-    return os.environ.get("HFX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hfx"))
+    """``$HFX_CACHE``, else ``hfx`` under ``$XDG_CACHE_HOME`` (default ``~/.cache``), as huggingface_hub does."""
+    if os.environ.get("HFX_CACHE"):
+        return os.environ["HFX_CACHE"]
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "hfx")
 
 
 def pretrained_base(

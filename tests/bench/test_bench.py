@@ -173,3 +173,17 @@ def test_pretrained_base_replaces_a_damaged_cache_entry(tmp_path):
     assert again == path and os.path.isfile(os.path.join(path, "hfx_recipe.json"))
     assert any("replacing the incomplete cache entry" in line for line in logged)
     AutoModelForCausalLM.from_pretrained(path)  # loads again
+
+
+def test_pretrained_base_cache_follows_hfx_cache_then_xdg(monkeypatch, tmp_path):
+    from hfx.testing.pretrained import cache_dir
+
+    monkeypatch.delenv("HFX_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == str(tmp_path / "xdg" / "hfx")
+    monkeypatch.setenv("HFX_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == str(tmp_path / "mine")
+    monkeypatch.delenv("HFX_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == str(tmp_path / "home" / ".cache" / "hfx")
