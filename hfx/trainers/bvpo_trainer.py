@@ -527,7 +527,9 @@ class BVPOTrainer(DPOTrainer):
             )
         for column in needed:
             value = dataset[0][column]
-            if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(m, Mapping) for m in value))):
+            if not (
+                isinstance(value, str) or (isinstance(value, list) and all(isinstance(m, Mapping) for m in value))
+            ):
                 raise TypeError(
                     f"BVPO: column {column!r} of the {dataset_name} dataset must hold text (str) or conversational "
                     f"messages (a list of {{'role', 'content'}} dicts); its first row holds {type(value).__name__}."

@@ -82,7 +82,8 @@ def jobs(dtype: str):
         {"E": p, "C": p, "B": p, "Y": "*i64", "LSE": "*fp32", "P_SCALE": "*fp32", "Y_SCALE": "*fp32", "SMOOTH": "*fp32",
          "PERM": "*i64", "DZ": p, "FLAGS": "*i32",
          **ints("M", "D", "c0", "c1", "stride_e", "stride_c", "stride_dz", "stride_flags"),
-         "softcap": "fp32", "inv_temp": "fp32", "filter_eps": "fp32"},
+         "softcap": "fp32", "inv_temp": "fp32", "filter_eps": "fp32",
+         "filter_y": "fp32", "filter_smooth": "fp32", "filter_z": "fp32"},
         dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SMOOTH=True, HAS_PERM=True, HAS_FILTER=True, **tiles),
     )  # fmt: skip
     block_n, stages = cce.sparse_mm_config(torch_dtype)

@@ -272,16 +272,51 @@ def test_clear_errors():
         hfx.linear_cross_entropy(hidden, weight, labels.double(), b)
     with pytest.raises(ValueError, match="impl must be"):
         hfx.linear_cross_entropy(hidden, weight, labels, impl="cuda")
-    with pytest.raises(ValueError, match="impl='reference' for float64"):
+    with pytest.raises(ValueError, match=r"impl='reference' \(float64"):
         hfx.linear_cross_entropy(hidden, weight, labels, impl="triton")
 
 
 def test_dispatch_falls_back_to_reference_on_cpu():
-    from hfx.kernels.cce import available_impls
+    """float32 CPU tensors, which the kernel could take under the interpreter: "auto" still picks the reference."""
+    from hfx.kernels import cce
 
-    assert available_impls()[0] == "reference"
-    hidden, weight, b, labels = make()
+    assert cce.available_impls()[0] == "reference"
+    hidden, weight, b, labels = make(dtype=torch.float32)
+    assert cce._select("auto", hidden, weight, {}) is cce.reference
     torch.testing.assert_close(
         hfx.linear_cross_entropy(hidden, weight, labels, b, impl="auto"),
         hfx.linear_cross_entropy(hidden, weight, labels, b, impl="reference"),
     )
+
+
+@pytest.mark.parametrize("k", [2, 3, 7, 9])
+def test_integer_shift_scores_position_t_against_label_t_plus_k(k):
+    """cut_cross_entropy's integer shift; shift=2 used to act as shift=True (label t+1) silently."""
+    hidden, weight, b, labels = make(ignore=False)
+    got = hfx.linear_cross_entropy(hidden, weight, labels, b, shift=k, reduction="sum")
+    logits = hidden @ weight.T + b
+    if k >= labels.shape[-1]:
+        want = torch.zeros((), dtype=torch.float64)
+    else:
+        want = F.cross_entropy(logits[:, :-k].reshape(-1, weight.shape[0]), labels[:, k:].reshape(-1), reduction="sum")
+    torch.testing.assert_close(got, want)
+    lp = hfx.linear_log_probs(hidden, weight, labels, b, shift=k)
+    assert (lp[:, max(0, labels.shape[-1] - k) :] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"shift": -1}, "shift must be a bool"),
+        ({"shift": 1.5}, "shift must be a bool"),
+        ({"softcap": float("inf")}, "softcap must be a positive finite"),
+        ({"z_loss": float("nan")}, "z_loss must be a finite"),
+        ({"temperature": float("inf")}, "temperature must be a finite"),
+        ({"filter_eps": 5.0}, "filter_eps must be None, 'auto' or a float in"),  # kernel-only, refused on CPU too
+        ({"filter_eps": "high"}, "filter_eps must be None, 'auto' or a float in"),
+    ],
+)
+def test_bad_option_values_are_refused_on_every_device(kwargs, message):
+    hidden, weight, b, labels = make()
+    with pytest.raises(ValueError, match=message):
+        hfx.linear_cross_entropy(hidden, weight, labels, b, **kwargs)

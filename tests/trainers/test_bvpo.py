@@ -209,7 +209,9 @@ def test_auto_alpha_one_observation_per_optimizer_step(model_path, tokenizer, tm
     and batch 2 x 2 accumulation steps give the same observations, the same α, and α is constant within a step."""
     ds = preference_dataset(16, think=True)
     kw = dict(bvpo_alpha="auto", bvpo_alpha_warmup_steps=1, max_steps=3)
-    whole = hfx.BVPOTrainer(model_path, args=config(tmp_path / "a", **kw), train_dataset=ds, processing_class=tokenizer)
+    whole = hfx.BVPOTrainer(
+        model_path, args=config(tmp_path / "a", **kw), train_dataset=ds, processing_class=tokenizer
+    )
     whole.train()
     accum = hfx.BVPOTrainer(
         model_path, train_dataset=ds, processing_class=tokenizer,

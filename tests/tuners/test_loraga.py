@@ -429,7 +429,6 @@ def test_error_second_loraga_adapter_and_warning_for_shared_layers():
         hfx.initialize(model, batches, adapter_names=["default"], show_progress=False)
 
 
-
 def test_error_embedding_target_is_named_not_skipped():
     """A LoRA Embedding keeps its adapter in lora_embedding_A; it used to be skipped silently (left at PEFT's
     default init) instead of getting the unsupported-target error."""

@@ -74,6 +74,7 @@ def _select(impl: str, hidden: torch.Tensor, weight: torch.Tensor, kwargs: dict[
         return triton_impl  # device/dtype errors come from the kernel, naming what would work
     if impl == "auto" and triton_impl is not None and hidden.is_cuda and triton_impl.supports(hidden, weight):
         return triton_impl
+    reference.check_filter_eps(kwargs.get("filter_eps"))  # refused on CPU as on GPU, though unused here
     for key in _KERNEL_ONLY:
         kwargs.pop(key, None)
     return reference

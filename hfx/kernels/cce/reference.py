@@ -232,11 +232,20 @@ def _check_and_flatten(hidden, weight, labels, bias, ignore_index, shift, shift_
     vocab = weight.shape[0]
     if bias is not None and bias.shape != (vocab,):
         raise ValueError(f"bias shape {tuple(bias.shape)} does not match the vocabulary size {vocab} of weight")
-    if shift:
+    if isinstance(shift, bool) or shift is None:
+        offset = int(bool(shift))
+    elif isinstance(shift, int) and shift >= 0:
+        offset = shift
+    else:
+        raise ValueError(
+            f"shift must be a bool (True: score position t against label t+1, as transformers' ForCausalLMLoss) or "
+            f"an int k >= 0 (label t+k, as cut_cross_entropy), got {shift!r}"
+        )
+    if offset:
         if labels.dim() < 1:
-            raise ValueError("shift=True needs labels with a sequence dimension")
-        pad = labels.new_full((*labels.shape[:-1], 1), ignore_index)
-        labels = torch.cat([labels[..., 1:], pad], dim=-1)
+            raise ValueError("shift needs labels with a sequence dimension")
+        pad = labels.new_full((*labels.shape[:-1], min(offset, labels.shape[-1])), ignore_index)
+        labels = torch.cat([labels[..., offset:], pad], dim=-1)
     flat_labels = labels.reshape(-1)
     valid = flat_labels != ignore_index
     bad = valid & ((flat_labels < 0) | (flat_labels >= vocab))
@@ -252,19 +261,29 @@ def _check_and_flatten(hidden, weight, labels, bias, ignore_index, shift, shift_
 def _check_options(reduction, softcap, label_smoothing, z_loss, temperature, num_items_in_batch):
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
+    if softcap is not None and not 0 < softcap < math.inf:
+        raise ValueError(f"softcap must be a positive finite number or None (no capping), got {softcap}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if z_loss < 0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 <= z_loss < math.inf:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if num_items_in_batch is not None and reduction == "none":
         raise ValueError(
             "num_items_in_batch normalises a summed loss; it cannot be combined with reduction='none' "
             "(use reduction='mean' or 'sum', or divide the per-token losses yourself)"
         )
+
+
+def check_filter_eps(filter_eps: float | str | None) -> float | str | None:
+    """Validate the Triton kernel's ``filter_eps`` here too, so that a bad value is refused on every device alike
+    (the reference is exact and does not use it)."""
+    if filter_eps is None or filter_eps == "auto":
+        return filter_eps
+    if isinstance(filter_eps, (str, bool)) or not isinstance(filter_eps, (int, float)) or not 0 < filter_eps < 1:
+        raise ValueError(f"filter_eps must be None, 'auto' or a float in (0, 1), got {filter_eps!r}")
+    return float(filter_eps)
 
 
 def _per_token(
@@ -317,7 +336,7 @@ def linear_cross_entropy(
     *,
     ignore_index: int = -100,
     reduction: str = "mean",
-    shift: bool = False,
+    shift: bool | int = False,
     softcap: float | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -340,7 +359,8 @@ def linear_cross_entropy(
         reduction: ``"mean"`` (over non-ignored tokens), ``"sum"`` or ``"none"`` (shape of ``labels``, 0 where
             ignored).
         shift: next-token prediction as in transformers' ``ForCausalLMLoss``: position t is scored against
-            ``labels[..., t + 1]`` and the last position is ignored.
+            ``labels[..., t + 1]`` and the last position is ignored; an int k scores it against ``labels[..., t + k]``
+            (the last k positions ignored), as ``cut_cross_entropy``'s integer shift.
         softcap: Gemma-2 style ``softcap · tanh(logits / softcap)`` applied before the softmax.
         label_smoothing: ε as in ``F.cross_entropy``.
         z_loss: λ of the auxiliary ``λ · logsumexp(logits)²`` term (per token, reduced like the loss).
@@ -390,7 +410,7 @@ def linear_log_probs(
     bias: torch.Tensor | None = None,
     *,
     ignore_index: int = -100,
-    shift: bool = False,
+    shift: bool | int = False,
     softcap: float | None = None,
     temperature: float = 1.0,
     chunk_bytes: int | None = None,
@@ -400,7 +420,7 @@ def linear_log_probs(
     """Per-token ``log p(label)`` under ``softmax(softcap(hidden @ weight.T + bias) / temperature)``, differentiable.
 
     What DPO / GRPO need from the LM head, without the N×V logits. Returns a tensor shaped like ``labels`` (float32
-    for half inputs), 0 at ignored positions (and at the last position with ``shift=True``).
+    for half inputs), 0 at ignored positions (and at the last ``shift`` positions).
     """
     _check_options("none", softcap, 0.0, 0.0, temperature, None)
     per_valid, valid, out_shape = _per_token(

@@ -59,9 +59,10 @@ LAST_BACKWARD: dict[str, Any] = {"filter_density": None, "vocab_chunk": None}
 
 
 def supports(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether these inputs can run on the kernels (device and dtype)."""
+    """Whether these inputs can run on the kernels: device, and one dtype for both (``tl.dot`` takes no mixed
+    operands, e.g. a float32 head under bfloat16 autocast; the reference handles those)."""
     on_device = hidden.is_cuda or (INTERPRET and hidden.device.type == "cpu")
-    dtypes_ok = supported_dtype(hidden.dtype) and supported_dtype(weight.dtype)
+    dtypes_ok = supported_dtype(hidden.dtype) and hidden.dtype == weight.dtype
     return on_device and dtypes_ok and device_supports(hidden) and device_supports(weight)
 
 
@@ -166,7 +167,9 @@ def _forward_kernel(
             HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_D, UPCAST, PRECISION,
         )  # fmt: skip
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        # While every logit so far is −inf (a −inf bias over a whole tile), exp(−inf − (−inf)) would be NaN.
+        safe_max = tl.where(new_max == -float("inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - safe_max) + tl.sum(tl.exp(z - safe_max[:, None]), axis=1)
         run_max = new_max
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
         if HAS_SMOOTH:
@@ -207,6 +210,9 @@ def _grad_logits_kernel(
     softcap,
     inv_temp,
     filter_eps,
+    filter_y,
+    filter_smooth,
+    filter_z,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_SMOOTH: tl.constexpr,
@@ -221,7 +227,9 @@ def _grad_logits_kernel(
     """``dL/du`` for the vocabulary chunk ``[c0, c1)`` (in sorted order with ``PERM``) and its tile filter flags.
 
     ``dL/dz = P_SCALE·softmax − Y_SCALE·onehot − SMOOTH`` (per row: g·(1+2λ·lse), g·(1−ε), g·ε/V), then ``/T`` and
-    ``·(1 − tanh²)`` back to the pre-softcap logit ``u``.
+    ``·(1 − tanh²)`` back to the pre-softcap logit ``u``. The filter flags a tile when some entry of ``dL/dz`` per
+    unit of upstream gradient, ``(1+2λ·lse)·softmax − (1−ε)·onehot − ε/V`` (``filter_z``, ``filter_y``,
+    ``filter_smooth``), reaches ``filter_eps``: label smoothing and z-loss count, not only ``softmax − onehot``.
     """
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -243,7 +251,8 @@ def _grad_logits_kernel(
     is_y = cols[None, :] == y[:, None]
     valid = mask_m[:, None] & mask_v[None, :]
     if HAS_FILTER:
-        err = tl.where(valid, tl.abs(p - tl.where(is_y, 1.0, 0.0)), 0.0)
+        target = tl.where(is_y, filter_y, 0.0) + filter_smooth
+        err = tl.where(valid, tl.abs(p * (1.0 + filter_z * lse[:, None]) - target), 0.0)
         keep = tl.max(tl.max(err, axis=1), axis=0) >= filter_eps
         tl.store(FLAGS + pid_m * stride_flags + pid_v, keep.to(tl.int32))
     p_scale = tl.load(P_SCALE + offs_m, mask=mask_m, other=0.0)
@@ -420,6 +429,7 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, softcap, temperature, label_smoothing, z_loss, options):
         hidden = hidden.contiguous()
         weight = weight.contiguous()
+        bias = None if bias is None else bias.contiguous()  # the kernels read it with stride 1
         m, d = hidden.shape
         v = weight.shape[0]
         filter_eps, sort_vocab = options["filter_eps"], options["sort_vocab"]
@@ -445,7 +455,8 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
             UPCAST=INTERPRET, PRECISION=dot_precision(hidden.dtype), num_warps=_WARPS, num_stages=_STAGES,
         )  # fmt: skip
         gmax = part_max.max(dim=0).values
-        lse = gmax + torch.log(torch.sum(part_sum * torch.exp(part_max - gmax), dim=0))
+        safe_max = torch.where(torch.isneginf(gmax), 0.0, gmax)  # a split (or row) whose logits are all −inf
+        lse = gmax + torch.log(torch.sum(part_sum * torch.exp(part_max - safe_max), dim=0))
         zy = part_zy.sum(dim=0)
         loss = lse - (1.0 - label_smoothing) * zy
         if label_smoothing:
@@ -493,6 +504,7 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
                 perm if perm is not None else labels, dz_buf, flags_buf,
                 m, d, c0, c1, hidden.stride(0), weight.stride(0), dz_buf.stride(0), flags_buf.stride(0),
                 float(softcap or 1.0), 1.0 / temperature, float(filter_eps or 0.0),
+                1.0 - eps, eps / v, 2.0 * z_loss,
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTH=bool(eps),
                 HAS_PERM=perm is not None, HAS_FILTER=filter_eps is not None,
                 BLOCK_M=_BLOCK_M, BLOCK_V=_BLOCK_V, BLOCK_D=block_d(hidden.dtype),
@@ -549,12 +561,9 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
 def _options(
     filter_eps: float | str | None, sort_vocab: bool, chunk_bytes, vocab_chunk, dtype: torch.dtype, force_sparse
 ) -> dict[str, Any]:
+    filter_eps = reference.check_filter_eps(filter_eps)
     if filter_eps == "auto":
         filter_eps = torch.finfo(dtype).eps / 32  # CCE's threshold: 2^-12 for bf16
-    if filter_eps is not None:
-        if isinstance(filter_eps, str) or not 0 < float(filter_eps) < 1:
-            raise ValueError(f"filter_eps must be None, 'auto' or a float in (0, 1), got {filter_eps!r}")
-        filter_eps = float(filter_eps)
     if chunk_bytes is not None and chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     if vocab_chunk is not None and (
@@ -578,8 +587,9 @@ def _per_token(hidden, weight, labels, bias, *, ignore_index, shift, softcap, te
     check_device(hidden, weight, bias, labels)
     if not supports(hidden, weight):
         raise ValueError(
-            f"the Triton CCE kernel takes float32/float16/bfloat16 tensors, got hidden {hidden.dtype} and weight "
-            f"{weight.dtype}; use impl='reference' for float64"
+            f"the Triton CCE kernel takes hidden and weight of one dtype, float32/float16/bfloat16, on CUDA; got "
+            f"hidden {hidden.dtype} and weight {weight.dtype} on {hidden.device.type}; cast one to the other's dtype, "
+            f"or use impl='reference' (float64, mixed dtypes) or impl='auto'"
         )
     h, y, valid, out_shape = reference._check_and_flatten(hidden, weight, labels, bias, ignore_index, shift)
     h_valid = h[valid]
@@ -605,7 +615,7 @@ def linear_cross_entropy(
     *,
     ignore_index: int = -100,
     reduction: str = "mean",
-    shift: bool = False,
+    shift: bool | int = False,
     softcap: float | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -621,8 +631,9 @@ def linear_cross_entropy(
     """Triton version of :func:`hfx.kernels.cce.reference.linear_cross_entropy` (same arguments and results).
 
     Extra: ``filter_eps`` (``None``: exact; ``"auto"``: ``finfo(dtype).eps / 32`` as CCE; or a float) skips the
-    gradient tiles whose ``|softmax − onehot|`` is below it — faster where the softmax is peaked, approximate by
-    design; ``sort_vocab`` orders the vocabulary by mean logit first so that more tiles are skipped.
+    gradient tiles whose every entry of ``dL/dz`` per unit of upstream gradient (``|softmax − onehot|`` without
+    label smoothing or z-loss) is below it — faster where the softmax is peaked, approximate by design (with label
+    smoothing ε, nothing is skipped unless ε/V < filter_eps); ``sort_vocab`` orders the vocabulary by mean logit first so that more tiles are skipped.
     ``chunk_bytes`` / ``vocab_chunk`` size the backward's ``dL/du`` buffer; ``token_chunk`` is accepted for
     compatibility and unused (the kernels tile the tokens themselves).
     """
@@ -643,7 +654,7 @@ def linear_log_probs(
     bias: torch.Tensor | None = None,
     *,
     ignore_index: int = -100,
-    shift: bool = False,
+    shift: bool | int = False,
     softcap: float | None = None,
     temperature: float = 1.0,
     chunk_bytes: int | None = None,
