@@ -217,6 +217,10 @@ def test_default_init_is_exactly_the_base_and_paper_init():
         ({"bias": "lora_only"}, "bias"),
         ({"grebsmo_threshold": float("inf")}, "grebsmo_threshold"),
         ({"grebsmo_threshold": float("nan")}, "grebsmo_threshold"),
+        ({"lora_alpha": 0}, "lora_alpha"),  # scaling 0: the adapter could never learn
+        ({"lora_alpha": float("nan")}, "lora_alpha"),
+        ({"lora_alpha": -5}, "lora_alpha"),
+        ({"pruned": "yes"}, "pruned"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -387,8 +391,7 @@ FRESH_LOAD = textwrap.dedent(
     sys.path.insert(0, sys.argv[3])
     from test_dsee import tiny_bert, IDS
     torch.manual_seed(987)  # another RNG state than the saving process
-    model = PeftModel.from_pretrained(tiny_bert(), sys.argv[1]).eval()
-    hfx.dsee.load_pruning(model, sys.argv[1])
+    model = PeftModel.from_pretrained(tiny_bert(), sys.argv[1]).eval()  # re-applies the saved masks itself
     with torch.no_grad():
         torch.save(model(IDS).logits, sys.argv[2])
     """
@@ -400,8 +403,7 @@ def test_save_pruned_adapter_then_load_in_fresh_process_gives_identical_logits(t
     prune(model, ratio=0.2, heads_per_layer=1)
     with torch.no_grad():
         logits = model(IDS).logits
-    model.save_pretrained(tmp_path / "adapter")
-    save_pruning(model, tmp_path / "adapter")
+    model.save_pretrained(tmp_path / "adapter")  # writes the masks too: the model is pruned
     assert (tmp_path / "adapter" / "dsee_pruning.safetensors").exists()
     assert (tmp_path / "adapter" / "dsee_pruning.json").exists()
     assert not list((tmp_path / "adapter").glob("*.bin")) and not list((tmp_path / "adapter").glob("*.pt"))
@@ -414,9 +416,10 @@ def test_save_pruned_adapter_then_load_in_fresh_process_gives_identical_logits(t
         timeout=300,
     )
     assert torch.equal(torch.load(tmp_path / "out.pt", weights_only=True), logits)
-    # in-process too, including the recorded heads
+    # in-process too, and the explicit save_pruning / load_pruning pair (e.g. for a merged model), with the heads
     fresh = PeftModel.from_pretrained(tiny_bert(), tmp_path / "adapter").eval()
-    info = load_pruning(fresh, tmp_path / "adapter")
+    save_pruning(model, tmp_path / "explicit")
+    info = load_pruning(fresh, tmp_path / "explicit")
     assert info["heads"] == model.get_base_model()._dsee_pruning["heads"]
 
 
@@ -538,3 +541,54 @@ def test_resume_gives_same_next_losses_with_sparse_entries_restored(tmp_path):
     for k, v in resumed.model.state_dict().items():
         if "dsee_s_" in k:
             torch.testing.assert_close(v, saved[k], rtol=1e-6, atol=1e-7)
+
+
+def test_pruned_retraining_resumes_from_a_checkpoint_with_its_masks(tmp_path):
+    """The masks were non-persistent buffers that only an explicit save_pruning wrote: a Trainer checkpoint of the
+    retraining held none, and resuming on a fresh model retrained the unpruned base silently."""
+    model = lm_dsee()
+    make_trainer(model, tmp_path / "stage1", 3).train()
+    prune(model, ratio=0.3, heads_per_layer=1)
+    trainer = make_trainer(model, tmp_path / "run", 4, save_steps=2)
+    trainer.train()
+    full = losses_of(trainer)
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    assert (ckpt / "dsee_pruning.safetensors").exists() and (ckpt / "dsee_pruning.json").exists()
+    fresh = lm_dsee()
+    resumed = make_trainer(fresh, tmp_path / "resumed", 4, save_steps=2)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    again = losses_of(resumed)
+    for step in (3, 4):
+        assert again[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), (step, again, full)
+    masks = {n: b for n, b in model.named_buffers() if n.endswith("dsee_prune_mask")}
+    got = dict(fresh.named_buffers())
+    assert masks and all(torch.equal(got[n], b) for n, b in masks.items())
+    assert fresh.peft_config["default"].pruned
+
+
+def test_pruned_adapter_without_its_masks_is_an_error(tmp_path):
+    model = bert_dsee()
+    prune(model, ratio=0.2)
+    model.save_pretrained(tmp_path / "adapter")
+    import json
+
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["pruned"] is True
+    os.remove(tmp_path / "adapter" / "dsee_pruning.safetensors")
+    with pytest.raises(FileNotFoundError, match="saved from a pruned model"):
+        PeftModel.from_pretrained(tiny_bert(), tmp_path / "adapter")
+    unpruned = bert_dsee()
+    unpruned.save_pretrained(tmp_path / "plain")  # an unpruned adapter writes no masks and loads as before
+    assert not (tmp_path / "plain" / "dsee_pruning.safetensors").exists()
+    PeftModel.from_pretrained(tiny_bert(), tmp_path / "plain")
+
+
+def test_pruned_config_pickles_and_copies_without_the_model():
+    import copy
+    import pickle
+
+    model = bert_dsee()
+    prune(model, ratio=0.2)
+    config = model.peft_config["default"]
+    assert config._pruned_model() is model
+    for clone in (pickle.loads(pickle.dumps(config)), copy.deepcopy(config)):
+        assert clone.pruned and clone._pruned_model is None

@@ -6,7 +6,7 @@ from hfx._registry import register
 from .config import DseeConfig
 from .layer import DseeLayer, DseeLinear, dsee_select, grebsmo
 from .model import DseeModel
-from .prune import load_pruning, prune, remove_pruned_heads, save_pruning
+from .prune import install_load_hook, load_pruning, prune, remove_pruned_heads, save_pruning
 
 __all__ = [
     "DseeConfig",
@@ -22,3 +22,4 @@ __all__ = [
 ]
 
 register("dsee", DseeConfig, DseeModel)
+install_load_hook()  # PeftModel.load_adapter (from_pretrained, Trainer resume) re-applies saved pruning masks

@@ -3,13 +3,16 @@ Models", ACL 2023, arXiv 2111.00160)."""
 
 from __future__ import annotations
 
+import logging
 import math
+import weakref
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+logger = logging.getLogger("hfx.dsee")
 SPARSE_METHODS = ("auto", "grebsmo", "svd_residual", "magnitude", "random")
 
 
@@ -59,6 +62,9 @@ class DseeConfig(PeftConfig):
         exclude_modules, layers_to_transform, layers_pattern: As in PEFT's LoRA.
         bias (`str`): ``"none"``, ``"all"`` or ``"dsee_only"``.
         modules_to_save (`list[str]`, *optional*): Modules trained in full and saved (e.g. ``["classifier"]``).
+        pruned (`bool`): Set by [`hfx.tuners.dsee.prune`], not by hand: the final weights are pruned, so every
+            ``save_pretrained`` (Trainer checkpoints included) writes the pruning masks beside the adapter
+            (``dsee_pruning.safetensors`` / ``.json``) and loading the adapter re-applies them to the base model.
     """
 
     r: int = field(default=16, metadata={"help": "Rank of the LoRA part."})
@@ -95,6 +101,9 @@ class DseeConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules besides the DSEE layers to train in full and save."}
     )
+    pruned: bool = field(
+        default=False, metadata={"help": "Set by hfx.dsee.prune: the pruning masks are saved and loaded with it."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,8 +119,15 @@ class DseeConfig(PeftConfig):
             )
         if not _positive_int(self.r):
             raise ValueError(f"`r` (rank of the LoRA part) must be a positive integer, got {self.r!r}.")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
-            raise ValueError(f"`lora_alpha` must be a number, got {self.lora_alpha!r}.")
+        if (
+            isinstance(self.lora_alpha, bool)
+            or not isinstance(self.lora_alpha, (int, float))
+            or not 0 < self.lora_alpha < math.inf
+        ):
+            raise ValueError(
+                f"`lora_alpha` must be a finite number > 0 (s = lora_alpha / r scales the update; 0 freezes it), got "
+                f"{self.lora_alpha!r}."
+            )
         if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
             raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
         if self.num_sparse is not None and self.density is not None:
@@ -145,6 +161,33 @@ class DseeConfig(PeftConfig):
             raise ValueError(f"`init_lora_weights` must be True, False or 'kaiming', got {self.init_lora_weights!r}.")
         if self.bias not in ("none", "all", "dsee_only"):
             raise ValueError(f"`bias` must be 'none', 'all' or 'dsee_only', got {self.bias!r}.")
+        if not isinstance(self.pruned, bool):
+            raise ValueError(f"`pruned` must be a bool (it is set by hfx.dsee.prune), got {self.pruned!r}.")
+        # The pruned model whose masks save_pretrained writes (a weak reference set by prune / load_pruning; never
+        # serialised: not a dataclass field).
+        self._pruned_model: Optional[weakref.ref] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_pruned_model"] = None  # a weak reference does not pickle; copies do not save the masks
+        return state
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write ``adapter_config.json`` and, once the model is pruned, its pruning masks next to it
+        (``PeftModel.save_pretrained`` and so every Trainer checkpoint call this after writing the weights): the
+        masks cannot be rebuilt from the adapter, since pruning scored weights that retraining changed."""
+        model = self._pruned_model() if getattr(self, "_pruned_model", None) is not None else None
+        if model is not None:
+            from .prune import save_pruning
+
+            save_pruning(model, save_directory)
+        elif self.pruned:
+            logger.warning(
+                "DseeConfig(pruned=True) is saved without a pruned model attached (a copy of the config?), so no "
+                "pruning masks are written to %s; save from the PeftModel that hfx.dsee.prune pruned.",
+                save_directory,
+            )
+        super().save_pretrained(save_directory, **kwargs)
 
     def budget(self, out_features: int, in_features: int) -> int:
         """Number ``N`` of sparse entries for an ``out_features x in_features`` weight (not clipped: the layer raises

@@ -4,7 +4,7 @@
 ``W.view(-1)``, persistent), applied with the sparse-delta primitive of [`hfx.tuners._sparse`], which builds only
 the small block of rows and columns its few entries touch. After [`hfx.tuners.dsee.prune`] a layer also holds a
 keep-mask ``M`` of its base weight (``dsee_prune_mask``, a non-persistent buffer: pruning is a property of the base
-weights and is saved beside the adapter by [`hfx.tuners.dsee.save_pruning`]); its update is then
+weights, saved beside the adapter by every ``save_pretrained`` of a pruned model); its update is then
 ``s * (B A + S) * M`` so that ``W0 * M + dW * M`` is exactly zero at every pruned entry, during retraining and after
 merging.
 """

@@ -22,14 +22,20 @@ key/value head once every query head sharing it (GQA) is pruned; the head then c
 
 Masks are saved beside the adapter by [`save_pruning`] (``dsee_pruning.safetensors`` with one bool mask per pruned
 weight/bias, keyed by the module name in the base model, and ``dsee_pruning.json`` with the statistics and the
-pruned heads; never pickle) and re-applied to a freshly loaded model with [`load_pruning`].
+pruned heads; never pickle) and re-applied to a freshly loaded model with [`load_pruning`]. Both happen on their own
+once a model is pruned: its DSEE configs get ``pruned=True`` and write the masks in every ``save_pretrained``
+(so in every Trainer checkpoint), and ``PeftModel.load_adapter`` — which ``PeftModel.from_pretrained`` and the
+Trainer's ``resume_from_checkpoint`` call — re-applies the masks it finds beside the adapter (a pruned adapter whose
+masks are missing is an error, not an unpruned model).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -37,6 +43,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
+from .config import DseeConfig
 from .layer import DseeLinear
 
 logger = logging.getLogger("hfx.dsee")
@@ -323,6 +330,7 @@ def prune(
     heads = {**previous.get("heads", {}), **stats["heads"]}
     stats["heads"] = heads
     root._dsee_pruning = {"heads": heads, "stats": stats}
+    _record_pruned(model)
     logger.info(
         "DSEE prune: linear sparsity %.4f (%d of %d zero), %d base parameters, %d non-zero (%.4f sparse), heads %s",
         stats["linear_sparsity"],
@@ -392,7 +400,84 @@ def load_pruning(model: nn.Module, directory: str | os.PathLike) -> dict[str, An
             base.register_buffer(_BIAS_MASK, mask.bool().to(base.bias.device), persistent=False)
             base.bias.mul_(mask.to(base.bias.dtype))
     _root(model)._dsee_pruning = {"heads": info.get("heads", {}), "stats": info.get("stats", {})}
+    _record_pruned(model)
     return info
+
+
+def _record_pruned(model: nn.Module) -> None:
+    """Mark the DSEE configs of ``model`` as pruned, so that their ``save_pretrained`` writes the masks too."""
+    for config in (getattr(model, "peft_config", None) or {}).values():
+        if isinstance(config, DseeConfig):
+            config.pruned = True
+            config._pruned_model = weakref.ref(model)
+
+
+def _saved_config_says_pruned(directory: str) -> bool:
+    path = os.path.join(directory, "adapter_config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return bool(json.load(f).get("pruned", False))
+
+
+def apply_saved_pruning(peft_model: nn.Module, model_id: str | os.PathLike, adapter_name: str, **hub_kwargs: Any):
+    """After ``load_adapter(model_id, adapter_name)``: re-apply the pruning masks saved beside a DSEE adapter.
+
+    Returns the saved pruning info, or None when the adapter is not DSEE or was saved unpruned. Raises when the
+    adapter was saved pruned (``"pruned": true`` in its config) but the masks are not there.
+    """
+    config = getattr(peft_model, "peft_config", {}).get(adapter_name)
+    if not isinstance(config, DseeConfig):
+        return None
+    subfolder = hub_kwargs.get("subfolder")
+    local = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
+    if os.path.isdir(local):
+        if os.path.isfile(os.path.join(local, MASKS_FILE)):
+            return load_pruning(peft_model, local)
+        if _saved_config_says_pruned(local) or (config.pruned and not _is_pruned(peft_model)):
+            raise FileNotFoundError(
+                f"The DSEE adapter in {local} was saved from a pruned model, but {MASKS_FILE} is missing there: "
+                "without the masks the base model would run unpruned. Copy the adapter folder whole (with "
+                f"{MASKS_FILE} and {INFO_FILE}), or re-apply the masks with hfx.dsee.load_pruning(model, <folder>)."
+            )
+        return None
+    if not config.pruned:
+        return None
+    from huggingface_hub import hf_hub_download
+
+    download = {k: v for k, v in hub_kwargs.items() if k in ("subfolder", "revision", "token", "cache_dir")}
+    try:
+        masks = hf_hub_download(str(model_id), MASKS_FILE, **download)
+        hf_hub_download(str(model_id), INFO_FILE, **download)
+    except Exception as err:  # noqa: BLE001 - re-raised with what is missing and why it matters
+        raise FileNotFoundError(
+            f"The DSEE adapter {model_id!r} was saved from a pruned model, but its pruning masks ({MASKS_FILE}, "
+            f"{INFO_FILE}) could not be fetched: {err}"
+        ) from err
+    return load_pruning(peft_model, os.path.dirname(masks))
+
+
+def _is_pruned(model: nn.Module) -> bool:
+    return any(_MASK in m._buffers for m in model.modules())
+
+
+def install_load_hook() -> None:
+    """Wrap ``PeftModel.load_adapter`` (once) so that it re-applies saved DSEE pruning masks; other adapters are
+    untouched."""
+    from peft import PeftModel
+
+    original = PeftModel.load_adapter
+    if getattr(original, "_hfx_dsee_pruning", False):
+        return
+
+    @functools.wraps(original)
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        result = original(self, model_id, adapter_name, *args, **kwargs)
+        apply_saved_pruning(self, model_id, adapter_name, **kwargs)
+        return result
+
+    load_adapter._hfx_dsee_pruning = True
+    PeftModel.load_adapter = load_adapter
 
 
 @torch.no_grad()
