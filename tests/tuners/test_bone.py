@@ -236,6 +236,7 @@ def test_non_linear_target():
         ({"r": 2.5}, "positive integer"),
         ({"init_weights": "mini"}, "init_weights"),
         ({"bone_dropout": 1.0}, "bone_dropout"),
+        ({"bone_dropout": "0.1"}, r"`bone_dropout` must be a number.*'0.1' \(str\)"),  # was a bare TypeError
         ({"bias": "lora_only"}, "bias"),
         ({"target_modules": ".*lin", "layers_to_transform": [0]}, "layers_to_transform"),
     ],
@@ -312,6 +313,76 @@ def test_bone_and_bat_on_bitsandbytes_4bit():
         + x.double() @ (ref_bat_weight(layer.bone_block["default"].detach().double(), w_deq) - w_deq).T
     )
     torch.testing.assert_close(model(x).double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def _quantized_lin(kind: str) -> nn.Module:
+    """A one-layer model whose 32x16 linear is bitsandbytes-quantized (``"4bit"``: NF4, ``"8bit"``: LLM.int8)."""
+    import bitsandbytes as bnb  # installed with the dev extra; a missing one must fail, not skip
+
+    torch.manual_seed(0)
+    dense = nn.Linear(16, 32)
+    if kind == "4bit":
+        q = bnb.nn.Linear4bit(16, 32, compute_dtype=torch.float32, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    else:
+        q = bnb.nn.Linear8bitLt(16, 32, has_fp16_weights=False)
+        q.weight = bnb.nn.Int8Params(dense.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    q.bias = dense.bias
+    q = q.to("cpu")  # quantizes
+
+    class Q(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = q
+
+        def forward(self, x):
+            return self.lin(x)
+
+    return Q()
+
+
+@pytest.mark.parametrize("kind", ["4bit", "8bit"])
+@pytest.mark.parametrize("init", [True, "bat"])
+def test_merge_into_quantized_base_warns_and_unmerge_or_disable_restores_it_exactly(kind, init):
+    """Re-quantizing is lossy: merging used to change the base silently (unmerge re-quantized W - dW), and
+    disable_adapter on a merged model unmerged, so the original base was lost. Now merge warns and keeps the
+    original quantized weight (8-bit: also its int8 data and scales on the layer state), which unmerge restores."""
+    model = get_peft_model(_quantized_lin(kind), hfx.BoneConfig(r=4, target_modules=["lin"], init_weights=init))
+    model.eval()
+    layer = model.base_model.model.lin
+    with torch.no_grad():
+        layer.bone_block["default"].normal_(0, 0.05)  # a trained-looking update
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        with model.disable_adapter():
+            base_out = model(x)
+        adapted = model(x)
+        storage = layer.base_layer.weight.detach().clone()
+        with pytest.warns(UserWarning, match=rf"Merging {'BAT' if init == 'bat' else 'Bone'} adapter 'default'.*re-"):
+            model.merge_adapter()
+        assert not torch.equal(layer.base_layer.weight, storage)
+        torch.testing.assert_close(model(x), adapted, rtol=0.2, atol=0.2)  # quantization rounding of the update
+        model.unmerge_adapter()
+        assert torch.equal(layer.base_layer.weight, storage)
+        torch.testing.assert_close(model(x), adapted, rtol=0, atol=0)
+        with pytest.warns(UserWarning, match="re-quantizes"):
+            model.merge_adapter()
+        with model.disable_adapter():  # unmerges: the original base, not a re-quantized W' - dW
+            torch.testing.assert_close(model(x), base_out, rtol=0, atol=0)
+        assert not layer.merged and torch.equal(layer.base_layer.weight, storage)
+
+
+def test_conv1d_target_names_conv1d_and_suggests_lora_not_all_linear():
+    """On GPT-2 (transformers' Conv1D) the error suggested 'all-linear', which selects the same Conv1D layers."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    for targets in (["c_attn"], "all-linear"):
+        gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16))
+        with pytest.raises(TypeError) as err:
+            get_peft_model(gpt2, hfx.BoneConfig(r=4, target_modules=targets))
+        msg = str(err.value)
+        assert "transformers' Conv1D (GPT-2 style" in msg and "Use LoRA instead (peft.LoraConfig" in msg, msg
+        assert "or 'all-linear')" not in msg
 
 
 # ---- PEFT compatibility ----------------------------------------------------------------------------------------

@@ -6,18 +6,19 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import hfx
 from hfx.testing import save_tiny_model, tiny_causal_lm
-from hfx.tuners.eva import compute_eva, redistribute_ranks
+from hfx.tuners.eva import apply_eva, compute_eva, redistribute_ranks
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -161,7 +162,122 @@ def test_initialize_twice_raises_and_other_tuners_are_noop():
     hfx.initialize(model, batches, show_progress=False)
     with pytest.raises(RuntimeError, match="already initialised"):
         hfx.initialize(model, batches, show_progress=False)
+    assert not hfx.needs_initialization(model)  # it stayed True after initialising
+
+
+def test_needs_initialization_tracks_each_adapter():
+    base = tiny_causal_lm(hidden_size=16, num_layers=1)
+    batches = lm_batches(base.config.vocab_size)
+    model = get_peft_model(base, hfx.EvaConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("other", hfx.EvaConfig(r=2, target_modules=["v_proj"]))
     assert hfx.needs_initialization(model)
+    hfx.initialize(model, batches, adapter_names=["default"], show_progress=False)
+    assert hfx.needs_initialization(model)  # "other" still waits
+    hfx.initialize(model, batches, adapter_names=["other"], show_progress=False)
+    assert not hfx.needs_initialization(model)
+    assert not hfx.needs_initialization(get_peft_model(tiny_causal_lm(hidden_size=16, num_layers=1), LoraConfig()))
+
+
+def _init_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "data-driven initialisation" in str(w.message)]
+
+
+def test_training_without_initialize_warns_once_then_the_hook_is_gone():
+    """Forgetting hfx.initialize silently trained (and saved) a plain LoRA. The first training-mode forward of an
+    adapter never initialised now warns, once, naming hfx.initialize and the adapter; eval forwards do not."""
+    base = tiny_causal_lm(hidden_size=16, num_layers=1)
+    ids = lm_batches(base.config.vocab_size, n=1)[0]["input_ids"]
+    model = get_peft_model(base, hfx.EvaConfig(r=2, target_modules=["q_proj"]))
+    inner = model.get_base_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.eval()
+        model(input_ids=ids)
+        assert not _init_warnings(caught)
+        model.train()
+        for _ in range(3):
+            model(input_ids=ids)
+    [msg] = _init_warnings(caught)
+    assert "Adapter 'default' (EvaConfig)" in msg and "hfx.initialize(model, trainer.get_train_dataloader())" in msg
+    assert not inner._forward_pre_hooks  # removed after the first training forward: no per-step cost
+
+    # initialised: no warning
+    model = get_peft_model(tiny_causal_lm(hidden_size=16, num_layers=1), hfx.EvaConfig(r=2, target_modules=["q_proj"]))
+    hfx.initialize(model, lm_batches(base.config.vocab_size), show_progress=False)
+    model.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(input_ids=ids)
+    assert not _init_warnings(caught)
+    assert not model.get_base_model()._forward_pre_hooks
+
+
+def test_non_finite_batch_is_refused_naming_the_layer_and_the_batch():
+    """A single batch with inf/NaN activations made the statistics NaN: the loop ran to max_iterations, a layer
+    got rank 0, another NaN components, and the model output NaN. Now the hook's check stops at that batch."""
+    base = tiny_causal_lm(hidden_size=16, num_layers=1)
+    batches = lm_batches(base.config.vocab_size, n=4)
+    model = get_peft_model(base, hfx.EvaConfig(r=2, target_modules=["q_proj"]))
+
+    def poison(module, args, out):  # batch 2 overflows (e.g. in fp16) at the embedding
+        return out * float("inf") if torch.equal(args[0], batches[2]["input_ids"]) else None
+
+    handle = model.get_base_model().model.embed_tokens.register_forward_hook(poison)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    before = layer.lora_A["default"].weight.detach().clone()
+    with pytest.raises(
+        ValueError, match=r"'base_model\.model\.model\.layers\.0\.self_attn\.q_proj'.* non-finite.* batch 2"
+    ):
+        hfx.initialize(model, batches, show_progress=False)
+    handle.remove()
+    assert torch.equal(layer.lora_A["default"].weight, before) and hfx.needs_initialization(model)
+
+
+def test_apply_refuses_non_finite_components_and_changes_nothing():
+    base = tiny_causal_lm(hidden_size=16, num_layers=1)
+    model = get_peft_model(base, hfx.EvaConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    result = compute_eva(model, lm_batches(base.config.vocab_size), show_progress=False)
+    name = "base_model.model.model.layers.0.self_attn.v_proj"
+    result["components"][name] = torch.full_like(result["components"][name], float("nan"))
+    q = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.detach().clone()
+    with pytest.raises(
+        ValueError, match=rf"components for layer '{re.escape(name)}' are not finite.*nothing was applied"
+    ):
+        apply_eva(model, result)
+    assert torch.equal(model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight, q)
+
+
+def test_resuming_a_checkpoint_without_initialize_names_the_resume_call(tmp_path):
+    """Loading a checkpoint written after EVA (its ranks) into an adapter never initialised failed with PEFT's bare
+    size mismatch; the load hook names the call that rebuilds the ranks. A matching state dict loads and counts
+    as initialised (no warning when training it)."""
+    base = tiny_causal_lm(hidden_size=32, num_layers=1)
+    batches = lm_batches(base.config.vocab_size)
+    model = get_peft_model(copy.deepcopy(base), hfx.EvaConfig(r=4, target_modules=["q_proj", "k_proj", "o_proj"]))
+    ranks = hfx.initialize(model, batches, show_progress=False)["default"]["ranks"]
+    assert set(ranks.values()) != {4}  # redistributed: the shapes differ from a fresh adapter's
+    model.save_pretrained(tmp_path / "ckpt")  # what a Trainer checkpoint holds
+    fresh = get_peft_model(copy.deepcopy(base), hfx.EvaConfig(r=4, target_modules=["q_proj", "k_proj", "o_proj"]))
+    with pytest.raises(
+        RuntimeError, match=r"never initialised.*hfx\.initialize\(model, trainer\.get_train_dataloader\(\)\)"
+    ):
+        fresh.load_adapter(tmp_path / "ckpt", "default", is_trainable=True)
+    # the documented resume: initialise with the same data and config, then load
+    hfx.initialize(fresh, batches, show_progress=False)
+    fresh.load_adapter(tmp_path / "ckpt", "default", is_trainable=True)
+
+    same = hfx.EvaConfig(r=2, rho=1.0, target_modules=["q_proj"])  # rho=1: EVA keeps every rank
+    model = get_peft_model(copy.deepcopy(base), same)
+    hfx.initialize(model, batches, show_progress=False)
+    model.save_pretrained(tmp_path / "same")
+    fresh = get_peft_model(copy.deepcopy(base), hfx.EvaConfig(r=2, rho=1.0, target_modules=["q_proj"]))
+    fresh.load_adapter(tmp_path / "same", "default", is_trainable=True)
+    assert not hfx.needs_initialization(fresh)
+    fresh.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fresh(input_ids=batches[0]["input_ids"])
+    assert not _init_warnings(caught)
 
 
 # ----------------------------------------------------------------------------------------------------- PEFT's own EVA
@@ -303,6 +419,17 @@ def test_errors():
             hfx.EvaConfig(rho=rho)
     with pytest.raises(ValueError, match="max_iterations must be >= 2"):
         hfx.EvaConfig(max_iterations=1)
+    # wrong types: named, instead of a bare TypeError from a comparison (or, for 2.5, accepted)
+    for kwargs, match in (
+        ({"rho": "2"}, r"EvaConfig\.rho must be a number, got '2' \(str\)"),
+        ({"tau": None}, r"EvaConfig\.tau must be a number"),
+        ({"max_iterations": None}, r"EvaConfig\.max_iterations must be an integer, got None"),
+        ({"max_iterations": 2.5}, r"EvaConfig\.max_iterations must be an integer, got 2\.5 \(float\)"),
+        ({"min_rank": 1.0}, r"EvaConfig\.min_rank must be an integer"),
+        ({"rank_budget": "8"}, r"EvaConfig\.rank_budget must be an integer or None"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            hfx.EvaConfig(**kwargs)
 
 
 # ------------------------------------------------------------------------------------------------- save and reload

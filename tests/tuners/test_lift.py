@@ -216,6 +216,19 @@ def test_non_linear_target():
         get_peft_model(WithEmb(), hfx.LiftConfig(r=1, target_modules=["emb"]))
 
 
+def test_conv1d_target_names_conv1d_and_suggests_lora_not_all_linear():
+    """On GPT-2 (transformers' Conv1D) the error suggested 'all-linear', which selects the same Conv1D layers."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    for targets in (["c_attn"], "all-linear"):
+        gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16))
+        with pytest.raises(TypeError) as err:
+            get_peft_model(gpt2, hfx.LiftConfig(r=1, target_modules=targets))
+        msg = str(err.value)
+        assert "transformers' Conv1D (GPT-2 style" in msg and "Use LoRA instead (peft.LoraConfig" in msg, msg
+        assert "or 'all-linear')" not in msg
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -360,6 +361,73 @@ def test_error_batches_without_labels():
         hfx.initialize(model, batches, show_progress=False)
     # nothing was changed: the model can still be initialised
     hfx.initialize(model, make_batches(base.config.vocab_size), show_progress=False)
+
+
+def _base_weights(model):
+    return {n: layer.get_base_layer().weight.detach().clone() for n, layer in target_layers(model, "default")}
+
+
+def test_error_zero_gradient_when_no_token_is_labelled():
+    """All labels -100 give a zero gradient, whose SVD is arbitrary: that init used to be accepted silently."""
+    base, model = fresh()
+    batches = make_batches(base.config.vocab_size)
+    masked = [dict(b, labels=torch.full_like(b["labels"], -100)) for b in batches]
+    before = _base_weights(model)
+    with pytest.raises(ValueError, match=r"gradient of layer '.*q_proj' is exactly zero.*labelled tokens\? Check"):
+        hfx.initialize(model, masked, show_progress=False)
+    assert all(torch.equal(w, before[n]) for n, w in _base_weights(model).items())  # nothing was offset
+    hfx.initialize(model, batches, show_progress=False)  # and the model can still be initialised
+
+
+def test_error_non_finite_gradient_names_the_layer():
+    """A batch with inf activations gave a bare torch._LinAlgError from linalg.svd."""
+    base, model = fresh()
+    batches = make_batches(base.config.vocab_size)
+
+    def poison(module, args, out):
+        return out * float("inf") if torch.equal(args[0], batches[1]["input_ids"]) else None
+
+    handle = model.get_base_model().model.embed_tokens.register_forward_hook(poison)
+    before = _base_weights(model)
+    with pytest.raises(ValueError, match=r"gradient of layer '.*q_proj' has non-finite values.*dtype"):
+        hfx.initialize(model, batches, show_progress=False)
+    handle.remove()
+    assert all(torch.equal(w, before[n]) for n, w in _base_weights(model).items())
+
+
+def test_resume_without_initialize_names_init_from_and_loading_does_not_warn(tmp_path):
+    """A checkpoint (the rank-2r export) loaded into a LoRA-GA adapter never initialised failed with PEFT's bare
+    size mismatch; the error now names the documented call. After that call (init_from), neither loading nor
+    training warns about a missing initialisation."""
+    base = make_base()
+    batches = make_batches(base.config.vocab_size)
+    model = get_peft_model(copy.deepcopy(base), hfx.LoraGAConfig(r=2, target_modules=TARGETS))
+    hfx.initialize(model, batches, show_progress=False)
+    model.save_pretrained(tmp_path)  # what a Trainer checkpoint holds
+    restarted = get_peft_model(copy.deepcopy(base), hfx.LoraGAConfig(r=2, target_modules=TARGETS))
+    with pytest.raises(
+        RuntimeError, match=r"never initialised.*hfx\.initialize\(model, \[\], init_from=<checkpoint>\)"
+    ):
+        restarted.load_adapter(str(tmp_path), "default", is_trainable=True)
+    hfx.initialize(restarted, [], init_from=str(tmp_path), show_progress=False)
+    assert not hfx.needs_initialization(restarted)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restarted.load_adapter(str(tmp_path), "default", is_trainable=True)
+        restarted.train()
+        restarted(**batches[0])
+    assert not [w for w in caught if "initialisation" in str(w.message)]
+    ids = probe(base.config.vocab_size)
+    model.eval(), restarted.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restarted(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_training_without_initialize_warns():
+    base, model = fresh()
+    model.train()
+    with pytest.warns(UserWarning, match=r"'default' \(LoraGAConfig\) is training without .* hfx\.initialize"):
+        model(**make_batches(base.config.vocab_size, n=1)[0])
 
 
 def test_error_batches_without_model_inputs():

@@ -474,12 +474,27 @@ def test_non_linear_target():
         get_peft_model(WithEmb(), hfx.PacaConfig(r=4, target_modules=["emb"]))
 
 
+def test_conv1d_target_names_conv1d_and_suggests_lora_not_all_linear():
+    """On GPT-2 (transformers' Conv1D) the error suggested 'all-linear', which selects the same Conv1D layers."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    for targets in (["c_attn"], "all-linear"):
+        gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16))
+        with pytest.raises(TypeError) as err:
+            get_peft_model(gpt2, hfx.PacaConfig(r=4, target_modules=targets))
+        msg = str(err.value)
+        assert "transformers' Conv1D (GPT-2 style" in msg and "Use LoRA instead (peft.LoraConfig" in msg, msg
+        assert "or 'all-linear')" not in msg
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
         ({"r": 0}, "positive integer"),
         ({"r": 2.5}, "positive integer"),
         ({"paca_alpha": 0}, "paca_alpha"),
+        ({"paca_alpha": float("nan")}, "`paca_alpha` must be a finite number > 0"),  # NaN/inf were accepted
+        ({"paca_alpha": float("inf")}, "`paca_alpha` must be a finite number > 0"),
         ({"init_weights": "gaussian"}, "init_weights"),
         ({"seed": "a"}, "seed"),
         ({"bias": "lora_only"}, "bias"),
@@ -586,3 +601,33 @@ def test_qpaca_merge_warns_and_unmerge_restores_4bit_storage():
         model.unmerge_adapter()
         assert torch.equal(layer.base_layer.weight, storage)
         torch.testing.assert_close(model(x), y, rtol=0, atol=0)
+
+
+def test_merge_into_8bit_base_then_unmerge_or_disable_restores_it_exactly():
+    """bitsandbytes 8-bit moves its int8 data and scales from the weight to the layer state at the first forward,
+    and re-quantizing resets that state: unmerge used to put back only the weight, leaving a base without its
+    scales (outputs off by hundreds)."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    dense = nn.Linear(16, 32)
+    q = bnb.nn.Linear8bitLt(16, 32, has_fp16_weights=False)
+    q.weight = bnb.nn.Int8Params(dense.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    q.bias = dense.bias
+    base = One(16, 32)
+    base.lin = q.to("cpu")  # quantizes
+    model = get_peft_model(base, hfx.PacaConfig(r=4, target_modules=["lin"], init_weights=False)).eval()
+    assert model.base_model.model.lin.quantization_backend.backend_name == "bnb 8bit"
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        with model.disable_adapter():
+            base_out = model(x)  # the first forward moves the int8 data and scales to the layer state
+        with pytest.warns(UserWarning, match="re-quantizes"):
+            model.merge_adapter()
+        model.unmerge_adapter()
+        with model.disable_adapter():
+            torch.testing.assert_close(model(x), base_out, rtol=0, atol=0)
+        with pytest.warns(UserWarning, match="re-quantizes"):
+            model.merge_adapter()
+        with model.disable_adapter():  # unmerges
+            torch.testing.assert_close(model(x), base_out, rtol=0, atol=0)

@@ -4,14 +4,16 @@ regulariser, the progressive adjustment, save/load in a fresh process, a tiny LM
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import get_peft_model, get_peft_model_state_dict
 from torch import nn
 
 import hfx
@@ -89,6 +91,18 @@ def test_selection_errors_name_layer_shape_fraction_and_fix():
 
 
 # ---- forward, merge, gradients ---------------------------------------------------------------------------------
+def test_ratio_error_states_bounds_that_are_accepted():
+    """The message said "between 0.000244 and 1" for a 64x64 layer, though 0.999999 (< 1) selects everything."""
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError) as err:
+        sara_select(w, ratio=0.999999)
+    msg = str(err.value)
+    assert "ratio 0.999999 selects all entries" in msg and "between 1 and 4095" in msg, msg
+    lo, hi = (float(v) for v in re.search(r"from (\S+) to (\S+), or exclude", msg).groups())
+    assert hi < 0.999999
+    assert sara_select(w, ratio=lo)[0].numel() == 1 and sara_select(w, ratio=hi)[0].numel() == 4095
+
+
 def test_init_output_is_exactly_the_base_output():
     torch.manual_seed(0)
     x = torch.randn(4, 12, dtype=TORCH64)
@@ -398,6 +412,57 @@ def test_save_after_adjustment_then_load_in_fresh_process_gives_identical_logits
         assert torch.equal(torch.load(tmp_path / f"{name}.pt", weights_only=True), expected), name
 
 
+def test_threshold_is_saved_and_a_load_under_another_config_keeps_it_with_a_warning(tmp_path):
+    """The threshold was recomputed from the current config on load, so a checkpoint resumed with another `ratio`
+    kept its trainable set (sara_indices is loaded) but froze entries at the new threshold. It is now saved with
+    the adapter; loading (what a Trainer resume does) uses the saved one and warns that the config differs."""
+    model, layer = one_layer(threshold=None, ratio=0.3)
+    saved = layer.sara_threshold.value("default")
+    assert any(k.endswith("lin.sara_threshold") for k in get_peft_model_state_dict(model))
+    model.save_pretrained(tmp_path)
+    other, other_layer = one_layer(threshold=None, ratio=0.1)
+    assert other_layer.sara_threshold.value("default") != saved
+    with pytest.warns(UserWarning, match=r"thresholds differ in 1 of 1 layers.*\(ratio=0.1\).*Using the saved ones"):
+        other.load_adapter(tmp_path, "default", is_trainable=True)
+    assert other_layer.sara_threshold.value("default") == saved
+    assert torch.equal(other_layer.sara_indices["default"], layer.sara_indices["default"])
+    # same values on the same set: the progressive adjustment freezes the same entries as the saved run would
+    randomise_values(layer, std=0.2)
+    randomise_values(other_layer, std=0.2)
+    keep = layer.progressive_adjust("default")
+    assert not keep.all() and torch.equal(other_layer.progressive_adjust("default"), keep)
+
+
+def test_adapter_saved_without_thresholds_loads_with_the_configs_and_no_missing_key_warning(tmp_path):
+    """Adapters saved before the threshold was stored lack the key: they load as before, silently."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    model, layer = one_layer(threshold=None, ratio=0.3)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    state = load_file(path)
+    assert [k for k in state if "sara_threshold" in k]
+    save_file({k: v for k, v in state.items() if "sara_threshold" not in k}, path)
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(One(12, 10).to(TORCH64), tmp_path)
+    assert not [w for w in caught if "missing adapter keys" in str(w.message) or "threshold" in str(w.message)]
+    assert loaded.base_model.model.lin.sara_threshold.value("default") == layer.sara_threshold.value("default")
+
+
+def test_threshold_stays_exact_float64_under_dtype_casts():
+    """Rounding the saved threshold to the model's dtype (bf16 base, model.half()) would move which entries
+    freeze; it stays a float64 mirror of the exact value."""
+    model, layer = one_layer(dtype=torch.bfloat16, threshold=None, ratio=0.3)
+    expected = sara_select(layer.get_base_layer().weight.detach(), ratio=0.3)[1]
+    for cast in (lambda m: m, lambda m: m.half(), lambda m: m.to(torch.float32)):
+        cast(model)
+        buf = layer.sara_threshold["default"]
+        assert buf.dtype == torch.float64 and buf.item() == expected == layer.sara_threshold.value("default")
+
+
 # ---- the HF Trainer: loss drops, adjustment timing, logging, resume -------------------------------------------------
 def make_trainer(model, out_dir, max_steps, callback, save_steps=None, lr=1e-2, n=64):
     from transformers import Trainer, TrainingArguments
@@ -517,6 +582,19 @@ def test_non_linear_target_is_refused():
 
     with pytest.raises((TypeError, ValueError), match="emb|Embedding"):
         get_peft_model(E(), hfx.SaraConfig(target_modules=["emb"]))
+
+
+def test_conv1d_target_names_conv1d_and_suggests_lora_not_all_linear():
+    """On GPT-2 (transformers' Conv1D) the error suggested 'all-linear', which selects the same Conv1D layers."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    for targets in (["c_attn"], "all-linear"):
+        gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16))
+        with pytest.raises(TypeError) as err:
+            get_peft_model(gpt2, hfx.SaraConfig(ratio=0.1, target_modules=targets))
+        msg = str(err.value)
+        assert "transformers' Conv1D (GPT-2 style" in msg and "Use LoRA instead (peft.LoraConfig" in msg, msg
+        assert "or 'all-linear')" not in msg
 
 
 @pytest.mark.parametrize(

@@ -85,6 +85,11 @@ class BoneConfig(PeftConfig):
             raise ValueError(
                 f"`init_weights` must be True (Bone), 'bat' (BAT) or False (random), got {self.init_weights!r}."
             )
+        if isinstance(self.bone_dropout, bool) or not isinstance(self.bone_dropout, (int, float)):
+            raise ValueError(
+                f"`bone_dropout` must be a number in [0, 1), got {self.bone_dropout!r} "
+                f"({type(self.bone_dropout).__name__})."
+            )
         if not 0.0 <= self.bone_dropout < 1.0:
             raise ValueError(f"`bone_dropout` must be in [0, 1), got {self.bone_dropout}.")
         if self.bias not in ("none", "all", "bone_only"):

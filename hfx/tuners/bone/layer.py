@@ -145,6 +145,8 @@ class BoneLayer(BaseTunerLayer):
         self.bone_init: dict[str, bool | str] = {}
         self.bone_dropout = nn.ModuleDict({})
         self.bone_block = BoneBlocks({})
+        # what each merge into a quantized base replaced (re-quantizing is lossy), so that unmerge restores it exactly
+        self._bone_stash: dict[str, dict[str, Any]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.cast_input_dtype_enabled = True
@@ -267,7 +269,12 @@ class BoneLinear(nn.Module, BoneLayer):
         return not (self.merged and adapter_name in self.bone_block and self._is_bat(adapter_name))
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Fold the adapters into the base weight: ``W += dW`` for Bone, ``W <- W (I + B) + B`` for BAT."""
+        """Fold the adapters into the base weight: ``W += dW`` for Bone, ``W <- W (I + B) + B`` for BAT.
+
+        On a quantized base the weight is de-quantized, updated and re-quantized (with a warning: the merged model then
+        differs from the unmerged one by quantization rounding); the original quantized weight is kept, so unmerge
+        puts it back bit for bit (PaCA does the same).
+        """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         for adapter in adapter_names:
             if adapter not in self.bone_block:
@@ -280,17 +287,52 @@ class BoneLinear(nn.Module, BoneLayer):
             new = w + (bat_delta_weight(block, w) if self._is_bat(adapter) else bone_delta_weight(block, w.shape[1]))
             if safe_merge and not torch.isfinite(new).all():
                 raise ValueError(f"Merging adapter {adapter!r} into {self._describe()} gives non-finite weights.")
+            if self.quantization_backend is not None:
+                warnings.warn(
+                    f"Merging {'BAT' if self._is_bat(adapter) else 'Bone'} adapter {adapter!r} into the "
+                    f"{self.quantization_backend.backend_name}-quantized {self._describe()} re-quantizes the weight: "
+                    "the merged model differs from the unmerged one by quantization rounding. hfx keeps the original "
+                    "quantized weight, so unmerge (and disable_adapter) put it back exactly.",
+                    stacklevel=2,
+                )
+                self._bone_stash[adapter] = self._quantized_state()
             self.set_base_weight(new.to(orig_dtype))
             self.merged_adapters.append(adapter)
 
+    def _quantized_state(self) -> dict[str, Any]:
+        """References to what ``set_base_weight`` replaces on a quantized base: the base module (HQQ builds a new
+        one), its weight (bitsandbytes, torchao assign a new one) and bitsandbytes 8-bit's int8 data and scales,
+        which move from the weight to ``state`` at the first forward and which re-quantizing resets."""
+        base = self.get_base_layer()
+        stash: dict[str, Any] = {"base_layer": self.base_layer, "weight": getattr(base, "weight", None)}
+        state = getattr(base, "state", None)
+        if state is not None and hasattr(state, "SCB") and hasattr(state, "CB"):
+            stash["state"] = (state.CB, state.SCB)
+        return stash
+
+    def _restore_quantized_state(self, stash: dict[str, Any]) -> None:
+        """Put back what [`_quantized_state`] recorded: the quantized base exactly as it was before the merge."""
+        self.base_layer = stash["base_layer"]
+        base = self.get_base_layer()
+        if stash["weight"] is not None:
+            base.weight = stash["weight"]
+        if "state" in stash:
+            base.state.reset_grads()
+            base.state.CB, base.state.SCB = stash["state"]
+
     def unmerge(self) -> None:
-        """Undo merges in reverse order; BAT needs ``I + B_i`` invertible."""
+        """Undo merges in reverse order: subtract (Bone) or invert (BAT, needs ``I + B_i`` invertible) the update; on a
+        quantized base, restore the weight kept by ``merge`` instead (exact, where re-quantizing again would not be)."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             if adapter not in self.bone_block:
+                continue
+            stash = self._bone_stash.pop(adapter, None)
+            if stash is not None:  # a quantized base: the weight from before the merge, bit for bit
+                self._restore_quantized_state(stash)
                 continue
             weight = self.get_base_weight()
             block = self.bone_block[adapter].detach()

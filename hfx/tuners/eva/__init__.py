@@ -32,4 +32,12 @@ __all__ = [
     "zero3_gather_per_module",
 ]
 
-register_initializer(EvaConfig, initialize_eva)
+register_initializer(
+    EvaConfig,
+    initialize_eva,
+    resume_hint=(
+        "hfx.initialize(model, trainer.get_train_dataloader()) with the data and EvaConfig of the run that wrote the "
+        "checkpoint (EVA computes the same ranks from the same batches), then "
+        "trainer.train(resume_from_checkpoint=<checkpoint>)"
+    ),
+)

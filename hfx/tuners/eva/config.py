@@ -19,7 +19,9 @@ class EvaConfig(LoraConfig):
     layer's rank is re-distributed by explained variance under the total budget (sum of the configured ranks); A gets
     the top components (rows), B = 0, so the model output is unchanged. The result is a plain LoRA adapter
     (``peft_type: LORA``, ``rank_pattern``/``alpha_pattern`` filled in): ``save_pretrained`` writes a stock
-    ``LoraConfig`` that PEFT loads without hfx.
+    ``LoraConfig`` that PEFT loads without hfx. Without ``hfx.initialize`` the adapter would train as a plain LoRA:
+    the first training-mode forward warns. To resume a Trainer checkpoint, run ``hfx.initialize`` with the same
+    data and config first (the same ranks), then ``trainer.train(resume_from_checkpoint=...)``.
 
     Args:
         rho (`float`): each layer may take up to ``round(r * rho)`` components (>= 1; 1 = no redistribution).
@@ -58,6 +60,21 @@ class EvaConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # types first, so that a wrong type (e.g. a string from a CLI) gets a message naming the field, not a bare
+        # TypeError from one of the comparisons below (ValueError, as for the other hfx configs)
+        for name in ("rho", "tau"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"EvaConfig.{name} must be a number, got {value!r} ({type(value).__name__}).")
+        for name, optional in (("max_iterations", False), ("min_rank", False), ("rank_budget", True)):
+            value = getattr(self, name)
+            if optional and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(
+                    f"EvaConfig.{name} must be an integer{' or None' if optional else ''}, got {value!r} "
+                    f"({type(value).__name__})."
+                )
         if not 1 <= self.rho < math.inf:  # NaN fails too
             raise ValueError(f"EvaConfig.rho must be >= 1 and finite, got {self.rho}.")
         if not 0 < self.tau <= 1:

@@ -47,6 +47,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hfx.initialize import mark_initialized
+
 from .config import EvaConfig
 
 MODEL_INPUT_NAMES = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features", "x")
@@ -419,7 +421,8 @@ def compute_eva(
     stream = _batch_stream(batches)
     start = time.perf_counter()
 
-    state = {"mask": None, "mode": "fingerprint"}
+    # "finite": per layer of this batch, a 0-dim bool tensor (no host sync in the hook); checked once per batch
+    state: dict[str, Any] = {"mask": None, "mode": "fingerprint", "finite": {}}
     prints: dict[str, torch.Tensor] = {}
     leader_of: dict[str, str] = {}
     stats: dict[str, LayerStats] = {}
@@ -439,6 +442,9 @@ def compute_eva(
                 return
             with torch.no_grad():
                 tokens = _select_tokens(x.detach(), state["mask"], name).to(dtypes[name])
+                finite = torch.isfinite(tokens).all()
+                previous = state["finite"].get(name)
+                state["finite"][name] = finite if previous is None else previous & finite
                 stats[name].add_local(tokens)
 
         return hook
@@ -488,7 +494,9 @@ def compute_eva(
                 progress = tqdm(total=config.max_iterations, desc="EVA", leave=False)
             while batch is not None:
                 state["mask"] = token_mask(batch, config)
+                state["finite"] = {}
                 peft_model(**_to_device(batch, device))
+                _check_finite(state["finite"], iteration)
                 for lead in leaders:
                     if lead in open_layers:
                         stats[lead].merge(dtypes[lead], device, stats_device)
@@ -582,6 +590,30 @@ def compute_eva(
     }
 
 
+def _check_finite(finite: Mapping[str, torch.Tensor], batch_index: int) -> None:
+    """Raise, on every process at once, when a layer saw non-finite inputs in this batch: one inf/NaN token makes the
+    scatter matrix NaN for good (Chan's merge carries it), and EVA would then hand out rank 0 / NaN components."""
+    names = sorted(finite)
+    ok = torch.stack([finite[n].cpu() for n in names]).tolist() if names else []  # layers may sit on several devices
+    bad_here = [n for n, good in zip(names, ok) if not good]
+    any_bad = torch.tensor([1.0 if bad_here else 0.0], dtype=torch.float64)
+    if _is_distributed():
+        _all_reduce(any_bad, op=torch.distributed.ReduceOp.MAX)
+    if any_bad.item() == 0:
+        return
+    where = (
+        f"the inputs of {len(bad_here)} target layer(s), first {bad_here[0]!r},"
+        if bad_here
+        else "a target layer's inputs on another process"
+    )
+    raise ValueError(
+        f"EVA: {where} contain non-finite values (inf/NaN) in batch {batch_index} (0-based, counting the batches "
+        "hfx.initialize read); they would make the layer's activation statistics NaN (rank 0, NaN lora_A). Check "
+        "that batch's inputs, and the model's dtype: fp16 activations overflow (run hfx.initialize on a bf16/fp32 "
+        "model)."
+    )
+
+
 def _base_name(name: str) -> str:
     return name.removeprefix("base_model.model.")
 
@@ -594,6 +626,21 @@ def apply_eva(peft_model: nn.Module, result: Mapping[str, Any], adapter_name: st
 
     config = peft_model.peft_config[adapter_name]
     layers = target_layers(peft_model, adapter_name)
+    for name, _ in layers:  # refuse before changing anything: NaN components would make the model output NaN
+        comps = result["components"].get(name)
+        if result["ranks"][name] == 0:
+            continue
+        if comps is None:
+            raise ValueError(
+                f"EVA: the result has no components for layer {name!r} (rank {result['ranks'][name]}); nothing was "
+                "applied. Pass the result of compute_eva for this model and adapter."
+            )
+        if not bool(torch.isfinite(comps).all()):
+            raise ValueError(
+                f"EVA: the components for layer {name!r} are not finite (its activation statistics saw inf/NaN "
+                "inputs); nothing was applied. Check the batches and the model's dtype (fp16 overflows), then run "
+                "compute_eva again."
+            )
     build_cfg = config.to_lora_config()
     build_cfg.init_lora_weights = False
     rank_pattern: dict[str, int] = {}
@@ -637,6 +684,7 @@ def apply_eva(peft_model: nn.Module, result: Mapping[str, Any], adapter_name: st
     if _is_distributed():  # nothing above is random, but make sure every process ends identical
         for _, layer in target_layers(peft_model, adapter_name):
             _broadcast(layer.lora_A[adapter_name].weight.data)
+    mark_initialized(config)
 
 
 def initialize_eva(
@@ -655,7 +703,7 @@ def initialize_eva(
     if getattr(config, "_eva_done", False):
         raise RuntimeError(f"EVA: adapter {adapter_name!r} is already initialised; build the model again to re-run.")
     result = compute_eva(peft_model, batches, adapter_name, show_progress=show_progress)
-    apply_eva(peft_model, result, adapter_name)
+    apply_eva(peft_model, result, adapter_name)  # marks the adapter initialised
     config._eva_done = True
     ranks = result["ranks"]
     explained = result["explained"]

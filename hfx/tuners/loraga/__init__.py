@@ -10,11 +10,19 @@ from hfx.initialize import register_initializer
 
 from .config import LoraGAConfig
 from .export import install_load_hook, read_export_init, rewrite_saved_weights
-from .init import apply_factors, estimate_gradients, initialize_loraga, loraga_factors, target_layers
+from .init import (
+    apply_factors,
+    check_gradient,
+    estimate_gradients,
+    initialize_loraga,
+    loraga_factors,
+    target_layers,
+)
 
 __all__ = [
     "LoraGAConfig",
     "apply_factors",
+    "check_gradient",
     "estimate_gradients",
     "initialize_loraga",
     "install_load_hook",
@@ -24,4 +32,12 @@ __all__ = [
     "target_layers",
 ]
 
-register_initializer(LoraGAConfig, initialize_loraga)
+register_initializer(
+    LoraGAConfig,
+    initialize_loraga,
+    resume_hint=(
+        "hfx.initialize(model, [], init_from=<checkpoint>) (it reads LoRA-GA's init A_0/B_0 from the checkpoint's "
+        "rank-2r export and offsets the base as the run that wrote it did; no batches needed), then "
+        "trainer.train(resume_from_checkpoint=<checkpoint>)"
+    ),
+)

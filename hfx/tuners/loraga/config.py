@@ -21,7 +21,9 @@ class LoraGAConfig(LoraConfig):
     ``hfx.initialize(peft_model, batches)`` estimates each target weight's gradient from the batches, sets A/B from
     its singular vectors and offsets the frozen weight (``W <- W - s*B*A``) so the model output is unchanged. Call it
     before the optimizer is built. ``save_pretrained`` writes a plain LoRA adapter for the *original* base weights
-    (rank ``2r``: ``[B_t, -B_0] [A_t; A_0]``), which stock PEFT loads without hfx.
+    (rank ``2r``: ``[B_t, -B_0] [A_t; A_0]``), which stock PEFT loads without hfx. Without ``hfx.initialize`` the
+    adapter would train as a plain LoRA: the first training-mode forward warns. To resume a Trainer checkpoint, run
+    ``hfx.initialize(model, [], init_from=<checkpoint>)`` first, then ``trainer.train(resume_from_checkpoint=...)``.
 
     The offset lives in the frozen base weights (as with PEFT's PiSSA/OLoRA inits): with the adapter disabled,
     unloaded or deleted, the model is the offset base, not the original one; load the base again for that. Hence one

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hfx.initialize import mark_initialized
+
 from .config import LoraGAConfig
 
 MODEL_INPUT_NAMES = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features", "x")
@@ -249,6 +251,26 @@ def estimate_gradients(
     return grads, n_total
 
 
+def check_gradient(name: str, grad: torch.Tensor, n_batches: int) -> None:
+    """Refuse a gradient estimate whose SVD would give no meaningful init: all zero (any singular vectors would do,
+    so the init would be arbitrary) or non-finite (``linalg.svd`` fails on it). ``grad`` is already summed over
+    processes, so every process decides alike."""
+    if not bool(torch.isfinite(grad).all()):
+        raise ValueError(
+            f"LoRA-GA: the estimated gradient of layer {name!r} has non-finite values (inf/NaN) after {n_batches} "
+            "batches, so it has no SVD; nothing was changed. Check the batches' inputs and labels (a non-finite "
+            "activation or loss in any batch poisons the mean) and the model's dtype: fp16 overflows, estimate on "
+            "a bf16/fp32 model."
+        )
+    if not bool(grad.any()):
+        raise ValueError(
+            f"LoRA-GA: the estimated gradient of layer {name!r} is exactly zero over {n_batches} batches, so its "
+            "singular vectors (the init) would be arbitrary; nothing was changed. Do the batches have labelled tokens? "
+            "Check the batches' labels: with every label at the ignore index (-100) the loss has no gradient. If "
+            "the layer does not affect the loss, exclude it from target_modules."
+        )
+
+
 def _out_in(base: nn.Module) -> tuple[int, int]:
     conv1d = _conv1d_cls()
     if conv1d is not None and isinstance(base, conv1d):
@@ -417,6 +439,7 @@ def initialize_loraga(
             )
             for name, layer in group:
                 g = grads.pop(name)
+                check_gradient(name, g, n_batches)
                 B, A, S = loraga_factors(g, layer.r[adapter_name], layer.scaling[adapter_name], config)
                 if _is_distributed():  # identical inputs give identical SVDs, but make sure: rank 0's wins
                     B, A = B.contiguous(), A.contiguous()
@@ -436,6 +459,7 @@ def initialize_loraga(
         B, A = apply_factors(layer, adapter_name, *factors[name])
         config._loraga_init[name] = (B.detach().cpu().clone(), A.detach().cpu().clone())
         install_load_hook(layer, name, adapter_name, config)
+    mark_initialized(config)
     summary.update(
         direction=config.direction,
         scale=config.scale,

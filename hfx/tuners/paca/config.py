@@ -3,6 +3,7 @@ arXiv 2503.01905)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -91,8 +92,12 @@ class PacaConfig(PeftConfig):
             )
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"`r` (the number of trained columns) must be a positive integer, got {self.r!r}.")
-        if isinstance(self.paca_alpha, bool) or not isinstance(self.paca_alpha, (int, float)) or self.paca_alpha <= 0:
-            raise ValueError(f"`paca_alpha` must be a positive number, got {self.paca_alpha!r}.")
+        if (
+            isinstance(self.paca_alpha, bool)
+            or not isinstance(self.paca_alpha, (int, float))
+            or not 0 < self.paca_alpha < math.inf  # NaN fails too
+        ):
+            raise ValueError(f"`paca_alpha` must be a finite number > 0, got {self.paca_alpha!r}.")
         if self.init_weights not in (True, False):
             raise ValueError(f"`init_weights` must be True (identity) or False (random), got {self.init_weights!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -22,6 +22,7 @@ import warnings
 from typing import Any, Optional
 
 import torch
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import _get_in_out_features, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
 from peft.utils.integrations import gather_params_ctx
@@ -30,6 +31,27 @@ from torch import nn
 from .._compat import IndexedTunerLayer
 from .._mixed_batch import mixed_batch_forward, pop_adapter_names
 from .._sparse import ResizableBufferDict, SparseValues, index_dtype, scatter_dense, sparse_delta_linear
+
+
+def _is_transformers_conv1d(module: torch.nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 style: a linear layer with its weight stored transposed, in x out)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, Conv1D)
+
+
+def _target_hint(base: torch.nn.Module) -> str:
+    """How to fix an unsupported target. On GPT-2 style models 'all-linear' selects the same Conv1D layers (PEFT
+    counts them as linear), so suggesting it would fail the same way; LoRA handles Conv1D."""
+    if _is_transformers_conv1d(base):
+        return (
+            "It is transformers' Conv1D (GPT-2 style, weight stored in x out), which SaRA does not support; "
+            "'all-linear' selects the same Conv1D layers on such models. Use LoRA instead (peft.LoraConfig, or "
+            "hfx.EvaConfig / hfx.LoraGAConfig, which support Conv1D), or target other, nn.Linear layers."
+        )
+    return "Choose linear layers in `target_modules` (e.g. 'q_proj', 'v_proj' or 'all-linear')."
 
 
 # ---- selection -----------------------------------------------------------------------------------------------
@@ -68,10 +90,13 @@ def sara_select(
     k = round(float(ratio) * numel)
     if k <= 0 or k >= numel:
         what = "no entries" if k <= 0 else "all entries"
+        # Enough significant digits that the printed bounds are accepted themselves (ratio * numel rounds to 1 and
+        # numel - 1): with 3 digits a 64x64 layer's upper bound 4095/4096 printed as "1", which selects everything.
+        digits = len(str(numel)) + 1
         raise ValueError(
-            f"SaRA ratio {ratio:g} selects {what} ({max(k, 0)} of {numel}, {max(k, 0) / numel:.1%}) of {layer_name} "
-            f"(shape {shape}). Set a `ratio` between {1 / numel:.3g} and {(numel - 1) / numel:.3g}, or exclude the "
-            "layer."
+            f"SaRA ratio {ratio!r} selects {what} ({max(k, 0)} of {numel}, {max(k, 0) / numel:.1%}) of {layer_name} "
+            f"(shape {shape}): it trains round(ratio * {numel}) entries, which must be between 1 and {numel - 1}. "
+            f"Set a `ratio` from {1 / numel:.{digits}g} to {(numel - 1) / numel:.{digits}g}, or exclude the layer."
         )
     order = torch.argsort(mag, stable=True)
     implied = mag[order[k]].item()
@@ -95,6 +120,84 @@ class ResizableSparseValues(SparseValues):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs)
 
 
+class SaraThresholds(BufferDict):
+    """Per-adapter threshold of one SaRA layer, saved with the adapter (state-dict key ``sara_threshold``).
+
+    The progressive adjustment freezes the entries with ``|W0 + d| >= threshold``, and with ``ratio`` the threshold
+    is implied by the weights the trainable set was selected on. A run resumed from a checkpoint keeps that set
+    (``sara_indices`` is loaded), so it must keep its threshold too, not recompute one from the current config.
+
+    The value itself is a Python float per adapter (read without a device sync); the buffer mirrors it, shape (1,),
+    float64 (float32 on MPS, which has no float64) on the layer's device, whatever casts the model gets
+    (``model.half()``, PEFT's move to the base dtype, which reassigns the buffer): a rounded threshold would change
+    which entries freeze.
+
+    Loading: a state dict with the key replaces the value; when it differs from the value computed from the current
+    config, the pair is kept in ``mismatches`` for [`SaraModel`]'s load hook, which warns once per load. A state dict
+    without it (adapters saved before hfx stored thresholds) keeps the computed value and reports no missing key.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(persistent=True)
+        self._values: dict[str, float] = {}
+        self.mismatches: dict[str, tuple[float, float]] = {}  # adapter -> (saved, computed from the config)
+
+    @staticmethod
+    def _as_buffer(value: float, device: torch.device) -> torch.Tensor:
+        dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+        return torch.tensor([value], dtype=dtype, device=device)
+
+    def set(self, adapter: str, value: float, device: Optional[torch.device] = None) -> None:
+        """Set ``adapter``'s threshold (buffer on ``device``, default: where it is now, else the CPU)."""
+        if device is None:
+            device = self._buffers[adapter].device if adapter in self._buffers else torch.device("cpu")
+        self._values[adapter] = float(value)
+        self[adapter] = self._as_buffer(float(value), device)
+
+    def value(self, adapter: str) -> float:
+        """``adapter``'s threshold, exactly (a Python float)."""
+        return self._values[adapter]
+
+    def __setitem__(self, key: str, buffer: torch.Tensor) -> None:
+        # PEFT reassigns adapter buffers to move (and cast) them: keep the device, rebuild the exact value
+        if key in self._values:
+            buffer = self._as_buffer(self._values[key], buffer.device)
+        super().__setitem__(key, buffer)
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._values.pop(key, None)
+        self.mismatches.pop(key, None)
+
+    def clear(self) -> None:
+        super().clear()
+        self._values.clear()
+        self.mismatches.clear()
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        for key, buf in list(self._buffers.items()):  # follow device moves, ignore dtype casts
+            if buf is not None and key in self._values:
+                self._buffers[key] = self._as_buffer(self._values[key], buf.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs):
+        for key in list(self._buffers):
+            incoming = state_dict.get(prefix + key)
+            if incoming is None:
+                continue  # saved before thresholds were stored: keep the one computed from the current config
+            if incoming.numel() != 1:
+                errs.append(f"{prefix}{key}: a SaRA threshold is one number, got shape {tuple(incoming.shape)}.")
+                continue
+            saved = float(incoming.reshape(-1)[0].item())
+            computed = self._values.get(key)
+            if computed is not None and saved != computed:
+                self.mismatches[key] = (saved, computed)
+            self.set(key, saved)
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k[len(prefix) :] not in self)
+
+
 def check_sara_base(base: nn.Module, layer_name: str) -> None:
     """Raise a ``TypeError`` unless ``base`` is a plain, unquantized ``nn.Linear``."""
     backend = resolve_quantization_backend(base)
@@ -110,7 +213,7 @@ def check_sara_base(base: nn.Module, layer_name: str) -> None:
     if not isinstance(base, nn.Linear):
         raise TypeError(
             f"SaRA cannot adapt {layer_name!r} of type {type(base).__name__}: only torch.nn.Linear is supported. "
-            "Choose linear layers in `target_modules` (e.g. 'q_proj', 'v_proj' or 'all-linear')."
+            + _target_hint(base)
         )
 
 
@@ -127,7 +230,7 @@ class SaraLayer(IndexedTunerLayer):
         self.sara_indices = ResizableBufferDict({})
         self.sara_frozen_indices = ResizableBufferDict({})
         self.sara_frozen_values = ResizableBufferDict({})
-        self.sara_threshold: dict[str, float] = {}
+        self.sara_threshold = SaraThresholds()
         self._sara_merge_backup: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
@@ -159,7 +262,7 @@ class SaraLayer(IndexedTunerLayer):
         """Create adapter ``adapter_name``: select ``|W0| < threshold`` (or the smallest ``ratio``) on the base
         weight, zero delta. Selection is deterministic, so every rank of a distributed run selects the same set."""
         idx, thr = sara_select(self.dense_base_weight(), threshold, ratio, layer_name=f"layer {self.layer_name!r}")
-        self.sara_threshold[adapter_name] = thr
+        self.sara_threshold.set(adapter_name, thr, device=idx.device)
         self.sara_indices[adapter_name] = idx
         self.sara_frozen_indices[adapter_name] = idx.new_zeros(0)
         self.sara_frozen_values[adapter_name] = torch.zeros(0, device=idx.device)
@@ -303,7 +406,7 @@ class SaraLinear(nn.Module, SaraLayer):
         flat = weight.detach().view(-1)
         base = flat[idx.long().to(flat.device)].to(torch.float64 if flat.dtype == torch.float64 else torch.float32)
         effective = base + param.detach().to(base.device, base.dtype)
-        keep = (effective.abs() < self.sara_threshold[adapter]).to(idx.device)
+        keep = (effective.abs() < self.sara_threshold.value(adapter)).to(idx.device)
         if bool(keep.all()):
             return keep
         dropped_idx = torch.cat([self.sara_frozen_indices[adapter], idx[~keep]])

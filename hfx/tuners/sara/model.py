@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -29,8 +30,11 @@ class SaraModel(MixedBatchTunerMixin, BaseTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     def inject_adapter(self, model: torch.nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        """PEFT's injection, then log the fraction of entries SaRA trains (it depends on the model's weight scale)."""
+        """PEFT's injection, then log the fraction of entries SaRA trains (it depends on the model's weight scale),
+        and (once) add the load hook that warns when a loaded adapter's thresholds differ from the config's."""
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if getattr(self, "_sara_threshold_hook", None) is None:
+            self._sara_threshold_hook = self.register_load_state_dict_post_hook(_warn_threshold_mismatch)
         layers = [m for m in model.modules() if isinstance(m, SaraLinear) and adapter_name in m.sara_values]
         selected = sum(m.sara_values[adapter_name].numel() for m in layers)
         total = sum(m.in_features * m.out_features for m in layers)
@@ -66,6 +70,39 @@ class SaraModel(MixedBatchTunerMixin, BaseTuner):
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)  # an added, inactive adapter is not trainable until set_adapter
             self._replace_module(parent, target_name, new_module, target)
+
+
+def _warn_threshold_mismatch(module: torch.nn.Module, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook on the SaRA model: one warning per adapter whose loaded thresholds (which the
+    layers now use) differ from those the current config computes."""
+    found: dict[str, list[tuple[str, float, float]]] = {}
+    total: dict[str, int] = {}
+    for layer in module.modules():
+        if not isinstance(layer, SaraLayer):
+            continue
+        for adapter in layer.sara_threshold:
+            total[adapter] = total.get(adapter, 0) + 1
+        for adapter, (saved, computed) in layer.sara_threshold.mismatches.items():
+            found.setdefault(adapter, []).append((layer.layer_name, saved, computed))
+        layer.sara_threshold.mismatches.clear()
+    configs = getattr(module, "peft_config", {})
+    for adapter, rows in found.items():
+        config = configs.get(adapter)
+        rule = (
+            f"threshold={config.threshold:g}"
+            if config is not None and config.ratio is None
+            else f"ratio={getattr(config, 'ratio', None)!r}"
+        )
+        name, saved, computed = rows[0]
+        warnings.warn(
+            f"SaRA adapter {adapter!r}: the loaded state dict's thresholds differ in {len(rows)} of "
+            f"{total.get(adapter, len(rows))} layers from what the current config ({rule}) computes (e.g. {name!r}: "
+            f"saved {saved:.6g}, config {computed:.6g}). Using the saved ones: the checkpoint's trainable set was "
+            "selected with them, so the progressive adjustment continues as in the saved run. To apply the current "
+            "config instead, start from a fresh adapter rather than loading this checkpoint.",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def _unwrap_optimizer(optimizer: Any) -> Optional[torch.optim.Optimizer]:
