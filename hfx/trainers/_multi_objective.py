@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ._data import check_prompt_column
 from ._state import JsonCheckpointStateMixin
 
 __all__ = ["MultiObjectiveMixin", "resolve_reward_indices"]
@@ -50,6 +51,8 @@ class MultiObjectiveMixin(JsonCheckpointStateMixin):
             args = self._config_class(f"{str(name).split('/')[-1]}-{self._name}")
         if not isinstance(args, self._config_class):
             raise TypeError(f"{type(self).__name__} needs a {self._config_class.__name__}, got {type(args).__name__}")
+        eval_dataset = pargs[0] if pargs else kwargs.get("eval_dataset")  # GRPO/RLOO take it after train_dataset
+        check_prompt_column(train_dataset, eval_dataset, type(self).__name__)
         super().__init__(model, reward_funcs, args, train_dataset, *pargs, **kwargs)
         self._mo_prompt_ids: list[list[int]] | None = None
         self._mo_completion_ids: list[list[int]] | None = None
@@ -58,7 +61,9 @@ class MultiObjectiveMixin(JsonCheckpointStateMixin):
     def update_reward_weights(self, rewards_per_func: torch.Tensor) -> None:
         """Called once per training generation batch with the gathered ``(B_global, K)`` rewards (NaN = not scored).
 
-        Set ``self.reward_weights`` (and anything else) here; the parent aggregates with it right after.
+        Set ``self.reward_weights`` (and anything else) here; the parent aggregates with it right after. Not called
+        for the batch TRL regenerates when resuming from a checkpoint saved inside a generation cycle: the saved state
+        already includes that batch's update (see :mod:`hfx.trainers._state`).
         """
         raise NotImplementedError
 
@@ -71,7 +76,8 @@ class MultiObjectiveMixin(JsonCheckpointStateMixin):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._mo_completion_ids = [list(c) for c in completion_ids_list]
         mode = "train" if self.model.training else "eval"
-        if mode == "train":
+        # a batch regenerated after resuming inside a generation cycle: its update is already in the checkpoint
+        if mode == "train" and not self._take_replay():
             self.update_reward_weights(rewards_per_func)
         for name, weight in zip(self.reward_func_names, self.reward_weights.tolist(), strict=True):
             self._metrics[mode][f"reward_weights/{name}"].append(weight)

@@ -4,6 +4,17 @@ TRL/transformers save the model, optimizer, scheduler and RNG states in ``checkp
 the trainer would be lost on resume. :class:`JsonCheckpointStateMixin` writes ``state_dict()`` of the method to one
 JSON file beside them (rank 0 only, as the Trainer's own files) and reads it back when the Trainer loads the
 optimizer — the one hook every resume path runs, before the first step.
+
+Checkpoints inside a generation batch. TRL's GRPO/RLOO generate once every ``steps_per_generation × num_iterations``
+micro-steps and keep the batch in memory, not in the checkpoint. Resumed from a checkpoint saved inside such a cycle
+(``steps_per_generation > gradient_accumulation_steps``, or ``num_iterations > 1``), TRL regenerates the batch for the
+same prompts with its micro-step counter back at 0: the hfx method state (updated once per generation batch) would
+take one extra update, and TRL's cycle would be shifted against the dataloader's for the rest of the run. So the JSON
+also records the micro-step (``generation_cycle``); on resume the mixin restores TRL's counter (the regeneration then
+fills the right buffer slice and later generations fall where they would have) and flags the regenerated batch as a
+*replay* (:meth:`JsonCheckpointStateMixin._take_replay`), for which the trainers keep their state as saved — it
+already holds that batch's update. What stays different from an uninterrupted run are the completions of the rest of
+that batch (new samples), which a warning says, with how to avoid it.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ class JsonCheckpointStateMixin:
     """Mixin for a :class:`transformers.Trainer` subclass; set ``_state_json`` and implement the two methods."""
 
     _state_json: str = "hfx_state.json"
+    _replay_generation: bool = False  # the next training generation batch regenerates a checkpointed one
 
     def method_state_dict(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -34,8 +46,12 @@ class JsonCheckpointStateMixin:
             return
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         os.makedirs(folder, exist_ok=True)
+        state = self.method_state_dict()
+        cycle = self._generation_cycle_state()
+        if cycle is not None:
+            state["generation_cycle"] = cycle
         with open(os.path.join(folder, self._state_json), "w", encoding="utf-8") as f:
-            json.dump(self.method_state_dict(), f, indent=2)
+            json.dump(state, f, indent=2)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -48,4 +64,61 @@ class JsonCheckpointStateMixin:
             )
             return
         with open(path, encoding="utf-8") as f:
-            self.load_method_state_dict(json.load(f))
+            state = json.load(f)
+        self.load_method_state_dict(state)
+        self._restore_generation_cycle(state.get("generation_cycle"), checkpoint)
+
+    # ------------------------------------------------------------------------------------------------ generation cycle
+    def _generate_every(self) -> int | None:
+        """TRL's generation period in micro-steps, or ``None`` for a trainer without one (not GRPO/RLOO-like)."""
+        if not hasattr(self, "_step") or getattr(self.args, "steps_per_generation", None) is None:
+            return None
+        return int(self.args.steps_per_generation) * int(getattr(self, "num_iterations", 1))
+
+    def _generation_cycle_state(self) -> dict[str, int] | None:
+        every = self._generate_every()
+        return None if every is None else {"micro_step": int(self._step), "generate_every": every}
+
+    def _restore_generation_cycle(self, saved: dict[str, Any] | None, checkpoint: str) -> None:
+        """Put TRL's micro-step counter back where the checkpoint left it and flag the batch TRL will regenerate
+        (see the module doc); warn when the checkpoint is inside a generation batch."""
+        self._replay_generation = False
+        every = self._generate_every()
+        if every is None or every == 1 or self.args.ignore_data_skip:  # no cycle, or the data is not replayed
+            return
+        fix = (
+            "To resume exactly, save at generation boundaries: make save_steps × gradient_accumulation_steps "
+            f"({self.args.save_steps} × {self.args.gradient_accumulation_steps}) a multiple of steps_per_generation "
+            f"× num_iterations ({every})."
+        )
+        if saved is None:  # a state file of an older hfx: estimate the position from the optimizer step
+            micro, saved_every = self.state.global_step * self.args.gradient_accumulation_steps, every
+        else:
+            micro, saved_every = int(saved["micro_step"]), int(saved["generate_every"])
+        if saved is not None and saved_every == every:
+            self._step = micro  # TRL restarts it at 0; continuing it keeps its cycle aligned with the dataloader's
+        position = micro % saved_every
+        if position == 0:
+            return
+        if saved is None or saved_every != every:
+            # the position is not recorded, or the generation period changed: the replay cannot be matched up
+            logger.warning(
+                f"{checkpoint} was saved inside a generation batch (after micro-step {position} of {saved_every}), and "
+                + ("its position is not recorded" if saved is None else f"the generation period is now {every}")
+                + f": TRL regenerates that batch, so the {type(self).__name__} state (updated once per generation "
+                f"batch) takes one extra update. {fix}"
+            )
+            return
+        self._replay_generation = True
+        logger.warning(
+            f"{checkpoint} was saved inside a generation batch (after micro-step {position} of {every}). TRL does "
+            "not checkpoint generated completions, so it regenerates that batch for the same prompts; the "
+            f"{type(self).__name__} state keeps its saved value for it (no second update), but the rest of the "
+            f"batch ({every - position} of its {every} micro-steps) trains on new completions, unlike an "
+            "uninterrupted run. " + fix
+        )
+
+    def _take_replay(self) -> bool:
+        """Whether the current training generation batch replays the checkpointed one (True once, then False)."""
+        replay, self._replay_generation = self._replay_generation, False
+        return replay

@@ -25,6 +25,8 @@ reference model, the PEFT base with the adapter disabled, or precomputed log-pro
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import re
 import textwrap
@@ -60,6 +62,17 @@ STATE_JSON = "bvpo_state.json"
 STATE_TENSORS = "bvpo_state.safetensors"
 #: A leading empty think block (any whitespace inside and after it).
 EMPTY_THINK_RE = re.compile(r"^\s*<think>\s*</think>\s*")
+
+
+def _warn_anywhere(message: str) -> None:
+    """``logger.warning`` (main process only) inside a run; plain :mod:`logging` where no accelerate state exists,
+    e.g. an :class:`AlphaEstimator` used on its own (accelerate's logger refuses to log there)."""
+    from accelerate.state import PartialState
+
+    if PartialState._shared_state:
+        logger.warning(message)
+    else:
+        logging.getLogger(__name__).warning(message)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -98,6 +111,10 @@ class AlphaEstimator:
     weighted sums (``decay``; ``None`` = plain running averages over all updates), kept in float64: the means
     ``m_t``, ``m_e`` (vectors) and the traced second moments ``E‖g_t‖²``, ``E‖g_e‖²``, ``E⟨g_t, g_e⟩`` (scalars).
     After ``warmup`` updates the clipped estimate is smoothed into :attr:`alpha` (``α ← s·α + (1 − s)·α*``).
+
+    A pair with a NaN/inf entry (an overflowing or diverging step) is skipped with a warning and counted in
+    :attr:`num_skipped`: added to the running sums it would make every later moment NaN, so α would freeze for the
+    rest of training without a word.
     """
 
     def __init__(self, init: float = 0.5, decay: float | None = 0.95, smoothing: float = 0.9, warmup: int = 10):
@@ -105,6 +122,7 @@ class AlphaEstimator:
         self.alpha = float(init)  # the smoothed value in use
         self.last_estimate: float | None = None  # the latest clipped α*, before smoothing
         self.num_updates = 0
+        self.num_skipped = 0  # observations dropped for being non-finite
         self.weight = 0.0
         self.sum_t: torch.Tensor | None = None
         self.sum_e: torch.Tensor | None = None
@@ -116,16 +134,27 @@ class AlphaEstimator:
         g_e = g_e.detach().reshape(-1).to(torch.float64)
         if g_t.shape != g_e.shape:
             raise ValueError(f"trace and empty-trace gradients differ in shape: {g_t.shape} vs {g_e.shape}")
+        if self.sum_t is not None and self.sum_t.shape != g_t.shape:
+            raise ValueError(f"gradient size changed from {self.sum_t.numel()} to {g_t.numel()}")
+        squares = (float(g_t @ g_t), float(g_e @ g_e), float(g_t @ g_e))
+        # the squares also catch finite entries whose products overflow float64
+        if not all(math.isfinite(v) for v in squares):
+            self.num_skipped += 1
+            _warn_anywhere(
+                f"bvpo_alpha='auto': a non-finite gradient observation (NaN/inf in the trace or empty-trace probe "
+                f"gradient) was skipped ({self.num_skipped} so far); α stays at {self.alpha:.4g} and the estimator "
+                "keeps its previous statistics. If this repeats, the loss itself is diverging: lower the learning "
+                "rate, or train in bf16/fp32 rather than fp16."
+            )
+            return self.alpha
         keep = 1.0 if self.decay is None else self.decay
         if self.sum_t is None:
             self.sum_t, self.sum_e = torch.zeros_like(g_t), torch.zeros_like(g_e)
-        elif self.sum_t.shape != g_t.shape:
-            raise ValueError(f"gradient size changed from {self.sum_t.numel()} to {g_t.numel()}")
         self.sum_t = self.sum_t.to(g_t.device) * keep + g_t
         self.sum_e = self.sum_e.to(g_e.device) * keep + g_e
-        self.sq_t = self.sq_t * keep + float(g_t @ g_t)
-        self.sq_e = self.sq_e * keep + float(g_e @ g_e)
-        self.sq_te = self.sq_te * keep + float(g_t @ g_e)
+        self.sq_t = self.sq_t * keep + squares[0]
+        self.sq_e = self.sq_e * keep + squares[1]
+        self.sq_te = self.sq_te * keep + squares[2]
         self.weight = self.weight * keep + 1.0
         self.num_updates += 1
         if self.num_updates >= self.warmup:
@@ -161,6 +190,7 @@ class AlphaEstimator:
             "alpha": self.alpha,
             "last_estimate": self.last_estimate,
             "num_updates": self.num_updates,
+            "num_skipped": self.num_skipped,
             "weight": self.weight,
             "sq_t": self.sq_t,
             "sq_e": self.sq_e,
@@ -177,6 +207,7 @@ class AlphaEstimator:
         self.alpha = float(scalars["alpha"])
         self.last_estimate = scalars.get("last_estimate")
         self.num_updates = int(scalars["num_updates"])
+        self.num_skipped = int(scalars.get("num_skipped", 0))  # absent from checkpoints of older hfx versions
         self.weight = float(scalars["weight"])
         self.sq_t, self.sq_e, self.sq_te = float(scalars["sq_t"]), float(scalars["sq_e"]), float(scalars["sq_te"])
         self.sum_t = tensors["sum_t"].to(torch.float64) if "sum_t" in tensors else None
@@ -347,6 +378,46 @@ def tokenize_empty_view(
         EMPTY_PREFIX + "chosen_ids": full_ids[0][n:],
         EMPTY_PREFIX + "rejected_ids": full_ids[1][n:],
     }
+
+
+def _is_text_or_messages(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(m, Mapping) for m in value))
+
+
+def check_bvpo_row(
+    example: Mapping[str, Any], index: int, columns: list[str], prompt_no_trace_column: str, dataset_name: str
+) -> None:
+    """Raise a ``TypeError`` naming the row and column when a BVPO column of ``example`` is not text or messages.
+
+    Run on every row (in the tokenising map), not only the first: a ``None`` or a wrong type in a later row would
+    otherwise stop training with an ``AttributeError`` deep inside the tokenisation, naming neither. The optional
+    ``prompt_no_trace_column`` may be ``None`` (the row then uses ``prompt``). All the row's values must share one
+    format: a plain prompt cannot be joined with conversational completions, nor the other way round.
+    """
+    kinds = {}
+    checked = list(columns) + ([prompt_no_trace_column] if example.get(prompt_no_trace_column) is not None else [])
+    for column in checked:
+        value = example[column]
+        if not _is_text_or_messages(value):
+            raise TypeError(
+                f"BVPO: column {column!r} of the {dataset_name} dataset must hold text (str) or conversational "
+                f"messages (a list of {{'role', 'content'}} dicts) in every row; row {index} holds "
+                f"{type(value).__name__}. Fix or drop that row (e.g. `dataset.filter(...)`) before training."
+            )
+        kinds[column] = "text" if isinstance(value, str) else "messages"
+    if len(set(kinds.values())) > 1:
+        raise TypeError(
+            f"BVPO: row {index} of the {dataset_name} dataset mixes plain text and conversational messages "
+            f"({kinds}); give every column in the same format."
+        )
+
+
+def _checked_tokenize_empty_view(
+    example: dict[str, Any], index: int, columns: list[str], dataset_name: str, **kwargs: Any
+) -> dict[str, list[int]]:
+    """:func:`check_bvpo_row`, then :func:`tokenize_empty_view` (the ``dataset.map`` function, with indices)."""
+    check_bvpo_row(example, index, columns, kwargs["prompt_column"], dataset_name)
+    return tokenize_empty_view(example, **kwargs)
 
 
 class BVPODataCollator:
@@ -525,21 +596,17 @@ class BVPOTrainer(DPOTrainer):
                 "`hfx.trainers.make_bvpo_pairs` or `hfx.data.preference_dataset(..., think=True)`, or point "
                 "`chosen_no_trace_column` / `rejected_no_trace_column` at your columns."
             )
-        for column in needed:
-            value = dataset[0][column]
-            if not (
-                isinstance(value, str) or (isinstance(value, list) and all(isinstance(m, Mapping) for m in value))
-            ):
-                raise TypeError(
-                    f"BVPO: column {column!r} of the {dataset_name} dataset must hold text (str) or conversational "
-                    f"messages (a list of {{'role', 'content'}} dicts); its first row holds {type(value).__name__}."
-                )
+        if len(dataset) > 0:  # row 0 decides how reasoning is disabled: check it before reading it
+            check_bvpo_row(dataset[0], 0, needed, args.prompt_no_trace_column, dataset_name)
         tokenizer = self._tokenizer
         mode = resolve_no_trace_mode(dataset[0], tokenizer, args)
         map_kwargs: dict[str, Any] = {"num_proc": args.dataset_num_proc}
         dataset = dataset.map(
-            tokenize_empty_view,
+            _checked_tokenize_empty_view,
+            with_indices=True,
             fn_kwargs={
+                "columns": needed,
+                "dataset_name": dataset_name,
                 "tokenizer": tokenizer,
                 "mode": mode,
                 "suffix": args.no_trace_suffix,
@@ -665,12 +732,48 @@ class BVPOTrainer(DPOTrainer):
             if state.get("bvpo_alpha") != self.args.bvpo_alpha:
                 logger.warning(f"checkpoint used bvpo_alpha={state.get('bvpo_alpha')!r}, now {self.args.bvpo_alpha!r}")
             return
+        self._check_estimator_settings(state["estimator"])
         tensors = {}
         if os.path.isfile(os.path.join(folder, STATE_TENSORS)):
             from safetensors.torch import load_file
 
             tensors = load_file(os.path.join(folder, STATE_TENSORS))
         self._estimator.load_state_dict(state["estimator"], tensors)
+
+    def _check_estimator_settings(self, saved: Mapping[str, Any]) -> None:
+        """Warn when the α-estimator settings of this run differ from the checkpoint's.
+
+        A warning, not an error, as transformers does for changed arguments on resume: the saved moments stay valid
+        under a new ``decay`` (each sum and its normaliser ``weight`` share one recursion, so the means stay weighted
+        averages; older observations keep the weights they had), and ``smoothing`` / ``warmup`` only act on future
+        updates. ``init`` has no effect at all: α resumes from its saved value. Silence would hide all of this.
+        """
+        fields = {
+            "bvpo_alpha_stats_decay": "decay",
+            "bvpo_alpha_smoothing": "smoothing",
+            "bvpo_alpha_warmup_steps": "warmup",
+            "bvpo_alpha_init": "init",
+        }
+
+        def as_float(value: Any) -> float | None:  # JSON round-trips floats exactly: no tolerance needed
+            return None if value is None else float(value)
+
+        changed = {
+            name: (saved[key], getattr(self.args, name))
+            for name, key in fields.items()
+            if key in saved and as_float(saved[key]) != as_float(getattr(self.args, name))
+        }
+        if not changed:
+            return
+        listed = ", ".join(f"{name}={new!r} (checkpoint: {old!r})" for name, (old, new) in changed.items())
+        note = ""
+        if "bvpo_alpha_init" in changed:
+            note = f" bvpo_alpha_init has no effect on resume: α continues from the saved {saved.get('alpha')!r}."
+        logger.warning(
+            f"bvpo_alpha='auto': resuming with different estimator settings: {listed}. The saved statistics are kept "
+            f"and the new decay / smoothing / warm-up apply from the next update on.{note} Resume with the "
+            "checkpoint's values to continue the estimate unchanged."
+        )
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

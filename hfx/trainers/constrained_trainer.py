@@ -127,17 +127,41 @@ class _ConstrainedMixin(MultiObjectiveMixin):
         return state
 
     def load_method_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore multipliers, thresholds and the threshold search. Changed constraint names, kinds or
+        parametrization are errors (the saved multipliers would mean other reward weights); changed thresholds
+        and a search left without its callback are warnings (see below)."""
         if state.get("constraint_names", self.constraint_names) != self.constraint_names:
             raise ValueError(
                 f"the checkpoint constrains {state['constraint_names']}, this trainer {self.constraint_names}"
             )
         self._load_base_state(state)
-        self.multipliers.load_state_dict(state["multipliers"])
+        self.multipliers.load_state_dict(state["multipliers"])  # raises on changed constraint kinds/parametrization
         self.constraint_values = state.get("constraint_values")
         self._apply_multipliers()
         search = state.get("threshold_search")
         if search is not None and self.search_callback is not None:
             self.search_callback.load_state_dict(search)
+        elif search is not None and not search.get("done", False):
+            logger.warning(
+                f"the checkpoint was saved during a threshold search ({search.get('phases', 0)} phases scored), "
+                "but no ThresholdSearchCallback is attached: the search stops and training continues with the "
+                f"checkpoint's thresholds {self.multipliers.thresholds}. Pass the same ThresholdSearchCallback in "
+                "`callbacks` to continue the search."
+            )
+        configured = [float(t) for t in self.args.constraint_thresholds]
+        if search is None and not all(
+            math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(self.multipliers.thresholds, configured)
+        ):
+            # Warn, do not raise, and keep the checkpoint's values: what transformers does when resuming with changed
+            # arguments that the checkpoint overrides (compare_trainer_and_checkpoint_args); the thresholds are part
+            # of the saved state because a threshold search moves them. Without a search in the checkpoint they
+            # should equal the config's, so a difference means the config was edited between the two runs.
+            logger.warning(
+                f"constraint_thresholds={configured} differ from the checkpoint's thresholds "
+                f"{self.multipliers.thresholds}; resuming continues with the checkpoint's. To train with the new "
+                "thresholds, edit multipliers.thresholds in the checkpoint's constraint_state.json, or start a new "
+                "run from the checkpoint's model instead of resume_from_checkpoint."
+            )
 
 
 class ConstrainedGRPOTrainer(_ConstrainedMixin, GRPOTrainer):

@@ -19,7 +19,8 @@ Where the allocation comes from: every ``gvm_refresh_steps`` optimizer steps (ch
 the next pool of prompts is drawn, piloted (TRL's own ``_generate`` and ``_calculate_rewards``, so vLLM, chat templates
 and reward models work as in training), and allocated by :func:`hfx.gvm.allocate_samples`. Statistics are gathered
 across ranks, so the plan is identical everywhere. The allocation (``p``, ``G``, ``n``, iteration, plan position,
-sample counters) is saved in each checkpoint as ``gvm_state.json`` and restored on resume.
+sample counters) is saved in each checkpoint as ``gvm_state.json`` and restored on resume, with the settings it
+depends on (``num_generations``, ``gvm``, the dataset length, ``seed``): resuming under different ones is an error.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from trl.trainer.utils import nanstd
 
 from ..gvm import GVMAllocation, allocate_samples, check_reward_columns, pilot_statistics, sequence_grad_norms
 from ..gvm import uniform_allocation as _uniform
+from ._data import check_prompt_column
 from ._state import JsonCheckpointStateMixin
 from .gvm_config import GVMGRPOConfig, GVMRAFTConfig
 
@@ -69,10 +71,8 @@ class GVMGRPOTrainer(JsonCheckpointStateMixin, GRPOTrainer):
             raise ValueError("GVM needs a map-style train_dataset (it indexes prompts to build its plan)")
         if self.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError("GVM supports multi_objective_aggregation='sum_then_normalize' only")
-        columns = list(self.train_dataset.column_names)
-        if "prompt" not in columns:
-            raise ValueError(f"the train dataset has no 'prompt' column (columns: {sorted(columns)})")
-        check_reward_columns(self.reward_funcs, columns)
+        check_prompt_column(self.train_dataset, self.eval_dataset, type(self).__name__)
+        check_reward_columns(self.reward_funcs, list(self.train_dataset.column_names))
         if args.gvm_pool_size is not None and args.gvm_pool_size > len(self.train_dataset):
             raise ValueError(
                 f"gvm_pool_size={args.gvm_pool_size} is larger than the train dataset ({len(self.train_dataset)} "
@@ -80,6 +80,7 @@ class GVMGRPOTrainer(JsonCheckpointStateMixin, GRPOTrainer):
             )
         self.gvm_state: GVMAllocation | None = None
         self._gvm_cursor = 0  # plan entries consumed in the current round
+        self._gvm_batch_start: int | None = None  # plan position of the latest generation batch
         self._gvm_counters = {"pilot_samples": 0, "train_samples": 0, "pilot_seconds": 0.0, "rounds_run_here": 0}
         self._gvm_batch_ids: list[int] | None = None
         self._gvm_rewards: torch.Tensor | None = None
@@ -219,14 +220,21 @@ class GVMGRPOTrainer(JsonCheckpointStateMixin, GRPOTrainer):
         if not self.model.training:
             self._gvm_batch_ids = None
             return super()._generate_and_score_completions(inputs)
-        state = self.gvm_state
-        if state is None or self.state.global_step - state.start_step >= self.args.gvm_refresh_steps:
-            state = self.gvm_refresh()
         local = len(inputs)
         world = self.accelerator.num_processes
-        batch_ids = self._plan_slice(self._gvm_cursor, local * world)
-        self._gvm_cursor += local * world
-        self._gvm_counters["train_samples"] += local * world
+        if self._take_replay() and self._gvm_batch_start is not None:
+            # resumed inside a generation cycle: TRL regenerates the checkpointed batch, so take its plan entries
+            # again (no refresh, no new samples counted) instead of moving on to the next ones
+            state, start = self.gvm_state, self._gvm_batch_start
+        else:
+            state = self.gvm_state
+            if state is None or self.state.global_step - state.start_step >= self.args.gvm_refresh_steps:
+                state = self.gvm_refresh()
+            start = self._gvm_cursor
+            self._gvm_counters["train_samples"] += local * world
+        batch_ids = self._plan_slice(start, local * world)
+        self._gvm_batch_start = start
+        self._gvm_cursor = start + local * world
         process = self.accelerator.process_index
         rows = [dict(self.train_dataset[i]) for i in batch_ids[process * local : (process + 1) * local]]
         self._gvm_batch_ids = batch_ids
@@ -280,17 +288,43 @@ class GVMGRPOTrainer(JsonCheckpointStateMixin, GRPOTrainer):
                 logged[len(logged) - len(advantages) + k] = value
 
     # ------------------------------------------------------------------------------------------------ checkpoints
+    def _run_settings(self) -> dict[str, Any]:
+        """What the saved allocation and plan position depend on: the group size (every ``n_i`` is a multiple of it),
+        pilot-based or uniform allocation, the prompt indices' range, and the seed of the pool and plan orders."""
+        return {
+            "num_generations": int(self.num_generations),
+            "gvm": bool(self.args.gvm),
+            "dataset_size": len(self.train_dataset),
+            "seed": int(self.args.seed),
+        }
+
     def method_state_dict(self) -> dict[str, Any]:
         return {
             "allocation": None if self.gvm_state is None else self.gvm_state.to_dict(),
             "cursor": self._gvm_cursor,
+            "batch_start": self._gvm_batch_start,
             "counters": {k: v for k, v in self._gvm_counters.items() if k != "rounds_run_here"},
+            "run": self._run_settings(),
         }
 
     def load_method_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the allocation, plan position and counters; ``ValueError`` if the run settings they depend on
+        changed (state files written before hfx recorded them load unchecked)."""
+        saved = state.get("run") or {}
+        current = self._run_settings()
+        changed = {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v}
+        if changed:
+            listed = ", ".join(f"{k}={old!r} in the checkpoint but {new!r} now" for k, (old, new) in changed.items())
+            raise ValueError(
+                f"cannot resume the GVM allocation: {listed} (dataset_size is the train dataset's length). The saved "
+                "allocation, plan order and position refer to the checkpoint's prompts, group size and seed; resume "
+                f"with the same settings and train_dataset, or delete {self._state_json} from the checkpoint to start "
+                "a fresh allocation round."
+            )
         alloc = state.get("allocation")
         self.gvm_state = None if alloc is None else GVMAllocation.from_dict(alloc)
         self._gvm_cursor = int(state.get("cursor", 0))
+        self._gvm_batch_start = None if state.get("batch_start") is None else int(state["batch_start"])
         self._gvm_counters.update(state.get("counters", {}))
 
 

@@ -125,11 +125,38 @@ class LagrangeMultipliers:
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"raw": list(self.raw), "buffer": self.buffer, "thresholds": list(self.thresholds), "steps": self.steps}
+        return {
+            "raw": list(self.raw),
+            "buffer": self.buffer,
+            "thresholds": list(self.thresholds),
+            "steps": self.steps,
+            "kinds": list(self.kinds),
+            "parametrization": self.parametrization,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`, thresholds included (a threshold search moves them away from the config's).
+
+        Raises ``ValueError`` when the saved constraint kinds or parametrization differ from this object's: the raw
+        μ are only meaningful under the ones they were trained with (σ(μ) vs a clipped μ; a ``ge`` multiplier's
+        weight is ``m``, an ``le`` one's ``α − m``), so resuming would silently apply different reward weights.
+        States saved before these fields existed load unchecked.
+        """
         if len(state["raw"]) != len(self.raw):
             raise ValueError(f"the saved state has {len(state['raw'])} multipliers, this trainer {len(self.raw)}")
+        kinds = state.get("kinds")
+        if kinds is not None and list(kinds) != self.kinds:
+            raise ValueError(
+                f"the checkpoint's constraint kinds {list(kinds)} differ from constraint_types {self.kinds}; resume "
+                f"with constraint_types={list(kinds)}, or start a new run (not resume_from_checkpoint) to change them"
+            )
+        parametrization = state.get("parametrization")
+        if parametrization is not None and parametrization != self.parametrization:
+            raise ValueError(
+                f"the checkpoint's multipliers use lagrange_parametrization={parametrization!r}, this run "
+                f"{self.parametrization!r}; resume with lagrange_parametrization={parametrization!r}, or start a new "
+                "run (not resume_from_checkpoint) to change it"
+            )
         self.raw = [float(v) for v in state["raw"]]
         self.buffer = None if state.get("buffer") is None else [float(v) for v in state["buffer"]]
         self.thresholds = [float(v) for v in state.get("thresholds", self.thresholds)]

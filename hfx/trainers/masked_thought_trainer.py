@@ -285,6 +285,7 @@ class MaskedThoughtTrainer(SFTTrainer):
         elif not isinstance(args, MaskedThoughtConfig):
             raise TypeError(f"MaskedThoughtTrainer needs a MaskedThoughtConfig, got {type(args).__name__}")
         self._mask_micro = (None, 0)  # (global step, micro-steps seen in it)
+        self._warned_no_think = False
         check_not_empty(kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
         super().__init__(model, args, *pos_args, **kwargs)
         self._mask_id, self._random_ids = self._resolve_mask_token()
@@ -404,7 +405,8 @@ class MaskedThoughtTrainer(SFTTrainer):
 
         Without ``generator`` the noise comes from the trainer's ``(seed, step, process, micro-step)`` stream and the
         micro-step counter advances (one call per micro-batch, as in training); pass a generator to preview masking
-        without disturbing that stream. Returns ``(batch, {"masked": m, "candidates": c})`` for this process;
+        without disturbing that stream. Returns ``(batch, {"masked": m, "candidates": c, "completion": k})`` for this
+        process (``k``: completion tokens before the think scope restricts them, equal to ``c`` without it);
         ``labels`` and every other entry are the original objects.
         """
         if "labels" not in inputs or "input_ids" not in inputs:
@@ -417,6 +419,7 @@ class MaskedThoughtTrainer(SFTTrainer):
         gen = self._generator(input_ids.device) if generator is None else generator
         starts = sequence_starts(input_ids, inputs.get("attention_mask"), inputs.get("position_ids"))
         candidates = (labels != -100) & ~starts
+        completion = int(candidates.sum())
         if self._think_ids is not None:
             candidates &= think_region(input_ids, self._think_ids[0], self._think_ids[1], starts)
         if gen.device != input_ids.device:
@@ -428,7 +431,22 @@ class MaskedThoughtTrainer(SFTTrainer):
             new_ids, masked = mask_input_ids(input_ids, candidates, rate, gen, self._mask_id, self._random_ids)
         batch = dict(inputs)
         batch["input_ids"] = new_ids
-        return batch, {"masked": int(masked.sum()), "candidates": int(candidates.sum())}
+        return batch, {"masked": int(masked.sum()), "candidates": int(candidates.sum()), "completion": completion}
+
+    def _warn_no_think_region(self) -> None:
+        """Warn once that a think-scoped batch had completion tokens but no think block: nothing in it is masked,
+        and if the data has no reasoning blocks at all the run is plain SFT (the reason this is not silent)."""
+        if self._warned_no_think:
+            return
+        self._warned_no_think = True
+        args = self.args
+        logger.warning(
+            f"Masked Thought: mask_scope='think', but a training batch has completion tokens and none inside a "
+            f"{args.think_start_token}…{args.think_end_token} block, so nothing in it is masked (warned once; "
+            "masked_thought/masked_fraction logs 0 for such batches). If your data has no reasoning blocks, the run "
+            "is plain SFT: use mask_scope='completion' to mask the whole completion, or set `think_start_token` / "
+            "`think_end_token` to the reasoning delimiters your data uses."
+        )
 
     # ---------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -439,10 +457,14 @@ class MaskedThoughtTrainer(SFTTrainer):
             metrics = self._metrics["train"]
             metrics["masked_thought/mask_rate"].append(rate)
             stats = torch.tensor(
-                [counts["masked"], counts["candidates"]], dtype=torch.float64, device=self.accelerator.device
+                [counts["masked"], counts["candidates"], counts.get("completion", counts["candidates"])],
+                dtype=torch.float64,
+                device=self.accelerator.device,
             )
-            stats = self.accelerator.gather(stats.unsqueeze(0)).reshape(-1, 2).sum(0)
+            stats = self.accelerator.gather(stats.unsqueeze(0)).reshape(-1, 3).sum(0)
             metrics["masked_thought/masked_fraction"].append(float(stats[0] / stats[1]) if stats[1] > 0 else 0.0)
+            if self._think_ids is not None and stats[2] > 0 and stats[1] == 0:
+                self._warn_no_think_region()
         return super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )

@@ -4,6 +4,7 @@ training (full and LoRA), precomputed reference log-probs, checkpoint resume, th
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -182,6 +183,36 @@ def test_auto_estimator_matches_closed_form_float64():
     assert closed_form_alpha(0.0, 0.0, 0.0) is None
 
 
+def test_auto_estimator_skips_non_finite_observations(caplog):
+    """One NaN/inf probe gradient used to enter the running sums: every later moment was NaN, estimate() returned
+    None and α froze for the rest of training, silently. Now such a pair is skipped with a warning and the state is
+    exactly that of an estimator which never saw it."""
+    gen = torch.Generator().manual_seed(0)
+    pairs = []
+    for _ in range(12):
+        g_t = torch.randn(20, generator=gen, dtype=torch.float64) + 1.0
+        pairs.append((g_t, 0.3 * g_t + 0.1 * torch.randn(20, generator=gen, dtype=torch.float64) + 0.5))
+    clean, poisoned = AlphaEstimator(warmup=3), AlphaEstimator(warmup=3)
+    with caplog.at_level(logging.WARNING):
+        for i, (g_t, g_e) in enumerate(pairs):
+            clean.update(g_t, g_e)
+            poisoned.update(g_t, g_e)
+            if i == 5:
+                nan_t, inf_e = g_t.clone(), g_e.clone()
+                nan_t[0], inf_e[3] = float("nan"), float("inf")
+                assert poisoned.update(nan_t, g_e) == clean.alpha
+                assert poisoned.update(g_t, inf_e) == clean.alpha
+    assert poisoned.alpha == clean.alpha and poisoned.last_estimate == clean.last_estimate
+    assert poisoned.num_skipped == 2 and poisoned.num_updates == clean.num_updates == 12
+    assert clean.alpha != AlphaEstimator(warmup=3).alpha  # α kept moving after the bad observations
+    assert torch.equal(poisoned.sum_t, clean.sum_t) and (poisoned.sq_t, poisoned.sq_te) == (clean.sq_t, clean.sq_te)
+    assert sum("non-finite gradient observation" in r.getMessage() for r in caplog.records) == 2
+    scalars, tensors = poisoned.state_dict()
+    restored = AlphaEstimator(warmup=3)
+    restored.load_state_dict(json.loads(json.dumps(scalars)), tensors)
+    assert restored.num_skipped == 2
+
+
 def test_train_lora_auto_alpha_logged_every_step(model_path, tokenizer, tmp_path):
     from peft import LoraConfig
 
@@ -281,6 +312,30 @@ def test_resume_continues_with_same_alpha_state(model_path, tokenizer, tmp_path)
     torch.testing.assert_close(resumed.alpha_estimator.sum_t, full.alpha_estimator.sum_t, rtol=1e-4, atol=1e-6)
 
 
+def test_resume_with_changed_estimator_settings_warns(model_path, tokenizer, tmp_path, caplog):
+    """The saved decay / smoothing / warm-up / init used to be ignored without a word on load."""
+    ds = preference_dataset(4, think=True)
+    kw = dict(bvpo_alpha="auto", bvpo_alpha_stats_decay=0.95, bvpo_alpha_init=0.5)
+    saved = hfx.BVPOTrainer(model_path, args=config(tmp_path, **kw), train_dataset=ds, processing_class=tokenizer)
+    for _ in range(3):
+        saved.alpha_estimator.update(torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64))
+    saved.save_bvpo_state(str(tmp_path / "ckpt"))
+    same = hfx.BVPOTrainer(model_path, args=config(tmp_path, **kw), train_dataset=ds, processing_class=tokenizer)
+    with caplog.at_level(logging.WARNING):
+        same.load_bvpo_state(str(tmp_path / "ckpt"))
+    assert not [r for r in caplog.records if "estimator settings" in r.getMessage()]
+    changed = hfx.BVPOTrainer(
+        model_path, args=config(tmp_path, **{**kw, "bvpo_alpha_stats_decay": None, "bvpo_alpha_init": 0.2}),
+        train_dataset=ds, processing_class=tokenizer,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        changed.load_bvpo_state(str(tmp_path / "ckpt"))
+    (message,) = [r.getMessage() for r in caplog.records if "estimator settings" in r.getMessage()]
+    assert "bvpo_alpha_stats_decay=None (checkpoint: 0.95)" in message and "bvpo_alpha_init=0.2" in message
+    assert "no effect on resume" in message
+    assert changed.alpha == saved.alpha and changed.alpha_estimator.num_updates == 3  # the state still loads
+
+
 def test_make_bvpo_pairs_builds_trainable_data(model_path, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -321,6 +376,12 @@ def test_clear_errors(model_path, tokenizer, tmp_path):
     with pytest.raises(TypeError, match=r"column 'chosen_no_trace' of the train dataset must hold text .* holds int"):
         hfx.BVPOTrainer(model_path, args=config(tmp_path), processing_class=tokenizer,
                         train_dataset=ds.map(lambda r: {"chosen_no_trace": 3}))  # fmt: skip
+    # every row is checked, not only the first: a None in row 2 used to raise AttributeError deep in tokenisation
+    rows = ds.to_list()
+    rows[2]["chosen_no_trace"] = None
+    with pytest.raises(TypeError, match=r"column 'chosen_no_trace' of the train dataset .* row 2 holds NoneType"):
+        hfx.BVPOTrainer(model_path, args=config(tmp_path), processing_class=tokenizer,
+                        train_dataset=Dataset.from_list(rows))  # fmt: skip
     for bad in (1.5, -0.1, "often"):
         with pytest.raises(ValueError, match="bvpo_alpha"):
             hfx.BVPOConfig(output_dir=str(tmp_path), bvpo_alpha=bad, use_cpu=True)

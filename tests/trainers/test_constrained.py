@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -293,6 +295,94 @@ def test_resume_restores_multipliers(model_path, tmp_path):
     assert resumed.beta == pytest.approx(full.beta)
 
 
+def test_resume_under_changed_config(model_path, tmp_path, caplog):
+    """Resuming used to accept changed constraint kinds / parametrization (the saved μ then gave other reward
+    weights), changed thresholds (the checkpoint's won, silently) and a search state without its callback."""
+    ds = prompt_dataset(8)
+    saved = hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=REWARDS, args=config(tmp_path), train_dataset=ds)
+    saved.multipliers.step([0.2, 0.3])
+    state = json.loads(json.dumps(saved.method_state_dict()))
+
+    def load(**kw):
+        trainer = hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=REWARDS, args=config(tmp_path, **kw),
+                                             train_dataset=ds)  # fmt: skip
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            trainer.load_method_state_dict(json.loads(json.dumps(state)))
+        return trainer, [r.getMessage() for r in caplog.records]
+
+    with pytest.raises(ValueError, match=r"constraint kinds \['ge', 'le'\] differ from constraint_types"):
+        load(constraint_types=["ge", "ge"])
+    with pytest.raises(ValueError, match="lagrange_parametrization='sigmoid', this run 'projected'"):
+        load(lagrange_parametrization="projected")
+    same, messages = load()
+    assert messages == [] and same.multipliers.raw == saved.multipliers.raw
+    moved, messages = load(constraint_thresholds=[0.2, -0.5])
+    assert moved.multipliers.thresholds == [0.6, -0.1]  # the checkpoint's, as the warning says
+    assert len(messages) == 1 and "constraint_thresholds=[0.2, -0.5] differ from the checkpoint's" in messages[0]
+    # an unfinished threshold search in the checkpoint, resumed without its callback
+    search = hfx.ThresholdSearchCallback(lambda t: 0.0, phase_max_steps=1)
+    searching = hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=REWARDS, args=config(tmp_path),
+                                           train_dataset=ds, callbacks=[search])  # fmt: skip
+    search.on_train_begin(searching.args, searching.state, None)
+    state = json.loads(json.dumps(searching.method_state_dict()))
+    _, messages = load()
+    assert len(messages) == 1 and "no ThresholdSearchCallback is attached" in messages[0]
+    assert state["multipliers"]["kinds"] == ["ge", "le"] and state["multipliers"]["parametrization"] == "sigmoid"
+    # states written before the kinds / parametrization were recorded still load
+    del state["multipliers"]["kinds"], state["multipliers"]["parametrization"], state["threshold_search"]
+    assert load(lagrange_parametrization="projected")[1] == []
+
+
+def prompt_graded(prompts, **kwargs):
+    """Depends on the prompt only: a regenerated batch (same prompts, new completions) gets the same constraint
+    means, so multipliers after a resume can be compared exactly with an uninterrupted run."""
+    return [(int(hashlib.sha1(p.encode()).hexdigest(), 16) % 7) / 6 for p in prompts]
+
+
+def prompt_short(prompts, **kwargs):
+    return [-len(p) / 300 for p in prompts]
+
+
+def test_resume_inside_a_generation_batch_updates_once(model_path, tmp_path, caplog):
+    """steps_per_generation=2, checkpoint after step 1: TRL does not checkpoint its generated batch and regenerates
+    it on resume, which used to update the multipliers a second time (3 updates instead of 2 over 4 steps) and shift
+    TRL's generation cycle for the rest of the run."""
+    ds = prompt_dataset(16)
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=1, steps_per_generation=2,
+              constraint_rewards=["prompt_graded", "prompt_short"])  # fmt: skip
+    rewards = [hash3, prompt_graded, prompt_short]
+    args = config(tmp_path, **kw)
+    full = hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=rewards, args=args, train_dataset=ds)
+    full.train()
+    assert full.multipliers.steps == 2  # one update per generation batch
+    ckpt = os.path.join(args.output_dir, "checkpoint-1")
+    resumed = hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=rewards, args=config(tmp_path / "b", **kw),
+                                         train_dataset=ds)  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        resumed.train(resume_from_checkpoint=ckpt)
+    assert resumed.multipliers.steps == 2
+    assert resumed.multipliers.raw == pytest.approx(full.multipliers.raw, abs=1e-9)
+    assert resumed.multipliers.buffer == pytest.approx(full.multipliers.buffer, abs=1e-9)
+    assert resumed._step == full._step == 4  # TRL's micro-step counter continues from the checkpoint
+    (message,) = [r.getMessage() for r in caplog.records if "inside a generation batch" in r.getMessage()]
+    assert "after micro-step 1 of 2" in message and "save_steps" in message
+    with open(os.path.join(ckpt, "constraint_state.json")) as f:
+        state = json.load(f)
+    assert state.pop("generation_cycle") == {"micro_step": 1, "generate_every": 2}
+    # a checkpoint of an older hfx (no recorded position): the extra update cannot be avoided, but is announced
+    old = shutil.copytree(ckpt, tmp_path / "old" / "checkpoint-1")
+    with open(old / "constraint_state.json", "w") as f:
+        json.dump(state, f)
+    again = hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=rewards, args=config(tmp_path / "c", **kw),
+                                       train_dataset=ds)  # fmt: skip
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        again.train(resume_from_checkpoint=str(old))
+    assert again.multipliers.steps == 3
+    assert any("its position is not recorded" in r.getMessage() for r in caplog.records)
+
+
 def test_threshold_search_callback(model_path, tmp_path):
     calls = []
 
@@ -356,5 +446,9 @@ def test_errors(model_path, tmp_path):
     with pytest.raises(TypeError, match="needs a ConstrainedGRPOConfig"):
         hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=REWARDS, train_dataset=ds,
                                    args=config(tmp_path, cls=hfx.ConstrainedRLOOConfig))  # fmt: skip
+    # no 'prompt' column: used to be a bare KeyError: 'prompt' from inside TRL at the first generation
+    with pytest.raises(ValueError, match=r"train_dataset has no 'prompt' column .*'question'.*rename_column"):
+        hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=REWARDS, args=config(tmp_path),
+                                   train_dataset=ds.rename_column("prompt", "question"))  # fmt: skip
     with pytest.raises(RuntimeError, match="must be passed to a ConstrainedGRPOTrainer"):
         hfx.ThresholdSearchCallback(lambda t: 0.0).on_train_begin(None, None, None)

@@ -311,6 +311,32 @@ def test_resume_restores_state(model_path, tmp_path):
     assert again._batch_r_pareto == hv._batch_r_pareto
 
 
+def prompt_hash(prompts, **kwargs):
+    """Depends on the prompt only, so a regenerated batch (same prompts, new completions) scores the same."""
+    return [float(int(hashlib.sha1(p.encode()).hexdigest(), 16) % 5) / 4 for p in prompts]
+
+
+def prompt_length(prompts, **kwargs):
+    return [len(p) / 100 for p in prompts]
+
+
+def test_resume_inside_a_generation_batch_updates_once(model_path, tmp_path):
+    """steps_per_generation=2, checkpoint after step 1: TRL regenerates the checkpointed batch on resume, which used
+    to feed it to the hypervolume buffer a second time (an extra update and another r_pareto)."""
+    ds = prompt_dataset(16)
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=1, steps_per_generation=2,
+              objectives=["prompt_hash", "prompt_length"])  # fmt: skip
+    rewards = [hash_reward, prompt_hash, prompt_length]
+    full = hfx.DynamicWeightGRPOTrainer(model_path, reward_funcs=rewards, args=config(tmp_path, **kw),
+                                        train_dataset=ds)  # fmt: skip
+    full.train()
+    assert full.hv_buffer.num_updates == 2  # one per generation batch
+    resumed = hfx.DynamicWeightGRPOTrainer(model_path, reward_funcs=rewards, args=config(tmp_path / "b", **kw),
+                                           train_dataset=ds)  # fmt: skip
+    resumed.train(resume_from_checkpoint=os.path.join(tmp_path, "out", "checkpoint-1"))
+    assert resumed.hv_buffer == full.hv_buffer and resumed._batch_r_pareto == full._batch_r_pareto
+
+
 def test_errors(model_path, tmp_path):
     with pytest.raises(ValueError, match="weighting must be one of"):
         config(tmp_path, weighting="pareto")
@@ -334,5 +360,13 @@ def test_errors(model_path, tmp_path):
     with pytest.raises(ValueError, match="no decoder layer"):
         hfx.DynamicWeightGRPOTrainer(model_path, reward_funcs=REWARDS, train_dataset=ds,
                                      args=config(tmp_path, weighting="gradient", weight_grad_layers=[9]))  # fmt: skip
+    # no 'prompt' column (train or eval): used to be a bare KeyError: 'prompt' from inside TRL during training
+    renamed = ds.rename_column("prompt", "question")
+    with pytest.raises(ValueError, match="train_dataset has no 'prompt' column"):
+        hfx.DynamicWeightRLOOTrainer(model_path, reward_funcs=REWARDS, train_dataset=renamed,
+                                     args=config(tmp_path, cls=hfx.DynamicWeightRLOOConfig))  # fmt: skip
+    with pytest.raises(ValueError, match=r"eval_dataset\['held_out'\] has no 'prompt' column"):
+        hfx.DynamicWeightGRPOTrainer(model_path, reward_funcs=REWARDS, args=config(tmp_path), train_dataset=ds,
+                                     eval_dataset={"held_out": renamed})  # fmt: skip
     with pytest.raises(TypeError, match="needs a DynamicWeightRLOOConfig"):
         hfx.DynamicWeightRLOOTrainer(model_path, reward_funcs=REWARDS, args=config(tmp_path), train_dataset=ds)

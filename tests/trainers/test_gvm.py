@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -290,6 +291,43 @@ def test_resume_restores_allocation(model_path, tmp_path):
     assert resumed.gvm_state == trainer.gvm_state and resumed._gvm_cursor == trainer._gvm_cursor == 12
 
 
+def test_resume_under_changed_settings_is_an_error(model_path, tmp_path):
+    """A changed group size, gvm switch, dataset length or seed used to resume silently with an allocation, plan
+    order and position that refer to other groups / prompts."""
+    ds = prompt_dataset(8)
+    saved = hfx.GVMRAFTTrainer(model_path, reward_funcs=hash_reward, args=config(tmp_path), train_dataset=ds)
+    state = json.loads(json.dumps(saved.method_state_dict()))
+    for kw, data, message in [
+        (dict(num_generations=4), ds, "num_generations=2 in the checkpoint but 4 now"),
+        (dict(gvm=False), ds, "gvm=True in the checkpoint but False now"),
+        ({}, prompt_dataset(6), "dataset_size=8 in the checkpoint but 6 now"),
+        (dict(seed=1), ds, "seed=0 in the checkpoint but 1 now"),
+    ]:
+        other = hfx.GVMRAFTTrainer(model_path, reward_funcs=hash_reward, args=config(tmp_path, **kw),
+                                   train_dataset=data)  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message) + ".*delete gvm_state.json"):
+            other.load_method_state_dict(state)
+    del state["run"]  # a state file of an older hfx: loads unchecked
+    other.load_method_state_dict(state)
+    assert other._gvm_cursor == saved._gvm_cursor
+
+
+def test_resume_inside_a_generation_batch_replays_its_plan_entries(model_path, tmp_path):
+    """steps_per_generation=2, checkpoint after step 1: TRL regenerates the checkpointed batch on resume, which used
+    to take the next plan entries (the interrupted batch's prompts were skipped, later ones trained twice as early)."""
+    ds = prompt_dataset(8)
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=1, steps_per_generation=2, gvm_refresh_steps=10)
+    full = hfx.GVMRAFTTrainer(model_path, reward_funcs=hash_reward, args=config(tmp_path, **kw), train_dataset=ds)
+    full.train()
+    assert full._gvm_cursor == full._gvm_counters["train_samples"] == 16  # two generation batches of 8
+    resumed = hfx.GVMRAFTTrainer(model_path, reward_funcs=hash_reward, args=config(tmp_path / "b", **kw),
+                                 train_dataset=ds)  # fmt: skip
+    resumed.train(resume_from_checkpoint=os.path.join(tmp_path, "out", "checkpoint-1"))
+    assert resumed._gvm_counters["rounds_run_here"] == 0 and resumed.gvm_state == full.gvm_state
+    assert resumed._gvm_cursor == resumed._gvm_counters["train_samples"] == 16
+    assert resumed._gvm_batch_start == full._gvm_batch_start == 8
+
+
 def test_pools_never_repeat_a_prompt_and_cover_each_epoch(model_path, tmp_path):
     """A round's pool used to run on across the epoch boundary, so it could hold a prompt twice (8 prompts, pool 6:
     round 1 = the last 2 of epoch 0 + the first 4 of epoch 1); now an epoch's last round wraps to its own start."""
@@ -317,6 +355,9 @@ def test_trainer_errors(model_path, tmp_path):
             model_path, reward_funcs=correctness_reward, args=config(tmp_path),
             train_dataset=prompt_dataset(8).remove_columns("answer"),
         )  # fmt: skip
+    with pytest.raises(ValueError, match="train_dataset has no 'prompt' column"):
+        hfx.GVMRAFTTrainer(model_path, reward_funcs=hash_reward, args=config(tmp_path),
+                           train_dataset=prompt_dataset(8).rename_column("prompt", "question"))  # fmt: skip
     with pytest.raises(ValueError, match="gvm_loss"):
         config(tmp_path, gvm_loss="ppo")
     for name, bad in [("gvm_alpha", float("nan")), ("gvm_beta", float("inf")), ("gvm_beta", -1.0),

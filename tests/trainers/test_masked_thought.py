@@ -4,6 +4,8 @@ and clear errors."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from datasets import Dataset
@@ -143,6 +145,25 @@ def test_think_scope_masks_only_inside_think_blocks(model_path, tokenizer, tmp_p
         answer = tokenizer.decode(row_out[c:][labels[c:] != -100])
         assert "####" in answer  # the answer after </think> stays clean
     assert 0 < counts["masked"] == counts["candidates"] < int(completion_positions(batch).sum())
+
+
+def test_think_scope_warns_once_when_batches_have_no_think_block(model_path, tokenizer, tmp_path, caplog):
+    """mask_scope='think' on data without any <think> block used to train as plain SFT without a word."""
+
+    def warnings_for(trainer, batches):
+        trainer.model.train()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), torch.no_grad():
+            for _ in range(batches):
+                trainer.compute_loss(trainer.model, dict(batch_of(trainer)))
+        return [r.getMessage() for r in caplog.records if "mask_scope='think'" in r.getMessage()]
+
+    kw = dict(mask_rate=0.4, mask_warmup_ratio=0.0, mask_scope="think")
+    plain = make(model_path, tokenizer, tmp_path, sft_dataset(8), **kw)
+    (message,) = warnings_for(plain, 2)  # once, not once per batch
+    assert "mask_scope='completion'" in message and "think_end_token" in message
+    assert plain._metrics["train"]["masked_thought/masked_fraction"] == [0.0, 0.0]
+    assert warnings_for(make(model_path, tokenizer, tmp_path, sft_dataset(8, think=True), **kw), 1) == []
 
 
 def test_think_region_per_sequence_and_implicit_opening():
