@@ -91,8 +91,11 @@ class JsonCheckpointStateMixin:
             f"({self.args.save_steps} × {self.args.gradient_accumulation_steps}) a multiple of steps_per_generation "
             f"× num_iterations ({every})."
         )
-        if saved is None:  # a state file of an older hfx: estimate the position from the optimizer step
-            micro, saved_every = self.state.global_step * self.args.gradient_accumulation_steps, every
+        if saved is None:  # a state file of an older hfx: estimate the position from the checkpoint's step
+            micro, saved_every = (
+                _checkpoint_step(checkpoint, self.state.global_step) * self.args.gradient_accumulation_steps,
+                every,
+            )
         else:
             micro, saved_every = int(saved["micro_step"]), int(saved["generate_every"])
         if saved is not None and saved_every == every:
@@ -122,3 +125,14 @@ class JsonCheckpointStateMixin:
         """Whether the current training generation batch replays the checkpointed one (True once, then False)."""
         replay, self._replay_generation = self._replay_generation, False
         return replay
+
+
+def _checkpoint_step(checkpoint: str, default: int) -> int:
+    """The optimizer step a checkpoint was saved at, from its ``trainer_state.json`` (older transformers load that
+    file only after the optimizer, when ``self.state.global_step`` is still 0)."""
+    path = os.path.join(checkpoint, "trainer_state.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return int(json.load(f)["global_step"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return default
