@@ -21,6 +21,7 @@ from torch import nn
 
 from ...kernels import adapter as fused
 from .._mixed_batch import mixed_batch_forward, pop_adapter_names
+from .._quantized import quantized_state, restore_quantized_state
 from .._sparse import compute_dtype
 
 
@@ -295,30 +296,9 @@ class BoneLinear(nn.Module, BoneLayer):
                     "quantized weight, so unmerge (and disable_adapter) put it back exactly.",
                     stacklevel=2,
                 )
-                self._bone_stash[adapter] = self._quantized_state()
+                self._bone_stash[adapter] = quantized_state(self)
             self.set_base_weight(new.to(orig_dtype))
             self.merged_adapters.append(adapter)
-
-    def _quantized_state(self) -> dict[str, Any]:
-        """References to what ``set_base_weight`` replaces on a quantized base: the base module (HQQ builds a new
-        one), its weight (bitsandbytes, torchao assign a new one) and bitsandbytes 8-bit's int8 data and scales,
-        which move from the weight to ``state`` at the first forward and which re-quantizing resets."""
-        base = self.get_base_layer()
-        stash: dict[str, Any] = {"base_layer": self.base_layer, "weight": getattr(base, "weight", None)}
-        state = getattr(base, "state", None)
-        if state is not None and hasattr(state, "SCB") and hasattr(state, "CB"):
-            stash["state"] = (state.CB, state.SCB)
-        return stash
-
-    def _restore_quantized_state(self, stash: dict[str, Any]) -> None:
-        """Put back what [`_quantized_state`] recorded: the quantized base exactly as it was before the merge."""
-        self.base_layer = stash["base_layer"]
-        base = self.get_base_layer()
-        if stash["weight"] is not None:
-            base.weight = stash["weight"]
-        if "state" in stash:
-            base.state.reset_grads()
-            base.state.CB, base.state.SCB = stash["state"]
 
     def unmerge(self) -> None:
         """Undo merges in reverse order: subtract (Bone) or invert (BAT, needs ``I + B_i`` invertible) the update; on a
@@ -332,7 +312,7 @@ class BoneLinear(nn.Module, BoneLayer):
                 continue
             stash = self._bone_stash.pop(adapter, None)
             if stash is not None:  # a quantized base: the weight from before the merge, bit for bit
-                self._restore_quantized_state(stash)
+                restore_quantized_state(self, stash)
                 continue
             weight = self.get_base_weight()
             block = self.bone_block[adapter].detach()

@@ -13,29 +13,9 @@ from peft.utils import (
 )
 
 from .._mixed_batch import MixedBatchTunerMixin
+from .._targets import target_hint
 from .config import BoneConfig
 from .layer import BoneLayer, BoneLinear
-
-
-def _is_transformers_conv1d(module: torch.nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2 style: a linear layer with its weight stored transposed, in x out)."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(module, Conv1D)
-
-
-def _target_hint(base: torch.nn.Module) -> str:
-    """How to fix an unsupported target. On GPT-2 style models 'all-linear' selects the same Conv1D layers (PEFT
-    counts them as linear), so suggesting it would fail the same way; LoRA handles Conv1D."""
-    if _is_transformers_conv1d(base):
-        return (
-            "It is transformers' Conv1D (GPT-2 style, weight stored in x out), which Bone does not support; "
-            "'all-linear' selects the same Conv1D layers on such models. Use LoRA instead (peft.LoraConfig, or "
-            "hfx.EvaConfig / hfx.LoraGAConfig, which support Conv1D), or target other, nn.Linear layers."
-        )
-    return "Choose linear layers in `target_modules` (e.g. 'q_proj', 'v_proj' or 'all-linear')."
 
 
 def _supports(base: torch.nn.Module) -> bool:
@@ -84,6 +64,6 @@ class BoneModel(MixedBatchTunerMixin, BaseTuner):
             raise TypeError(
                 f"Bone cannot adapt {kwargs.get('layer_name') or 'module'!r} of type {type(base).__name__}: only "
                 "torch.nn.Linear (optionally quantized with bitsandbytes, HQQ, torchao, GPTQ, AWQ, ...) is supported. "
-                + _target_hint(base)
+                + target_hint(base, "Bone")
             )
         return BoneLinear(target, adapter_name, **kwargs)

@@ -15,29 +15,9 @@ from tqdm.auto import tqdm
 
 from .._mixed_batch import MixedBatchTunerMixin
 from .._sparse import remap_optimizer_state
+from .._targets import target_hint
 from .config import LiftConfig
 from .layer import LiftLayer, LiftLinear
-
-
-def _is_transformers_conv1d(module: torch.nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2 style: a linear layer with its weight stored transposed, in x out)."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(module, Conv1D)
-
-
-def _target_hint(base: torch.nn.Module) -> str:
-    """How to fix an unsupported target. On GPT-2 style models 'all-linear' selects the same Conv1D layers (PEFT
-    counts them as linear), so suggesting it would fail the same way; LoRA handles Conv1D."""
-    if _is_transformers_conv1d(base):
-        return (
-            "It is transformers' Conv1D (GPT-2 style, weight stored in x out), which LIFT does not support; "
-            "'all-linear' selects the same Conv1D layers on such models. Use LoRA instead (peft.LoraConfig, or "
-            "hfx.EvaConfig / hfx.LoraGAConfig, which support Conv1D), or target other, nn.Linear layers."
-        )
-    return "Choose linear layers in `target_modules` (e.g. 'q_proj', 'v_proj' or 'all-linear')."
 
 
 def _supports(base: torch.nn.Module) -> bool:
@@ -85,7 +65,7 @@ class LiftModel(MixedBatchTunerMixin, BaseTuner):
         if not _supports(base):
             raise TypeError(
                 f"LIFT cannot adapt {current_key!r} of type {type(base).__name__}: only torch.nn.Linear (optionally "
-                "quantized with bitsandbytes, ...) is supported. " + _target_hint(base)
+                "quantized with bitsandbytes, ...) is supported. " + target_hint(base, "LIFT")
             )
         in_features, out_features = _get_in_out_features(base)
         kwargs = {

@@ -42,6 +42,7 @@ from torch.autograd.function import once_differentiable
 from ...kernels import adapter as fused
 from .._compat import IndexedTunerLayer
 from .._mixed_batch import mixed_batch_forward, pop_adapter_names
+from .._quantized import quantized_state, restore_quantized_state
 
 
 def paca_column_indices(in_features: int, r: int, seed: int, layer_name: str) -> torch.Tensor:
@@ -156,7 +157,7 @@ class PacaLayer(IndexedTunerLayer):
         self.paca_indices = BufferDict({}, persistent=True)
         self.paca_orig = BufferDict({}, persistent=True)
         # what each merge overwrote (columns; on a quantized base, what re-quantizing replaces: see
-        # `_quantized_state`), so that unmerge restores it exactly
+        # `hfx.tuners._quantized.quantized_state`), so that unmerge restores it exactly
         self._paca_stash: dict[str, Any] = {}
         self._disable_adapters = False
         self.merged_adapters = []
@@ -297,7 +298,7 @@ class PacaLinear(nn.Module, PacaLayer):
                     "by quantization rounding.",
                     stacklevel=2,
                 )
-                self._paca_stash[adapter] = self._quantized_state()
+                self._paca_stash[adapter] = quantized_state(self)
                 merged = weight.clone().index_copy_(1, indices, new_cols.to(weight.dtype))
                 self.set_base_weight(merged)
             else:
@@ -309,28 +310,6 @@ class PacaLinear(nn.Module, PacaLayer):
                 self._paca_stash[adapter] = old_cols
                 weight.index_copy_(1, indices, new_cols.to(weight.dtype))
             self.merged_adapters.append(adapter)
-
-    def _quantized_state(self) -> dict[str, Any]:
-        """References to what ``set_base_weight`` replaces on a quantized base: the base module (HQQ builds a new
-        one), its weight (bitsandbytes, torchao assign a new one) and bitsandbytes 8-bit's int8 data and scales,
-        which move from the weight to ``state`` at the first forward and which re-quantizing resets (keeping only
-        the weight left the 8-bit layer without its scales: a wrong base after unmerge)."""
-        base = self.get_base_layer()
-        stash: dict[str, Any] = {"base_layer": self.base_layer, "weight": getattr(base, "weight", None)}
-        state = getattr(base, "state", None)
-        if state is not None and hasattr(state, "SCB") and hasattr(state, "CB"):
-            stash["state"] = (state.CB, state.SCB)
-        return stash
-
-    def _restore_quantized_state(self, stash: dict[str, Any]) -> None:
-        """Put back what [`_quantized_state`] recorded: the quantized base exactly as it was before the merge."""
-        self.base_layer = stash["base_layer"]
-        base = self.get_base_layer()
-        if stash["weight"] is not None:
-            base.weight = stash["weight"]
-        if "state" in stash:
-            base.state.reset_grads()
-            base.state.CB, base.state.SCB = stash["state"]
 
     def unmerge(self) -> None:
         """Undo merges in reverse order, restoring exactly what each merge overwrote."""
@@ -351,7 +330,7 @@ class PacaLinear(nn.Module, PacaLayer):
                 cols = (2 * current.to(merged.dtype) - merged).to(weight.dtype)
                 self.set_base_weight(weight.clone().index_copy_(1, indices, cols))
             elif self.quantization_backend is not None:
-                self._restore_quantized_state(stash)  # the original quantized weight, bit for bit
+                restore_quantized_state(self, stash)  # the original quantized weight, bit for bit
             else:
                 base.weight.data.index_copy_(1, indices, stash)
 

@@ -31,27 +31,7 @@ from torch import nn
 from .._compat import IndexedTunerLayer
 from .._mixed_batch import mixed_batch_forward, pop_adapter_names
 from .._sparse import ResizableBufferDict, SparseValues, index_dtype, scatter_dense, sparse_delta_linear
-
-
-def _is_transformers_conv1d(module: torch.nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2 style: a linear layer with its weight stored transposed, in x out)."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(module, Conv1D)
-
-
-def _target_hint(base: torch.nn.Module) -> str:
-    """How to fix an unsupported target. On GPT-2 style models 'all-linear' selects the same Conv1D layers (PEFT
-    counts them as linear), so suggesting it would fail the same way; LoRA handles Conv1D."""
-    if _is_transformers_conv1d(base):
-        return (
-            "It is transformers' Conv1D (GPT-2 style, weight stored in x out), which SaRA does not support; "
-            "'all-linear' selects the same Conv1D layers on such models. Use LoRA instead (peft.LoraConfig, or "
-            "hfx.EvaConfig / hfx.LoraGAConfig, which support Conv1D), or target other, nn.Linear layers."
-        )
-    return "Choose linear layers in `target_modules` (e.g. 'q_proj', 'v_proj' or 'all-linear')."
+from .._targets import target_hint
 
 
 # ---- selection -----------------------------------------------------------------------------------------------
@@ -213,7 +193,7 @@ def check_sara_base(base: nn.Module, layer_name: str) -> None:
     if not isinstance(base, nn.Linear):
         raise TypeError(
             f"SaRA cannot adapt {layer_name!r} of type {type(base).__name__}: only torch.nn.Linear is supported. "
-            + _target_hint(base)
+            + target_hint(base, "SaRA")
         )
 
 
