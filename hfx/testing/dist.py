@@ -49,6 +49,22 @@ def zero3_test_config(**overrides: Any) -> dict[str, Any]:
     return config
 
 
+def deepspeed_cpu_state() -> Any:
+    """Set up this rank's process group for a DeepSpeed job on CPU and return accelerate's ``PartialState``.
+
+    gloo, because DeepSpeed's CPU accelerator would pick oneCCL, which torch does not ship; set up once, for the
+    Trainer to reuse (``accelerator_config={"use_configured_state": True}``). DeepSpeed's communication backend would
+    also JIT-compile its shared-memory all-reduce (C++, ~40 s on 2 cores at the first launch on a machine); only its
+    inference all-reduce uses it, never ZeRO's collectives, so it is marked unavailable here.
+    """
+    import deepspeed.ops
+    from accelerate import PartialState
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    return PartialState(backend="gloo")
+
+
 def run_distributed(
     script: str | os.PathLike[str],
     args: Sequence[str] = (),

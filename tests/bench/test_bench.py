@@ -63,7 +63,7 @@ def hfx_cli(*args: str, cwd) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_bench_tuners_tiny_and_resumable(tmp_path):
+def test_bench_tuners_tiny_and_resumable(tmp_path, monkeypatch):
     model = save_tiny_model(tmp_path / "tiny", hidden_size=32)
     out = tmp_path / "bench"
     args = ["bench", "tuners", "--methods", "lora,eva", "--seeds", "0", "--max-steps", "2", "--n-train", "32",
@@ -80,20 +80,26 @@ def test_bench_tuners_tiny_and_resumable(tmp_path):
     assert "| lora | 1 |" in (out / "summary.md").read_text() and "| eva | 1 |" in proc.stdout
     for png in ("loss_curves.png", "accuracy_vs_params.png", "time_memory.png"):
         assert is_png(out / png)
-    # resumable: finished runs are skipped
+    # resumable: finished runs are skipped (in this process, through the same entry point: no run may start)
+    from hfx.cli import main
+
     stamp = os.path.getmtime(out / "runs" / "lora-seed0.json")
-    again = hfx_cli(*args, cwd=tmp_path)
-    assert again.returncode == 0 and os.path.getmtime(out / "runs" / "lora-seed0.json") == stamp
-    bad = hfx_cli("bench", "tuners", "--methods", "lora,nope", "--model", model, cwd=tmp_path)
-    assert bad.returncode != 0 and "unknown method(s) ['nope']" in bad.stderr
+    with monkeypatch.context() as m:
+        m.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"a finished run was started again: {a}"))
+        main(args)
+    assert os.path.getmtime(out / "runs" / "lora-seed0.json") == stamp
+    with pytest.raises(SystemExit, match=r"unknown method\(s\) \['nope'\]"):
+        main(["bench", "tuners", "--methods", "lora,nope", "--model", model])
 
 
 @pytest.mark.slow
 def test_bench_speed_tiny(tmp_path):
     out = tmp_path / "speed"
-    proc = hfx_cli("bench", "speed", "--shape", "tiny", "--methods", "lora,bone", "--rounds", "1", "--steps", "1",
-                   "--warmup", "0", "--seq", "16", "--bs", "2", "--out", str(out), cwd=tmp_path)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    from hfx.cli import main
+
+    # The driver runs here (the entry point is run as a command above); each method still gets its own process.
+    main(["bench", "speed", "--shape", "tiny", "--methods", "lora,bone", "--rounds", "1", "--steps", "1",
+          "--warmup", "0", "--seq", "16", "--bs", "2", "--out", str(out)])  # fmt: skip
     result = json.loads((out / "speed.json").read_text())
     assert [r["method"] for r in result["rows"]] == ["lora", "bone"] and all(r["step_ms"] > 0 for r in result["rows"])
     assert "| bone |" in (out / "speed.md").read_text() and is_png(out / "speed.png")

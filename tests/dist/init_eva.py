@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 import hfx
-from hfx.testing.dist import zero3_test_config
+from hfx.testing.dist import deepspeed_cpu_state, zero3_test_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
@@ -72,13 +72,11 @@ def run_gloo(args: argparse.Namespace) -> None:
 
 
 def run_zero3(args: argparse.Namespace) -> None:
-    from accelerate import PartialState
     from peft import get_peft_model
     from train_adapters import partition_counts
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    PartialState(backend="gloo")
+    deepspeed_cpu_state()  # gloo, set up once, for DeepSpeed; the Trainer reuses it
     training_args = TrainingArguments(
         output_dir=os.path.join(args.out, "trainer"),
         max_steps=3,

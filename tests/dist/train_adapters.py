@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 import hfx
-from hfx.testing.dist import zero3_test_config
+from hfx.testing.dist import deepspeed_cpu_state, zero3_test_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -146,12 +146,7 @@ def main() -> None:
     args = p.parse_args()
 
     if args.backend == "zero3":
-        # DeepSpeed would pick the oneCCL backend for its CPU accelerator; gloo is what torch ships. The state is set
-        # up once, for DeepSpeed, and the Trainer reuses it (accelerator_config use_configured_state).
-        from accelerate import PartialState
-
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        PartialState(backend="gloo")
+        deepspeed_cpu_state()  # gloo, set up once, for DeepSpeed; the Trainer reuses it
     from accelerate.state import AcceleratorState
 
     for name in args.cases.split(","):

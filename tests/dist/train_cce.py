@@ -13,7 +13,7 @@ import os
 
 from safetensors.torch import save_file
 
-from hfx.testing.dist import zero3_test_config
+from hfx.testing.dist import deepspeed_cpu_state, zero3_test_config
 
 # name -> (use_cce, tie_word_embeddings)
 CASES = {
@@ -90,13 +90,9 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--cases", default=",".join(CASES))
     args = p.parse_args()
-    # DeepSpeed would pick oneCCL for its CPU accelerator; gloo is what torch ships. The state is set up once, for
-    # DeepSpeed, and the Trainer reuses it (accelerator_config use_configured_state).
-    from accelerate import PartialState
     from accelerate.state import AcceleratorState
 
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    PartialState(backend="gloo")
+    deepspeed_cpu_state()  # gloo, set up once, for DeepSpeed; the Trainer reuses it
     for name in args.cases.split(","):
         run_case(name, args)
         AcceleratorState._reset_state(reset_partial_state=False)

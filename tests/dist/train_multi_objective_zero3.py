@@ -22,10 +22,9 @@ def main() -> None:
     p.add_argument("--base", required=True)
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    from accelerate import PartialState
+    from hfx.testing.dist import deepspeed_cpu_state
 
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # DeepSpeed's own CPU backend would be oneCCL; torch ships gloo
-    state = PartialState(backend="gloo")
+    state = deepspeed_cpu_state()  # gloo, set up once, for DeepSpeed; the Trainer reuses it
     from accelerate.state import AcceleratorState
 
     import hfx
