@@ -20,13 +20,16 @@ the next pool of prompts is drawn, piloted (TRL's own ``_generate`` and ``_calcu
 and reward models work as in training), and allocated by :func:`hfx.gvm.allocate_samples`. Statistics are gathered
 across ranks, so the plan is identical everywhere. The allocation (``p``, ``G``, ``n``, iteration, plan position,
 sample counters) is saved in each checkpoint as ``gvm_state.json`` and restored on resume, with the settings it
-depends on (``num_generations``, ``gvm``, the dataset length, ``seed``): resuming under different ones is an error.
+depends on (``num_generations``, ``gvm``, the dataset length and a digest of its prompts, ``seed``): resuming under different ones is an error.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -295,8 +298,21 @@ class GVMGRPOTrainer(JsonCheckpointStateMixin, GRPOTrainer):
             "num_generations": int(self.num_generations),
             "gvm": bool(self.args.gvm),
             "dataset_size": len(self.train_dataset),
+            "prompt_digest": self._prompt_digest(),
             "seed": int(self.args.seed),
         }
+
+    def _prompt_digest(self, samples: int = 64) -> str:
+        """SHA-256 (first 16 hex digits) of the prompts at up to ``samples`` evenly spaced indices: catches a resume
+        on another dataset of the same length (the allocation names prompt indices) in O(samples) reads."""
+        size = len(self.train_dataset)
+        picks = sorted({(k * (size - 1)) // max(samples - 1, 1) for k in range(min(samples, size))})
+        digest = hashlib.sha256()
+        for i in picks:
+            row = self.train_dataset[i]
+            prompt = row.get("prompt", row) if isinstance(row, Mapping) else row
+            digest.update(json.dumps([i, prompt], sort_keys=True, default=str).encode())
+        return digest.hexdigest()[:16]
 
     def method_state_dict(self) -> dict[str, Any]:
         return {
@@ -316,7 +332,8 @@ class GVMGRPOTrainer(JsonCheckpointStateMixin, GRPOTrainer):
         if changed:
             listed = ", ".join(f"{k}={old!r} in the checkpoint but {new!r} now" for k, (old, new) in changed.items())
             raise ValueError(
-                f"cannot resume the GVM allocation: {listed} (dataset_size is the train dataset's length). The saved "
+                f"cannot resume the GVM allocation: {listed} (dataset_size is the train dataset's length, prompt_digest a "
+                "hash of a sample of its prompts). The saved "
                 "allocation, plan order and position refer to the checkpoint's prompts, group size and seed; resume "
                 f"with the same settings and train_dataset, or delete {self._state_json} from the checkpoint to start "
                 "a fresh allocation round."

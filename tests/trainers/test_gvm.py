@@ -292,7 +292,7 @@ def test_resume_restores_allocation(model_path, tmp_path):
 
 
 def test_resume_under_changed_settings_is_an_error(model_path, tmp_path):
-    """A changed group size, gvm switch, dataset length or seed used to resume silently with an allocation, plan
+    """A changed group size, gvm switch, dataset (length or prompts) or seed used to resume silently with an allocation, plan
     order and position that refer to other groups / prompts."""
     ds = prompt_dataset(8)
     saved = hfx.GVMRAFTTrainer(model_path, reward_funcs=hash_reward, args=config(tmp_path), train_dataset=ds)
@@ -301,12 +301,17 @@ def test_resume_under_changed_settings_is_an_error(model_path, tmp_path):
         (dict(num_generations=4), ds, "num_generations=2 in the checkpoint but 4 now"),
         (dict(gvm=False), ds, "gvm=True in the checkpoint but False now"),
         ({}, prompt_dataset(6), "dataset_size=8 in the checkpoint but 6 now"),
+        ({}, prompt_dataset(8, seed=1), "prompt_digest="),  # same length, other prompts
         (dict(seed=1), ds, "seed=0 in the checkpoint but 1 now"),
     ]:
         other = hfx.GVMRAFTTrainer(model_path, reward_funcs=hash_reward, args=config(tmp_path, **kw),
                                    train_dataset=data)  # fmt: skip
         with pytest.raises(ValueError, match=re.escape(message) + ".*delete gvm_state.json"):
             other.load_method_state_dict(state)
+    same = hfx.GVMRAFTTrainer(model_path, reward_funcs=hash_reward, args=config(tmp_path),
+                              train_dataset=prompt_dataset(8))  # fmt: skip
+    same.load_method_state_dict(state)  # an equal dataset built again: the digest matches
+    assert same._gvm_cursor == saved._gvm_cursor
     del state["run"]  # a state file of an older hfx: loads unchecked
     other.load_method_state_dict(state)
     assert other._gvm_cursor == saved._gvm_cursor

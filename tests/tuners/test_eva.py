@@ -259,12 +259,16 @@ def test_resuming_a_checkpoint_without_initialize_names_the_resume_call(tmp_path
     model.save_pretrained(tmp_path / "ckpt")  # what a Trainer checkpoint holds
     fresh = get_peft_model(copy.deepcopy(base), hfx.EvaConfig(r=4, target_modules=["q_proj", "k_proj", "o_proj"]))
     with pytest.raises(
-        RuntimeError, match=r"never initialised.*hfx\.initialize\(model, trainer\.get_train_dataloader\(\)\)"
+        RuntimeError, match=r"never initialised.*hfx\.initialize\(model, \[\], init_from=<checkpoint>\)"
     ):
         fresh.load_adapter(tmp_path / "ckpt", "default", is_trainable=True)
-    # the documented resume: initialise with the same data and config, then load
-    hfx.initialize(fresh, batches, show_progress=False)
+    # the documented resume: the ranks from the checkpoint, then load
+    hfx.initialize(fresh, [], init_from=str(tmp_path / "ckpt"), show_progress=False)
     fresh.load_adapter(tmp_path / "ckpt", "default", is_trainable=True)
+    # initialising again from the same data and config gives the same ranks, so that works too
+    again = get_peft_model(copy.deepcopy(base), hfx.EvaConfig(r=4, target_modules=["q_proj", "k_proj", "o_proj"]))
+    hfx.initialize(again, batches, show_progress=False)
+    again.load_adapter(tmp_path / "ckpt", "default", is_trainable=True)
 
     same = hfx.EvaConfig(r=2, rho=1.0, target_modules=["q_proj"])  # rho=1: EVA keeps every rank
     model = get_peft_model(copy.deepcopy(base), same)
@@ -278,6 +282,82 @@ def test_resuming_a_checkpoint_without_initialize_names_the_resume_call(tmp_path
         warnings.simplefilter("always")
         fresh(input_ids=batches[0]["input_ids"])
     assert not _init_warnings(caught)
+
+
+def test_init_from_a_saved_adapter_rebuilds_ranks_config_and_weights_without_data(tmp_path):
+    """``hfx.initialize(model, [], init_from=dir)``: the saved ranks (a removed layer included), the saved A/B, and
+    the same rank/alpha patterns and exclusions as the run that saved it, with no batches."""
+    base = tiny_causal_lm(hidden_size=32, num_layers=2)
+    batches = lm_batches(base.config.vocab_size)
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "o_proj"], rank_budget=6)
+    model = get_peft_model(copy.deepcopy(base), hfx.EvaConfig(**cfg))
+    ranks = hfx.initialize(model, batches, show_progress=False)["default"]["ranks"]
+    assert 0 in ranks.values() and set(ranks.values()) - {0, 4}  # layers dropped, the others redistributed
+    with torch.no_grad():  # "trained": B away from 0, so the output depends on every saved tensor
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path / "ckpt")
+    fresh = get_peft_model(copy.deepcopy(base), hfx.EvaConfig(**cfg))
+    summary = hfx.initialize(fresh, [], init_from=str(tmp_path / "ckpt"), show_progress=False)["default"]
+    assert summary["ranks"] == ranks and summary["batches"] == 0
+    assert summary["removed_layers"] == sum(r == 0 for r in ranks.values())
+    assert not hfx.needs_initialization(fresh)
+    a, b = model.peft_config["default"], fresh.peft_config["default"]
+    assert (a.rank_pattern, a.alpha_pattern, a.exclude_modules) == (b.rank_pattern, b.alpha_pattern, b.exclude_modules)
+    ids = batches[0]["input_ids"]
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+    fresh.load_adapter(tmp_path / "ckpt", "default", is_trainable=True)  # what a Trainer resume does next
+    with pytest.raises(RuntimeError, match="already initialised"):
+        hfx.initialize(fresh, [], init_from=str(tmp_path / "ckpt"))
+
+
+def test_init_from_errors_name_the_argument(tmp_path):
+    base = tiny_causal_lm(hidden_size=32, num_layers=1)
+    batches = lm_batches(base.config.vocab_size)
+    model = get_peft_model(copy.deepcopy(base), hfx.EvaConfig(r=2, target_modules=["q_proj"]))
+    hfx.initialize(model, batches, show_progress=False)
+    model.save_pretrained(tmp_path / "q")
+    other = get_peft_model(copy.deepcopy(base), hfx.EvaConfig(r=2, target_modules=["k_proj"]))
+    with pytest.raises(ValueError, match=r"init_from=.*has LoRA weights for .*q_proj.*does not target"):
+        hfx.initialize(other, [], init_from=str(tmp_path / "q"), show_progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"init_from=.*no saved adapter weights there"):
+        hfx.initialize(other, [], init_from=str(tmp_path / "empty"), show_progress=False)
+    assert hfx.needs_initialization(other)  # nothing changed: a later initialize still works
+    hfx.initialize(other, batches, show_progress=False)
+
+
+def test_trainer_checkpoint_resume_with_init_from(tmp_path):
+    """Resume = fresh model, ``hfx.initialize(model, [], init_from=ckpt)``, ``train(resume_from_checkpoint=ckpt)``:
+    the same result as an uninterrupted run, without a second statistics pass."""
+    from transformers import Trainer, TrainingArguments
+
+    base = tiny_causal_lm(hidden_size=32, num_layers=2)
+    rows = [{k: v[i] for k, v in b.items()} for b in lm_batches(base.config.vocab_size, n=4, bsz=2) for i in range(2)]
+
+    def run(out, resume=None):
+        model = get_peft_model(copy.deepcopy(base), hfx.EvaConfig(r=4, lora_alpha=8, target_modules=ALL))
+        args = TrainingArguments(
+            output_dir=str(out), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2, save_steps=2,
+            save_strategy="steps", report_to=[], use_cpu=True, seed=0, remove_unused_columns=False,
+        )  # fmt: skip
+        collate = lambda feats: {k: torch.stack([f[k] for f in feats]) for k in feats[0]}  # noqa: E731
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
+        if resume is None:
+            hfx.initialize(model, trainer.get_train_dataloader(), show_progress=False)
+        else:
+            hfx.initialize(model, [], init_from=resume, show_progress=False)
+        trainer.train(resume_from_checkpoint=resume)
+        model.eval()
+        with torch.no_grad():
+            return model(input_ids=rows[0]["input_ids"][None]).logits
+
+    full = run(tmp_path / "full")
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-2"))
+    torch.testing.assert_close(resumed, full, rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------- PEFT's own EVA

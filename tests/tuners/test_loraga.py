@@ -467,6 +467,16 @@ def test_config_validation():
     for gamma in (0.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="stable_gamma"):
             hfx.LoraGAConfig(stable_gamma=gamma)
+    for bad in ("8", 0, 2.5, True):  # a string from a CLI / YAML, zero, a float, a bool: named, not a raw TypeError
+        with pytest.raises(ValueError, match=r"LoraGAConfig\.iters must be an int >= 1 or None"):
+            hfx.LoraGAConfig(iters=bad)
+        with pytest.raises(ValueError, match=r"LoraGAConfig\.max_layers_per_pass must be an int >= 1 or None"):
+            hfx.LoraGAConfig(max_layers_per_pass=bad)
+    with pytest.raises(ValueError, match=r"LoraGAConfig\.stable_gamma must be a finite number"):
+        hfx.LoraGAConfig(stable_gamma="16")
+    with pytest.raises(ValueError, match=r"LoraGAConfig\.seed must be an int"):
+        hfx.LoraGAConfig(seed="0")
+    assert hfx.LoraGAConfig(iters=4, max_layers_per_pass=1, stable_gamma=64).iters == 4
     assert hfx.LoraGAConfig().peft_type.value == "LORA" and hfx.LoraGAConfig().use_rslora
 
 

@@ -4,6 +4,7 @@ model = get_peft_model(base, hfx.EvaConfig(r=8, lora_alpha=16, target_modules=[.
 hfx.initialize(model, train_dataloader)   # incremental PCA of layer inputs, rank redistribution, A, B = 0
 ...train...
 model.save_pretrained(path)               # a plain LoRA adapter (rank_pattern filled in): stock PEFT loads it
+hfx.initialize(fresh_model, [], init_from=checkpoint)  # before a resume: the saved ranks, no second data pass
 """
 
 from hfx.initialize import register_initializer
@@ -14,6 +15,7 @@ from .init import (
     apply_eva,
     compute_eva,
     initialize_eva,
+    read_saved_eva,
     redistribute_ranks,
     target_layers,
     token_mask,
@@ -26,6 +28,7 @@ __all__ = [
     "apply_eva",
     "compute_eva",
     "initialize_eva",
+    "read_saved_eva",
     "redistribute_ranks",
     "target_layers",
     "token_mask",
@@ -36,8 +39,7 @@ register_initializer(
     EvaConfig,
     initialize_eva,
     resume_hint=(
-        "hfx.initialize(model, trainer.get_train_dataloader()) with the data and EvaConfig of the run that wrote the "
-        "checkpoint (EVA computes the same ranks from the same batches), then "
-        "trainer.train(resume_from_checkpoint=<checkpoint>)"
+        "hfx.initialize(model, [], init_from=<checkpoint>) (it reads EVA's ranks from the checkpoint's adapter; "
+        "no batches needed), then trainer.train(resume_from_checkpoint=<checkpoint>)"
     ),
 )

@@ -20,8 +20,8 @@ class EvaConfig(LoraConfig):
     the top components (rows), B = 0, so the model output is unchanged. The result is a plain LoRA adapter
     (``peft_type: LORA``, ``rank_pattern``/``alpha_pattern`` filled in): ``save_pretrained`` writes a stock
     ``LoraConfig`` that PEFT loads without hfx. Without ``hfx.initialize`` the adapter would train as a plain LoRA:
-    the first training-mode forward warns. To resume a Trainer checkpoint, run ``hfx.initialize`` with the same
-    data and config first (the same ranks), then ``trainer.train(resume_from_checkpoint=...)``.
+    the first training-mode forward warns. To resume a Trainer checkpoint, run ``hfx.initialize(model, [], init_from=<checkpoint>)``
+    first (it reads the ranks from the checkpoint, no batches needed), then ``trainer.train(resume_from_checkpoint=...)``.
 
     Args:
         rho (`float`): each layer may take up to ``round(r * rho)`` components (>= 1; 1 = no redistribution).

@@ -687,21 +687,73 @@ def apply_eva(peft_model: nn.Module, result: Mapping[str, Any], adapter_name: st
     mark_initialized(config)
 
 
+def read_saved_eva(path: str, peft_model: nn.Module, adapter_name: str = "default") -> dict[str, Any]:
+    """The ranks and A/B of each target layer from an EVA adapter saved by ``save_pretrained`` (or a Trainer
+    checkpoint) of this model; a target layer without weights there was removed by EVA (rank 0)."""
+    from peft.utils import load_peft_weights
+
+    try:
+        state: dict[str, torch.Tensor] = load_peft_weights(path, device="cpu")
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"EVA init_from={path!r}: no saved adapter weights there ({err}). Pass the directory that "
+            "save_pretrained or the Trainer wrote (it holds adapter_model.safetensors)."
+        ) from err
+    layers = target_layers(peft_model, adapter_name)
+    names = {n for n, _ in layers}
+    saved = {k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight")}
+    unknown = sorted(saved - names)
+    if unknown or not saved:
+        what = f"has LoRA weights for {unknown[:3]}, which" if unknown else "has no LoRA weights for any layer that"
+        raise ValueError(
+            f"EVA init_from={path!r} {what} adapter {adapter_name!r} of this model does not target "
+            f"(it targets e.g. {sorted(names)[:3]}). Build the model with the EvaConfig of the run that saved it."
+        )
+    ranks, components, b = {}, {}, {}
+    for name, layer in layers:
+        if name not in saved:
+            ranks[name] = 0
+            continue
+        a_w, b_w = state[f"{name}.lora_A.weight"], state.get(f"{name}.lora_B.weight")
+        if (
+            a_w.dim() != 2
+            or a_w.shape[1] != layer.in_features
+            or b_w is None
+            or b_w.shape != (layer.out_features, a_w.shape[0])
+        ):
+            raise ValueError(
+                f"EVA init_from={path!r}: the saved weights of {name!r} have shapes {tuple(a_w.shape)} / "
+                f"{None if b_w is None else tuple(b_w.shape)}; this layer needs A (rank, {layer.in_features}) and B "
+                f"({layer.out_features}, rank). Was it saved from another model?"
+            )
+        ranks[name], components[name], b[name] = a_w.shape[0], a_w, (b_w, state.get(f"{name}.lora_B.bias"))
+    configured = {n: m.r[adapter_name] for n, m in layers}
+    return {"ranks": ranks, "configured": configured, "components": components, "lora_B": b}
+
+
 def initialize_eva(
     peft_model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
     adapter_name: str = "default",
     *,
     show_progress: bool = True,
+    init_from: str | None = None,
     **unused: Any,
 ) -> dict[str, Any]:
     """``hfx.initialize`` for an ``EvaConfig`` adapter: statistics loop, rank redistribution, A/B; returns a summary
-    (``ranks``, ``explained_variance`` per layer and mean, ``iterations``, ``converged``, ``tokens``, ``time_s``)."""
+    (``ranks``, ``explained_variance`` per layer and mean, ``iterations``, ``converged``, ``tokens``, ``time_s``).
+
+    ``init_from``: a directory saved by ``save_pretrained`` (or a Trainer checkpoint) of this model's EVA adapter;
+    take its ranks and A/B instead of running the statistics (no batches needed): the way to rebuild the training
+    state before ``trainer.train(resume_from_checkpoint=...)`` without a second pass over the data.
+    """
     config = peft_model.peft_config[adapter_name]
     if not isinstance(config, EvaConfig):
         raise TypeError(f"adapter {adapter_name!r} is not an EvaConfig adapter.")
     if getattr(config, "_eva_done", False):
         raise RuntimeError(f"EVA: adapter {adapter_name!r} is already initialised; build the model again to re-run.")
+    if init_from is not None:
+        return _initialize_from_saved(peft_model, init_from, adapter_name, config, show_progress)
     result = compute_eva(peft_model, batches, adapter_name, show_progress=show_progress)
     apply_eva(peft_model, result, adapter_name)  # marks the adapter initialised
     config._eva_done = True
@@ -734,11 +786,45 @@ def initialize_eva(
     return summary
 
 
+def _initialize_from_saved(
+    peft_model: nn.Module, path: str, adapter_name: str, config: EvaConfig, show_progress: bool
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    result = read_saved_eva(path, peft_model, adapter_name)
+    layers = dict(target_layers(peft_model, adapter_name))
+    apply_eva(peft_model, result, adapter_name)  # the same shapes, scalings and config patterns as the saving run
+    with torch.no_grad():
+        for name, (b_w, b_bias) in result["lora_B"].items():
+            lora_b = layers[name].lora_B[adapter_name]
+            lora_b.weight.copy_(b_w.to(device=lora_b.weight.device, dtype=lora_b.weight.dtype))
+            if b_bias is not None and lora_b.bias is not None:
+                lora_b.bias.copy_(b_bias.to(device=lora_b.bias.device, dtype=lora_b.bias.dtype))
+    config._eva_done = True
+    ranks = result["ranks"]
+    summary = {
+        "method": "eva",
+        "layers": len(ranks),
+        "ranks": {_base_name(n): r for n, r in ranks.items()},
+        "removed_layers": sum(r == 0 for r in ranks.values()),
+        "init_from": path,
+        "batches": 0,
+        "time_s": round(time.perf_counter() - start, 3),
+    }
+    if show_progress and _is_main():
+        kept = [r for r in ranks.values() if r > 0]
+        print(
+            f"EVA[{adapter_name}]: {len(ranks)} layers, ranks {min(kept)}..{max(kept)} "
+            f"({summary['removed_layers']} removed) and weights read from {path}"
+        )
+    return summary
+
+
 __all__ = [
     "LayerStats",
     "apply_eva",
     "compute_eva",
     "initialize_eva",
+    "read_saved_eva",
     "redistribute_ranks",
     "target_layers",
     "token_mask",

@@ -13,6 +13,14 @@ SCALES = ("stable", "peft", "gd", "unit")
 EXPORTS = ("relative_to_base", "mutated_base")
 
 
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass
 class LoraGAConfig(LoraConfig):
     """LoRA-GA (Wang et al., arXiv 2407.05000): LoRA whose A/B are initialised from the SVD of the weight gradient.
@@ -72,12 +80,17 @@ class LoraGAConfig(LoraConfig):
             raise ValueError(f"LoraGAConfig.export must be one of {EXPORTS}, got {self.export!r}.")
         if self.svd not in ("auto", "full", "lowrank"):
             raise ValueError(f"LoraGAConfig.svd must be 'auto', 'full' or 'lowrank', got {self.svd!r}.")
-        if not 0 < self.stable_gamma < math.inf:  # NaN fails too
-            raise ValueError(f"LoraGAConfig.stable_gamma must be > 0, got {self.stable_gamma}.")
-        if self.iters is not None and self.iters < 1:
-            raise ValueError(f"LoraGAConfig.iters must be >= 1 or None, got {self.iters}.")
-        if self.max_layers_per_pass is not None and self.max_layers_per_pass < 1:
-            raise ValueError(f"LoraGAConfig.max_layers_per_pass must be >= 1, got {self.max_layers_per_pass}.")
+        if not _is_real(self.stable_gamma) or not 0 < self.stable_gamma < math.inf:  # NaN fails too
+            raise ValueError(f"LoraGAConfig.stable_gamma must be a finite number > 0, got {self.stable_gamma!r}.")
+        if self.iters is not None and not _is_positive_int(self.iters):
+            raise ValueError(f"LoraGAConfig.iters must be an int >= 1 or None (all batches), got {self.iters!r}.")
+        if self.max_layers_per_pass is not None and not _is_positive_int(self.max_layers_per_pass):
+            raise ValueError(
+                "LoraGAConfig.max_layers_per_pass must be an int >= 1 or None (all layers in one pass), got "
+                f"{self.max_layers_per_pass!r}."
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"LoraGAConfig.seed must be an int, got {self.seed!r}.")
         if self.use_dora:
             raise ValueError("LoraGAConfig does not support use_dora=True (the DoRA magnitude breaks the offset).")
         if self.init_lora_weights not in (True, False):
