@@ -423,6 +423,47 @@ def test_save_pruned_adapter_then_load_in_fresh_process_gives_identical_logits(t
     assert info["heads"] == model.get_base_model()._dsee_pruning["heads"]
 
 
+@pytest.mark.parametrize("shape", [(3, 5), (8, 8), (1,), (7, 1, 3)])
+def test_mask_packing_round_trip(shape):
+    from hfx.tuners.dsee.prune import pack_mask, unpack_mask
+
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.4
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_mask(packed, shape), mask)
+    with pytest.raises(ValueError, match="damaged"):
+        unpack_mask(packed[:-1] if packed.numel() > 1 else torch.zeros(2, dtype=torch.uint8), shape)
+
+
+def test_masks_file_is_bit_packed_and_version_1_bool_files_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    from hfx.tuners.dsee.prune import read_masks
+
+    model = bert_dsee()
+    prune(model, ratio=0.2, heads_per_layer=1)
+    save_pruning(model, tmp_path / "v2")
+    masks = read_masks(tmp_path / "v2")
+    raw = (tmp_path / "v2" / "dsee_pruning.safetensors").read_bytes()
+    data_bytes = len(raw) - 8 - int.from_bytes(raw[:8], "little")  # safetensors: u64 header length, header, data
+    assert data_bytes == sum(-(-m.numel() // 8) for m in masks.values())  # 1 bit per entry (a bool is 8)
+    for key, mask in masks.items():  # the masks in memory, bit for bit
+        name, kind = key.rsplit(".", 1)
+        module = model.get_base_model().get_submodule(name)
+        module = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        assert torch.equal(mask, module._buffers["dsee_prune_mask" if kind == "weight" else "dsee_prune_bias_mask"])
+    # an hfx from before packing wrote one bool per entry, without metadata shapes: it loads as before
+    (tmp_path / "v1").mkdir()
+    save_file(masks, str(tmp_path / "v1" / "dsee_pruning.safetensors"), metadata={"format": "hfx-dsee-pruning"})
+    (tmp_path / "v1" / "dsee_pruning.json").write_text((tmp_path / "v2" / "dsee_pruning.json").read_text())
+    old = read_masks(tmp_path / "v1")
+    assert old.keys() == masks.keys() and all(torch.equal(old[k], masks[k]) for k in masks)
+    fresh = bert_dsee()
+    load_pruning(fresh, tmp_path / "v1")
+    with torch.no_grad():
+        assert torch.equal(fresh(IDS).logits, model(IDS).logits)
+
+
 # ---- tiny causal LMs --------------------------------------------------------------------------------------------------
 def tiny_lm(arch: str = "llama", **kw):
     from hfx.testing import tiny_causal_lm

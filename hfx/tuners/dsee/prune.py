@@ -20,8 +20,8 @@ zeroed: its rows of ``W_q`` (and bias), its columns of ``W_o``, and the rows of 
 key/value head once every query head sharing it (GQA) is pruned; the head then contributes exactly nothing.
 [`remove_pruned_heads`] physically removes those rows/columns from a merged model (multi-head attention only).
 
-Masks are saved beside the adapter by [`save_pruning`] (``dsee_pruning.safetensors`` with one bool mask per pruned
-weight/bias, keyed by the module name in the base model, and ``dsee_pruning.json`` with the statistics and the
+Masks are saved beside the adapter by [`save_pruning`] (``dsee_pruning.safetensors`` with one bit-packed mask per
+pruned weight/bias, keyed by the module name in the base model, and ``dsee_pruning.json`` with the statistics and the
 pruned heads; never pickle) and re-applied to a freshly loaded model with [`load_pruning`]. Both happen on their own
 once a model is pruned: its DSEE configs get ``pruned=True`` and write the masks in every ``save_pretrained``
 (so in every Trainer checkpoint), and ``PeftModel.load_adapter`` — which ``PeftModel.from_pretrained`` and the
@@ -344,35 +344,82 @@ def prune(
     return stats
 
 
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as uint8 bits (8 entries per byte, flat, little-endian in each byte): 1/8 of the bool size."""
+    flat = mask.detach().reshape(-1).to("cpu", torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    return (flat.view(-1, 8) * _BIT_WEIGHTS).sum(1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """Inverse of [`pack_mask`]: the bool mask of ``shape``."""
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != -(-numel // 8):
+        raise ValueError(
+            f"a packed pruning mask of shape {tuple(shape)} needs {-(-numel // 8)} uint8 bytes, got "
+            f"{packed.numel()} {packed.dtype}; the masks file is damaged or not hfx's."
+        )
+    bits = (packed[:, None] & _BIT_WEIGHTS) != 0
+    return bits.reshape(-1)[:numel].reshape(tuple(int(d) for d in shape))
+
+
 def save_pruning(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write the pruning masks (``dsee_pruning.safetensors``, bool tensors keyed ``<module>.weight`` / ``.bias``)
-    and the statistics and pruned heads (``dsee_pruning.json``) to ``directory``; next to a saved adapter."""
+    """Write the pruning masks (``dsee_pruning.safetensors``: each mask bit-packed, [`pack_mask`], keyed
+    ``<module>.weight`` / ``.bias``, shapes in its metadata) and the statistics and pruned heads
+    (``dsee_pruning.json``) to ``directory``; next to a saved adapter. 1 bit per weight entry, not a byte."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+
+    def add(key: str, mask: torch.Tensor) -> None:
+        tensors[key] = pack_mask(mask)
+        shapes[key] = list(mask.shape)
+
     for name, module in model.named_modules():
         mask = module._buffers.get(_MASK) if _MASK in module._buffers else None
         if mask is not None and not name.endswith(".base_layer"):  # a DSEE layer's base holds the same mask
-            tensors[f"{_norm(name)}.weight"] = mask.detach().cpu().clone()
+            add(f"{_norm(name)}.weight", mask)
         bias_mask = module._buffers.get(_BIAS_MASK) if _BIAS_MASK in module._buffers else None
         if bias_mask is not None:
-            tensors[f"{_norm(name)}.bias"] = bias_mask.detach().cpu().clone()
+            add(f"{_norm(name)}.bias", bias_mask)
     if not tensors:
         raise ValueError("hfx.dsee.save_pruning: the model has not been pruned (no pruning masks found).")
     os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, MASKS_FILE), metadata={"format": "hfx-dsee-pruning"})
+    metadata = {"format": "hfx-dsee-pruning", "packing": "bits", "shapes": json.dumps(shapes)}
+    save_file(tensors, os.path.join(directory, MASKS_FILE), metadata=metadata)
     info = getattr(_root(model), "_dsee_pruning", None) or {}
     with open(os.path.join(directory, INFO_FILE), "w") as f:
-        json.dump({"format": "hfx-dsee-pruning", "version": 1, **info}, f, indent=2, default=str)
+        json.dump({"format": "hfx-dsee-pruning", "version": 2, **info}, f, indent=2, default=str)
+
+
+def read_masks(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The bool masks of a ``dsee_pruning.safetensors``: bit-packed (version 2) or plain bool (version 1)."""
+    from safetensors import safe_open
+
+    path = os.path.join(directory, MASKS_FILE)
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        stored = {key: f.get_tensor(key) for key in f.keys()}
+    if metadata.get("packing") != "bits":  # version 1: one bool per entry
+        return stored
+    shapes = json.loads(metadata.get("shapes", "{}"))
+    missing = sorted(stored.keys() - shapes.keys())
+    if missing:
+        raise ValueError(f"hfx.dsee: {path} has packed masks without a shape: {missing[:5]}; the file is damaged.")
+    return {key: unpack_mask(packed, shapes[key]) for key, packed in stored.items()}
 
 
 @torch.no_grad()
 def load_pruning(model: nn.Module, directory: str | os.PathLike) -> dict[str, Any]:
     """Re-apply masks written by [`save_pruning`] to ``model`` (a base model, a ``PeftModel`` with DSEE, or a merged
     model): zero the pruned entries in place and set the DSEE layers' masks. Returns the saved JSON info."""
-    from safetensors.torch import load_file
-
-    masks = load_file(os.path.join(directory, MASKS_FILE))
+    masks = read_masks(directory)
     with open(os.path.join(directory, INFO_FILE)) as f:
         info = json.load(f)
     modules: dict[str, nn.Module] = {}
