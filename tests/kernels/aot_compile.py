@@ -90,8 +90,8 @@ def jobs(dtype: str):
     yield (
         cce._block_sparse_mm_kernel,
         {"A": p, "Bm": p, "OUT": "*fp32", "LIVE": "*i32", "COUNT": "*i32", "B_ROWS": "*i64", "OUT_ROWS": "*i64",
-         **ints("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_om", "stride_live")},
-        dict(ACCUMULATE=True, HAS_B_ROWS=True, HAS_OUT_ROWS=True, BLOCK_M=cce._BLOCK_V, BLOCK_N=block_n,
+         "SCALE": "*fp32", **ints("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_om", "stride_live")},
+        dict(ACCUMULATE=True, HAS_B_ROWS=True, HAS_OUT_ROWS=True, HAS_SCALE=True, BLOCK_M=cce._BLOCK_V, BLOCK_N=block_n,
              BLOCK_K=cce._BLOCK_M, UPCAST=False, PRECISION=prec, num_stages=stages),
     )  # fmt: skip
     for mode, k_is_in in ((1, True), (1, False), (2, True), (2, False)):

@@ -14,7 +14,9 @@ smoothing, z-loss, ignore_index, shift, reductions, ``num_items_in_batch``), plu
   reduces over all tokens in fp32 registers and is written once — fp32 accumulation of ``dW`` without locks,
   atomics or an fp32 copy of ``dW``. The GEMMs are cuBLAS (dense) or, with ``filter_eps``, a Triton block-sparse
   GEMM that skips every (token × vocabulary) tile whose ``|softmax − onehot|`` stays below ``filter_eps`` (CCE's
-  gradient filter), with the vocabulary sorted by mean logit so that negligible columns share tiles.
+  gradient filter), with the vocabulary sorted by mean logit so that negligible columns share tiles. In float16,
+  ``dL/du`` is stored per unit of a power-of-two scale of the upstream gradient (:func:`grad_scale`) and the GEMM
+  results are scaled back in fp32, so a ~1/N upstream gradient does not underflow it without a GradScaler.
 
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (float32/float16; CI tests them against the
 reference).
@@ -277,6 +279,7 @@ def _block_sparse_mm_kernel(
     COUNT,
     B_ROWS,
     OUT_ROWS,
+    SCALE,
     M,
     N,
     K,
@@ -288,13 +291,14 @@ def _block_sparse_mm_kernel(
     ACCUMULATE: tl.constexpr,
     HAS_B_ROWS: tl.constexpr,
     HAS_OUT_ROWS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """``OUT[m] (+)= Σ_k A[m, k] · B[k]`` over the live k-tiles of each m-tile only.
+    """``OUT[m] (+)= SCALE · Σ_k A[m, k] · B[k]`` over the live k-tiles of each m-tile only.
 
     ``LIVE[m, :COUNT[m]]`` lists the k-tiles whose filter flag is set (a compacted list, so the loop has no branch
     and Triton can pipeline its loads). ``B_ROWS`` gathers B's rows (the sorted vocabulary), ``OUT_ROWS`` scatters the
@@ -332,6 +336,8 @@ def _block_sparse_mm_kernel(
         else:
             b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if HAS_SCALE:  # in fp32, before the cast to OUT's dtype (float16 gradients: see the backward's scale)
+        acc = acc * tl.load(SCALE)
     if HAS_OUT_ROWS:
         out_rows = tl.load(OUT_ROWS + offs_m, mask=mask_m, other=0)
     else:
@@ -354,6 +360,29 @@ def _mm_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             acc += torch.mm(a, b)
     else:
         acc.addmm_(a.float(), b.float())
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as float32 from half-precision operands (fp32 output of the GEMM on CUDA, an upcast elsewhere)."""
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # older torch
+            pass
+    return torch.mm(a.float(), b.float())
+
+
+def grad_scale(g: torch.Tensor) -> torch.Tensor:
+    """The power of two at or below ``max |g|``, in [2^-126, 1], as a one-element float32 tensor.
+
+    float16 ``dL/du`` is stored per unit of this scale and the GEMM results are multiplied back in float32: with a
+    mean over N tokens (or ``num_items_in_batch`` over accumulated micro-batches) the upstream gradient is ~1/N and
+    ``softmax · g`` would underflow float16 (smallest subnormal 6e-8) at a large vocabulary. A power of two makes the
+    division exact; capped at 1, so no row's ``dL/du`` gets smaller than unscaled. bfloat16 and float32 share
+    float32's exponent range and are not scaled.
+    """
+    amax = g.abs().amax().reshape(1).clamp(2.0**-126, 1.0)  # NaN stays NaN: torch.where below gives 1
+    return torch.where(torch.isfinite(amax), torch.exp2(torch.floor(torch.log2(amax))), torch.ones_like(amax))
 
 
 def sparse_mm_config(dtype: torch.dtype) -> tuple[int, int]:
@@ -381,8 +410,10 @@ def _block_sparse_mm(
     accumulate: bool,
     b_rows: torch.Tensor | None = None,
     out_rows: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> None:
-    """``out[out_rows] (+)= a @ b[b_rows]`` skipping the tiles of ``a`` whose flag is 0 (``flags``: m-tiles × k-tiles)."""
+    """``out[out_rows] (+)= scale · a @ b[b_rows]`` skipping the tiles of ``a`` whose flag is 0 (``flags``: m-tiles ×
+    k-tiles); ``scale`` is a one-element float32 tensor (no host sync)."""
     m, k = a.shape
     n = b.shape[1]
     block_n, stages = sparse_mm_config(a.dtype)
@@ -392,9 +423,11 @@ def _block_sparse_mm(
         _block_sparse_mm_kernel, grid,
         a, b, out, live, count,
         b_rows if b_rows is not None else live, out_rows if out_rows is not None else live,
+        scale if scale is not None else live,
         m, n, k,
         a.stride(0), a.stride(1), b.stride(0), out.stride(0), live.stride(0),
         ACCUMULATE=accumulate, HAS_B_ROWS=b_rows is not None, HAS_OUT_ROWS=out_rows is not None,
+        HAS_SCALE=scale is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
         num_warps=_WARPS, num_stages=stages,
     )  # fmt: skip
@@ -476,12 +509,16 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
         m, d = hidden.shape
         v = weight.shape[0]
         g = grad_loss.float().contiguous()
+        dz_dtype = torch.float32 if hidden.dtype == torch.float32 else hidden.dtype
+        # float16: dL/du per unit of a power-of-two scale of g, multiplied back in fp32 (see grad_scale)
+        scale = grad_scale(g) if dz_dtype == torch.float16 else None
+        if scale is not None:
+            g = g / scale
         p_scale = (g * (1.0 + 2.0 * z_loss * lse)).contiguous() if z_loss else g
         y_scale = (g * (1.0 - eps)).contiguous()
         smooth = (g * (eps / v)).contiguous() if eps else g
         filter_eps = options["filter_eps"]
 
-        dz_dtype = torch.float32 if hidden.dtype == torch.float32 else hidden.dtype
         elem = torch.finfo(dz_dtype).bits // 8
         vc = _vocab_chunk(m, v, elem, options["chunk_bytes"], options["vocab_chunk"])
         dz_buf = torch.empty((m, vc), dtype=dz_dtype, device=hidden.device)
@@ -530,14 +567,18 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
                     )
                 if need_w:  # dW[rows] (width×H) = dzᵀ (width×M) · h, flags transposed
                     _block_sparse_mm(
-                        dz.T, hidden, dw, flags.T, block_m=_BLOCK_V, block_k=_BLOCK_M, accumulate=False, out_rows=rows
-                    )
+                        dz.T, hidden, dw, flags.T, block_m=_BLOCK_V, block_k=_BLOCK_M, accumulate=False, out_rows=rows,
+                        scale=scale,
+                    )  # fmt: skip
                 continue
             w_c = weight[c0:c1] if cols is None else weight.index_select(0, cols)
             if need_h:
                 _mm_into_fp32(dh, dz, w_c.to(dz.dtype))
             if need_w:
-                blk = torch.mm(dz.T, hidden)  # dz has hidden's dtype
+                if scale is None:
+                    blk = torch.mm(dz.T, hidden)  # dz has hidden's dtype
+                else:  # fp32 result, scaled back before the cast (a sum over M tokens of unscaled dz can pass 65504)
+                    blk = (_mm_fp32(dz.T, hidden) * scale).to(dw.dtype)
                 if cols is None:
                     dw[c0:c1] = blk
                 else:
@@ -545,6 +586,11 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
         LAST_BACKWARD["filter_density"] = density_sum / tiles if tiles else None
         LAST_BACKWARD["vocab_chunk"] = vc
         del dz_buf, flags_buf, dz, flags  # free the chunk buffer before dh's final cast (peak memory)
+        if scale is not None:
+            if dh is not None:
+                dh.mul_(scale)
+            if db is not None:
+                db.mul_(scale)
         return (
             None if dh is None else dh.to(hidden.dtype),
             dw,
