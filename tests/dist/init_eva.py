@@ -6,7 +6,8 @@ compares them with a single-process init whose batch i is the concatenation of b
 
 ``--backend zero3``: DeepSpeed ZeRO-3 that really partitions the base; ``hfx.initialize(model,
 trainer.get_train_dataloader())`` then a few Trainer steps; each rank writes its losses, partition counts and probe
-logits, rank 0 the adapter saved by ``trainer.save_model``.
+logits, rank 0 the adapter saved by ``trainer.save_model``; then each rank rebuilds a fresh partitioned model from that
+adapter with ``init_from`` (the resume path) and records its ranks and how far its A/B are from the saved ones.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import os
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import hfx
 from hfx.testing.dist import deepspeed_cpu_state, zero3_test_config
@@ -110,7 +111,19 @@ def run_zero3(args: argparse.Namespace) -> None:
         logits = model(input_ids=probe_ids(vocab)).logits.float().contiguous()
     trainer.save_model(os.path.join(args.out, "adapter"))
     save_file({"logits": logits}, os.path.join(args.out, f"rank{rank}.safetensors"))
+    trainer.accelerator.wait_for_everyone()
+    # the resume path on a partitioned base: a fresh model takes the saved ranks and A/B, with no batches
+    fresh = get_peft_model(AutoModelForCausalLM.from_pretrained(args.base), config(max_iterations=20))
+    again = hfx.initialize(fresh, [], init_from=os.path.join(args.out, "adapter"), show_progress=False)["default"]
+    saved = load_file(os.path.join(args.out, "adapter", "adapter_model.safetensors"))
+    mine = {n.replace(".default", ""): p for n, p in fresh.named_parameters() if "lora_" in n}
     info = {
+        "init_from": {
+            "ranks": again["ranks"],
+            "base_partitioned": partition_counts(fresh)["base_partitioned"],
+            "same_keys": sorted(mine) == sorted(saved),
+            "max_diff": max((mine[k].detach().float() - saved[k].float()).abs().max().item() for k in saved),
+        },
         "summary": summary,
         "partition": counts_before,
         "wrapped": type(trainer.model_wrapped).__name__,

@@ -3,7 +3,8 @@
 gloo: the 2-process init equals a single-process init whose batch i is both ranks' batch i stacked (same
 components, ranks, iterations) — only d x d statistics cross processes. ZeRO-3: the init runs on a really partitioned
 base from the Trainer's dataloader, training continues for a few steps, and the adapter saved by
-``trainer.save_model`` (plain LoRA with the EVA ranks) reproduces the trained model's logits on the base.
+``trainer.save_model`` (plain LoRA with the EVA ranks) reproduces the trained model's logits on the base, and a fresh
+partitioned model rebuilt from it with ``init_from`` has its ranks and A/B.
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ def test_zero3_init_runs_and_trains(base_dir, tmp_path):
         assert info["wrapped"] == "DeepSpeedEngine"
         assert info["summary"]["iterations"] > 0 and len(info["loss"]) == 3
         assert all(torch.isfinite(torch.tensor(info["loss"])))
+        assert info["init_from"]["ranks"] == info["summary"]["ranks"], info["init_from"]  # init_from on ZeRO-3
+        assert info["init_from"]["base_partitioned"] > 0, info["init_from"]
+        assert info["init_from"]["same_keys"] and info["init_from"]["max_diff"] == 0.0, info["init_from"]
     logits = [load_file(os.path.join(out, f"rank{r}.safetensors"))["logits"] for r in (0, 1)]
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-6)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
