@@ -354,11 +354,17 @@ def sequence_grad_norms(
 # ----------------------------------------------------------------------------------------------------------------------
 # Pilot statistics (Alg. 2)
 # ----------------------------------------------------------------------------------------------------------------------
-def check_reward_columns(reward_funcs: Sequence[Any], columns: Sequence[str]) -> None:
+def check_reward_columns(
+    reward_funcs: Sequence[Any],
+    columns: Sequence[str],
+    *,
+    dataset: str = "the prompt dataset",
+    why: str = "GVM scores pilot samples with the run's reward functions",
+) -> None:
     """Raise ``ValueError`` if a reward function requires an argument that is neither passed by TRL nor a column.
 
     E.g. :func:`hfx.data.correctness_reward` needs the ``answer`` column; without it every pilot sample would fail
-    (or score as wrong), and GVM would silently drop every prompt.
+    (or score as wrong), and GVM would silently drop every prompt. ``dataset`` and ``why`` word the error.
     """
     for func in reward_funcs:
         if isinstance(func, torch.nn.Module) or not callable(func):
@@ -375,8 +381,8 @@ def check_reward_columns(reward_funcs: Sequence[Any], columns: Sequence[str]) ->
             )
             if required and param.name not in _TRL_REWARD_ARGS and param.name not in columns:
                 raise ValueError(
-                    f"reward function {name!r} needs a {param.name!r} column, which the prompt dataset lacks "
-                    f"(columns: {sorted(columns)}); GVM scores pilot samples with the run's reward functions"
+                    f"reward function {name!r} needs a {param.name!r} column, which {dataset} lacks "
+                    f"(columns: {sorted(columns)}); {why}. Add the column, or give the parameter a default."
                 )
 
 

@@ -40,3 +40,24 @@ def check_prompt_column(train_dataset: Any = None, eval_dataset: Any = None, tra
                 f"{name} has no 'prompt' column (columns: {sorted(columns)}); {trainer} generates completions from "
                 "it. Rename your prompt column, e.g. `dataset.rename_column('question', 'prompt')`."
             )
+
+
+def check_reward_function_columns(
+    reward_funcs: Any, train_dataset: Any = None, eval_dataset: Any = None, trainer: str = "this trainer"
+) -> None:
+    """Raise a ``ValueError`` naming the reward function, the parameter and the dataset when a reward function
+    requires a column the dataset lacks (e.g. :func:`hfx.data.correctness_reward` and ``answer``).
+
+    TRL's online trainers pass every dataset column to the reward functions as keyword arguments, so a missing one
+    surfaces as a bare ``TypeError`` inside the first reward computation, after the first generation. Reward models
+    (``nn.Module``, model ids) and datasets without ``column_names`` are not checked.
+    """
+    from ..gvm import check_reward_columns
+
+    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    for name, ds in _named(train_dataset, eval_dataset):
+        columns = getattr(ds, "column_names", None)
+        if columns is None or isinstance(columns, Mapping):
+            continue
+        why = f"{trainer} calls each reward function with the dataset's columns as keyword arguments"
+        check_reward_columns(funcs, list(columns), dataset=name, why=why)

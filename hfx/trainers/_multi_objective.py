@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ._data import check_prompt_column
+from ._data import check_prompt_column, check_reward_function_columns
 from ._state import JsonCheckpointStateMixin
 
 __all__ = ["MultiObjectiveMixin", "resolve_reward_indices"]
@@ -53,6 +53,7 @@ class MultiObjectiveMixin(JsonCheckpointStateMixin):
             raise TypeError(f"{type(self).__name__} needs a {self._config_class.__name__}, got {type(args).__name__}")
         eval_dataset = pargs[0] if pargs else kwargs.get("eval_dataset")  # GRPO/RLOO take it after train_dataset
         check_prompt_column(train_dataset, eval_dataset, type(self).__name__)
+        check_reward_function_columns(reward_funcs, train_dataset, eval_dataset, type(self).__name__)
         super().__init__(model, reward_funcs, args, train_dataset, *pargs, **kwargs)
         self._mo_prompt_ids: list[list[int]] | None = None
         self._mo_completion_ids: list[list[int]] | None = None

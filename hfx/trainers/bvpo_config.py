@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from ._checks import check_fields
+
 __all__ = ["DEFAULT_EMPTY_THINK", "BVPOConfig"]
 
 #: The "NoThinking" prefill of reasoning models (Qwen3's ``enable_thinking=False`` renders exactly this).
@@ -92,7 +94,17 @@ class BVPOConfig(DPOConfig):
     bvpo_alpha_max_rows: int = field(default=64, metadata={"help": "'auto': output rows kept per module."})
 
     def __post_init__(self):
+        if isinstance(self.bvpo_alpha_modules, str):
+            self.bvpo_alpha_modules = [m.strip() for m in self.bvpo_alpha_modules.split(",") if m.strip()]
+        check_fields(self, {
+            "chosen_no_trace_column": "str", "rejected_no_trace_column": "str", "prompt_no_trace_column": "str",
+            "no_trace_suffix": "str?", "strip_empty_think": "bool", "bvpo_alpha_init": "number",
+            "bvpo_alpha_warmup_steps": "int", "bvpo_alpha_stats_decay": "number?", "bvpo_alpha_smoothing": "number",
+            "bvpo_alpha_modules": "list[str]?", "bvpo_alpha_max_rows": "int",
+        })  # fmt: skip
         alpha = self.bvpo_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (str, int, float)):
+            raise ValueError(f"BVPOConfig.bvpo_alpha must be a float in [0, 1] or 'auto', got {alpha!r}")
         if isinstance(alpha, str):
             if alpha.strip().lower() == "auto":
                 self.bvpo_alpha = "auto"
@@ -113,6 +125,4 @@ class BVPOConfig(DPOConfig):
             raise ValueError(f"bvpo_alpha_smoothing must be in [0, 1), got {self.bvpo_alpha_smoothing}")
         if self.bvpo_alpha_warmup_steps < 1 or self.bvpo_alpha_max_rows < 1:
             raise ValueError("bvpo_alpha_warmup_steps and bvpo_alpha_max_rows must be >= 1")
-        if isinstance(self.bvpo_alpha_modules, str):
-            self.bvpo_alpha_modules = [m.strip() for m in self.bvpo_alpha_modules.split(",") if m.strip()]
         super().__post_init__()

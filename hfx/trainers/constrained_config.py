@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig, RLOOConfig
 
+from ._checks import check_fields
+
 __all__ = ["CONSTRAINT_TYPES", "ConstrainedGRPOConfig", "ConstrainedRLOOConfig", "PARAMETRIZATIONS"]
 
 CONSTRAINT_TYPES = ("ge", "le", "eq")
@@ -74,6 +76,12 @@ class _ConstraintArguments:
     lagrange_scale_beta: bool = field(default=True, metadata={"help": "Scale beta by the task weight."})
 
     def __post_init__(self):
+        check_fields(self, {
+            "constraint_thresholds": "list[number]?", "constraint_rewards": "list[str]?", "constraint_types": "list[str]",
+            "lagrange_parametrization": "str", "lagrange_lr": "number", "lagrange_momentum": "number",
+            "lagrange_init": "list[number]?", "lagrange_max": "number", "lagrange_max_grad_norm": "number?",
+            "lagrange_scale_beta": "bool",
+        }, scalar_ok=("constraint_thresholds", "constraint_rewards", "constraint_types", "lagrange_init"))  # fmt: skip
         if not self.constraint_thresholds:
             raise ValueError(
                 "constraint_thresholds is required: one threshold per constrained reward, e.g. [0.8, -0.1]"

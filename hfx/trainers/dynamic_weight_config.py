@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig, RLOOConfig
 
+from ._checks import check_fields
+
 __all__ = ["DynamicWeightGRPOConfig", "DynamicWeightRLOOConfig", "HV_SOURCES", "WEIGHTINGS"]
 
 WEIGHTINGS = ("hypervolume", "gradient")
@@ -79,6 +81,11 @@ class _DynamicWeightArguments:
     )
 
     def __post_init__(self):
+        check_fields(self, {
+            "weighting": "str", "objectives": "list[str]?", "maximize": "list[bool]?", "hv_source": "str",
+            "weight_regularization": "number", "weight_grad_layers": "list[int]?", "weight_grad_modules": "list[str]?",
+            "weight_grad_max_samples": "int?",
+        }, scalar_ok=("objectives", "weight_grad_layers", "weight_grad_modules"))  # fmt: skip
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {self.weighting!r}")
         if self.hv_source not in HV_SOURCES:

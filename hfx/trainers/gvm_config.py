@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from ..gvm import DEFAULT_ALPHA, DEFAULT_BETA
+from ._checks import check_fields
 
 __all__ = ["GVM_LOSSES", "GVMGRPOConfig", "GVMRAFTConfig"]
 
@@ -70,6 +71,11 @@ class GVMGRPOConfig(GRPOConfig):
     gvm_grad_batch_size: int = field(default=8, metadata={"help": "Sequences per gradient-norm forward."})
 
     def __post_init__(self):
+        check_fields(self, {
+            "gvm": "bool", "gvm_loss": "str", "gvm_num_pilot": "int", "gvm_budget": "int?", "gvm_pool_size": "int?",
+            "gvm_refresh_steps": "int", "gvm_alpha": "number", "gvm_beta": "number", "gvm_min_per_prompt": "int",
+            "gvm_accept_threshold": "number", "gvm_pilot_batch_size": "int", "gvm_grad_batch_size": "int",
+        })  # fmt: skip
         if self.gvm_loss not in GVM_LOSSES:
             raise ValueError(f"gvm_loss must be one of {list(GVM_LOSSES)}, got {self.gvm_loss!r}")
         for name in ("gvm_num_pilot", "gvm_refresh_steps", "gvm_pilot_batch_size", "gvm_grad_batch_size"):

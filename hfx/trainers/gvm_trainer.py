@@ -38,9 +38,9 @@ from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.utils import nanstd
 
-from ..gvm import GVMAllocation, allocate_samples, check_reward_columns, pilot_statistics, sequence_grad_norms
+from ..gvm import GVMAllocation, allocate_samples, pilot_statistics, sequence_grad_norms
 from ..gvm import uniform_allocation as _uniform
-from ._data import check_prompt_column
+from ._data import check_prompt_column, check_reward_function_columns
 from ._state import JsonCheckpointStateMixin
 from .gvm_config import GVMGRPOConfig, GVMRAFTConfig
 
@@ -75,7 +75,7 @@ class GVMGRPOTrainer(JsonCheckpointStateMixin, GRPOTrainer):
         if self.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError("GVM supports multi_objective_aggregation='sum_then_normalize' only")
         check_prompt_column(self.train_dataset, self.eval_dataset, type(self).__name__)
-        check_reward_columns(self.reward_funcs, list(self.train_dataset.column_names))
+        check_reward_function_columns(self.reward_funcs, self.train_dataset, self.eval_dataset, type(self).__name__)
         if args.gvm_pool_size is not None and args.gvm_pool_size > len(self.train_dataset):
             raise ValueError(
                 f"gvm_pool_size={args.gvm_pool_size} is larger than the train dataset ({len(self.train_dataset)} "

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from ._checks import check_fields
+
 __all__ = ["MASK_SCOPES", "MaskedThoughtConfig"]
 
 MASK_SCOPES = ("completion", "think")
@@ -64,6 +66,10 @@ class MaskedThoughtConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        check_fields(self, {
+            "mask_rate": "number", "mask_warmup_ratio": "number", "mask_token": "str", "mask_scope": "str",
+            "think_start_token": "str", "think_end_token": "str", "mask_seed": "int?",
+        })  # fmt: skip
         self.mask_rate = float(self.mask_rate)
         self.mask_warmup_ratio = float(self.mask_warmup_ratio)
         if not 0.0 <= self.mask_rate <= 1.0:

@@ -450,5 +450,17 @@ def test_errors(model_path, tmp_path):
     with pytest.raises(ValueError, match=r"train_dataset has no 'prompt' column .*'question'.*rename_column"):
         hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=REWARDS, args=config(tmp_path),
                                    train_dataset=ds.rename_column("prompt", "question"))  # fmt: skip
+    # a reward function needing a column the dataset lacks: used to fail inside TRL at the first reward computation
+    from hfx.data import correctness_reward
+
+    for cls, ccls in ((hfx.ConstrainedGRPOTrainer, hfx.ConstrainedGRPOConfig),
+                      (hfx.ConstrainedRLOOTrainer, hfx.ConstrainedRLOOConfig)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"'correctness_reward' needs a 'answer' column, which train_dataset lac"):
+            cls(model_path, reward_funcs=[correctness_reward, hash_graded, short], args=config(tmp_path, cls=ccls),
+                train_dataset=ds.remove_columns("answer"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"'correctness_reward' needs a 'answer' column, which eval_dataset lacks"):
+        hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=[correctness_reward, hash_graded, short],
+                                   args=config(tmp_path), train_dataset=ds,
+                                   eval_dataset=ds.remove_columns("answer"))  # fmt: skip
     with pytest.raises(RuntimeError, match="must be passed to a ConstrainedGRPOTrainer"):
         hfx.ThresholdSearchCallback(lambda t: 0.0).on_train_begin(None, None, None)

@@ -370,3 +370,16 @@ def test_errors(model_path, tmp_path):
                                      eval_dataset={"held_out": renamed})  # fmt: skip
     with pytest.raises(TypeError, match="needs a DynamicWeightRLOOConfig"):
         hfx.DynamicWeightRLOOTrainer(model_path, reward_funcs=REWARDS, args=config(tmp_path), train_dataset=ds)
+    # a reward function needing a missing column: used to fail inside TRL at the first reward computation
+    from hfx.data import correctness_reward
+
+    funcs = [correctness_reward, hash_reward, short_reward]
+    for cls, ccls in ((hfx.DynamicWeightGRPOTrainer, hfx.DynamicWeightGRPOConfig),
+                      (hfx.DynamicWeightRLOOTrainer, hfx.DynamicWeightRLOOConfig)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"'correctness_reward' needs a 'answer' column, which train_dataset lac"):
+            cls(
+                model_path,
+                reward_funcs=funcs,
+                args=config(tmp_path, cls=ccls),
+                train_dataset=ds.remove_columns("answer"),
+            )
