@@ -29,6 +29,7 @@ this applies to them.
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -49,7 +50,8 @@ _LOAD_HOOK = "_hfx_init_load_hook"  # attribute on the model: handle of the load
 def register_initializer(
     config_cls: type, fn: Callable[..., dict[str, Any]], *, resume_hint: str | None = None
 ) -> None:
-    """Make ``initialize`` run ``fn(peft_model, batches, adapter_name, **kwargs)`` for adapters of ``config_cls``.
+    """Make ``initialize`` run ``fn(peft_model, batches, adapter_name, **options)`` for adapters of ``config_cls``;
+    ``fn``'s keyword-only parameters are its options (``initialize`` refuses a keyword no initialiser takes).
 
     ``resume_hint``: the call that rebuilds an adapter's post-initialisation shapes before a checkpoint is loaded
     into it (shown when a checkpoint does not fit an adapter that was never initialised).
@@ -58,6 +60,11 @@ def register_initializer(
     if resume_hint is not None:
         _RESUME_HINTS[config_cls] = resume_hint
     _install_lora_inject_hook()
+
+
+def _keywords(fn: Callable[..., Any]) -> set[str]:
+    """The keyword-only options of an initialiser (after ``peft_model, batches, adapter_name``)."""
+    return {p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def is_initialized(config: Any) -> bool:
@@ -91,6 +98,13 @@ def initialize(
     configs = getattr(peft_model, "peft_config", None)
     if configs is None:
         raise TypeError(f"hfx.initialize expects a PEFT model (from get_peft_model), got {type(peft_model).__name__}.")
+    known = set().union(*(_keywords(fn) for fn in _INITIALIZERS.values()))
+    unknown = sorted(set(kwargs) - known)
+    if unknown:  # a typo (init_form=...) would otherwise be dropped silently and run a fresh initialisation
+        raise TypeError(
+            f"hfx.initialize got unexpected keyword argument(s) {unknown}; the registered initialisers take "
+            f"{sorted(known)}."
+        )
     names = adapter_names if adapter_names is not None else list(configs)
     summaries: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -98,7 +112,8 @@ def initialize(
             raise ValueError(f"hfx.initialize: no adapter named {name!r}; the model has {list(configs)}.")
         fn = _INITIALIZERS.get(type(configs[name]))
         if fn is not None:
-            summaries[name] = fn(peft_model, batches, name, **kwargs)
+            accepted = _keywords(fn)  # another tuner's option (e.g. for a second adapter) is not passed to this one
+            summaries[name] = fn(peft_model, batches, name, **{k: v for k, v in kwargs.items() if k in accepted})
             mark_initialized(configs[name])
     return summaries
 

@@ -104,6 +104,21 @@ def _adapted(cfg, seed=0, dtype=torch.float64):
     return model, model.base_model.model.lin
 
 
+def test_the_switch_takes_booleans_and_the_environment_variable_its_usual_spellings(monkeypatch):
+    import hfx.kernels.adapter as adapter
+
+    before = adapter.fused_adapters_enabled()
+    with pytest.raises(TypeError, match=r"takes True or False, got 'false'"):  # bool("false") used to turn it on
+        hfx.set_fused_adapters("false")
+    assert adapter.fused_adapters_enabled() is before
+    for value, on in (("true", True), ("ON", True), ("1", True), ("no", False), ("0", False), ("", False)):
+        monkeypatch.setenv("HFX_FUSED_ADAPTERS", value)
+        assert adapter._from_environment() is on, value
+    monkeypatch.setenv("HFX_FUSED_ADAPTERS", "fast")  # used to be read as off, silently
+    with pytest.raises(ValueError, match=r"HFX_FUSED_ADAPTERS must be 1/true/yes/on or 0/false/no/off, got 'fast'"):
+        adapter._from_environment()
+
+
 def test_reference_equals_the_tuner_layers_unfused_path():
     """The ground truth is the layers' own formula: same output and adapter gradient in float64."""
     x = torch.randn(3, 5, 40, dtype=torch.float64, device=DEVICE)

@@ -180,6 +180,21 @@ def test_lora_on_lm_head_is_a_clear_error(tokenizer):
         hfx.use_cce(model)
 
 
+def test_misuse_is_refused_when_use_cce_is_called():
+    """A misspelt option, an unknown impl (used to pass until the first training forward) and a model without an
+    lm_head (used to say 'lm_head of type NoneType') are errors naming what would work."""
+    from transformers import LlamaForSequenceClassification
+
+    model = tiny_causal_lm(hidden_size=32)
+    with pytest.raises(TypeError, match=r"unsupported option\(s\) \['chunk_byte'\]; it takes \['impl', 'chunk_bytes'"):
+        hfx.use_cce(model, chunk_byte=10)
+    with pytest.raises(ValueError, match=r"impl must be one of \['auto', 'reference', 'triton'\], got 'cuda'"):
+        hfx.use_cce(model, impl="cuda")
+    assert not hfx.cce_enabled(model)
+    with pytest.raises(TypeError, match=r"LlamaForSequenceClassification has no output embedding.*causal language"):
+        hfx.use_cce(LlamaForSequenceClassification(model.config))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training runs: with and without use_cce, step for step.
 

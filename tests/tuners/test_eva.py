@@ -326,6 +326,14 @@ def test_init_from_errors_name_the_argument(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"init_from=.*no saved adapter weights there"):
         hfx.initialize(other, [], init_from=str(tmp_path / "empty"), show_progress=False)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['init_form'\].*'init_from'"):
+        hfx.initialize(other, batches, init_form=str(tmp_path / "q"))  # a typo used to run a fresh init silently
+    # a LoRA-GA export (rank 2r everywhere) is no EVA adapter of this config: its ranks pass the budget
+    loraga = get_peft_model(copy.deepcopy(base), hfx.LoraGAConfig(r=2, target_modules=["k_proj"]))
+    hfx.initialize(loraga, batches, show_progress=False)
+    loraga.save_pretrained(tmp_path / "loraga")
+    with pytest.raises(ValueError, match=r"saved ranks \(sum 4.*rank budget 2.*LoRA-GA export has rank 2r"):
+        hfx.initialize(other, [], init_from=str(tmp_path / "loraga"), show_progress=False)
     assert hfx.needs_initialization(other)  # nothing changed: a later initialize still works
     hfx.initialize(other, batches, show_progress=False)
 

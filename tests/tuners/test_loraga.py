@@ -457,6 +457,12 @@ def test_error_rank_too_large_and_double_init():
         hfx.initialize(model, make_batches(base.config.vocab_size), show_progress=False)
 
 
+def test_init_from_a_missing_folder_names_the_argument(tmp_path):
+    _, model = fresh()
+    with pytest.raises(ValueError, match=r"LoRA-GA init_from='.*nope': no saved adapter weights there"):
+        hfx.initialize(model, [], init_from=str(tmp_path / "nope"), show_progress=False)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="scale"):
         hfx.LoraGAConfig(scale="bogus")

@@ -353,6 +353,13 @@ def test_convert_to_lora_is_exact_at_rank_r(cfg_cls, kw):
     torch.testing.assert_close(lora.eval()(X), model(X), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cfg_cls,kw,default_kw", CASES)
+def test_unmatched_target_modules_error_lists_the_linear_layers(cfg_cls, kw, default_kw):
+    """PEFT's 'Target modules ... not found' named only what was asked for; the error now lists what there is."""
+    with pytest.raises(ValueError, match=r"not found in the base model.*named 'lin0', 'lin1', 'lin2'.*target_modules"):
+        get_peft_model(make_base(), cfg_cls(target_modules=["lin_0"], **default_kw))
+
+
 def test_convert_to_lora_refuses_pruned_dsee():
     import peft
 
@@ -361,8 +368,9 @@ def test_convert_to_lora_refuses_pruned_dsee():
     model = make_peft(hfx.DseeConfig, {"r": 2, "num_sparse": 8})
     assert model.base_model.supports_lora_conversion()
     prune(model, ratio=0.3)
-    assert not model.base_model.supports_lora_conversion()
-    with pytest.raises(TypeError, match="do not support LoRA conversion"):
+    with pytest.warns(UserWarning, match="pruned DSEE model cannot be converted to LoRA.*sparse"):
+        assert not model.base_model.supports_lora_conversion()
+    with pytest.raises(TypeError, match="do not support LoRA conversion"), pytest.warns(UserWarning, match="pruned"):
         peft.convert_to_lora(model, rank=4)
 
 

@@ -22,13 +22,27 @@ from . import reference
 
 __all__ = ["fused_adapters", "fused_adapters_enabled", "fused_kernel", "reference", "set_fused_adapters"]
 
-_ENABLED = os.environ.get("HFX_FUSED_ADAPTERS", "0") == "1"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def _from_environment() -> bool:
+    """``$HFX_FUSED_ADAPTERS`` at start-up: 1/true/yes/on or 0/false/no/off (any case); anything else is an error."""
+    value = os.environ.get("HFX_FUSED_ADAPTERS", "0").strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise ValueError(f"$HFX_FUSED_ADAPTERS must be 1/true/yes/on or 0/false/no/off, got {value!r}")
+    return value in _TRUE
+
+
+_ENABLED = _from_environment()
 
 
 def set_fused_adapters(enabled: bool = True) -> None:
     """Switch the fused PaCA/Bone paths on or off for the whole process (``HFX_FUSED_ADAPTERS=1`` at start-up)."""
     global _ENABLED
-    _ENABLED = bool(enabled)
+    if not isinstance(enabled, bool):  # bool("false") is True
+        raise TypeError(f"set_fused_adapters(enabled) takes True or False, got {enabled!r}")
+    _ENABLED = enabled
 
 
 def fused_adapters_enabled() -> bool:

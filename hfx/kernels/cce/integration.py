@@ -190,6 +190,19 @@ def _text_config(model: nn.Module) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+# the keyword options of hfx.linear_cross_entropy that use_cce forwards
+_OPTIONS = (
+    "impl",
+    "chunk_bytes",
+    "token_chunk",
+    "vocab_chunk",
+    "z_loss",
+    "label_smoothing",
+    "filter_eps",
+    "sort_vocab",
+)
+
+
 def _check_supported(model: nn.Module) -> None:
     config = _text_config(model)
     for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
@@ -292,19 +305,22 @@ def use_cce(model: nn.Module, enabled: bool = True, **options: Any) -> nn.Module
         return model
 
     _check_supported(base)
-    bad = set(options) - {
-        "impl",
-        "chunk_bytes",
-        "token_chunk",
-        "vocab_chunk",
-        "z_loss",
-        "label_smoothing",
-        "filter_eps",
-        "sort_vocab",
-    }
+    bad = set(options) - set(_OPTIONS)
     if bad:
-        raise TypeError(f"use_cce: unsupported option(s) {sorted(bad)}")
-    _head_linears(base.get_output_embeddings())  # fail early on a LoRA'd lm_head
+        raise TypeError(f"use_cce: unsupported option(s) {sorted(bad)}; it takes {list(_OPTIONS)}")
+    from . import _IMPLS
+
+    impl = options.get("impl", "auto")
+    if impl not in _IMPLS:  # checked here, not at the first training forward
+        raise ValueError(f"use_cce: impl must be one of {list(_IMPLS)}, got {impl!r}")
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if head is None:
+        raise TypeError(
+            f"use_cce: {type(base).__name__} has no output embedding (lm_head), so there is no token loss to compute; "
+            "use_cce applies to causal language models (e.g. AutoModelForCausalLM), not to reward or "
+            "classification models."
+        )
+    _head_linears(head)  # fail early on a LoRA'd lm_head
     if state is not None:
         state.enabled = True
         state.options = dict(options)

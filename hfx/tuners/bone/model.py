@@ -13,7 +13,7 @@ from peft.utils import (
 )
 
 from .._mixed_batch import MixedBatchTunerMixin
-from .._targets import target_hint
+from .._targets import TargetHintMixin, target_hint
 from .config import BoneConfig
 from .layer import BoneLayer, BoneLinear
 
@@ -25,7 +25,7 @@ def _supports(base: torch.nn.Module) -> bool:
     return backend is not None and backend.layer_type == "linear"
 
 
-class BoneModel(MixedBatchTunerMixin, BaseTuner):
+class BoneModel(TargetHintMixin, MixedBatchTunerMixin, BaseTuner):
     """Bone / BAT adapters (arXiv 2409.15371) as a PEFT tuner; build it with ``get_peft_model(model, BoneConfig())``."""
 
     prefix: str = "bone_"

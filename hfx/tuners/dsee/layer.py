@@ -298,8 +298,19 @@ class DseeLinear(nn.Module, DseeLayer):
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """Additive while unpruned (``dW = s (B A + S)``, rank <= r + nnz), so PEFT's ``convert_to_lora`` can factor it;
-        a pruned model's point is its sparse merged weight, which no LoRA on the dense base reproduces."""
-        return not self.pruned
+        a pruned model's point is its sparse merged weight, which no LoRA on the dense base reproduces (a warning says
+        why, since PEFT's own error only lists the module type)."""
+        if self.pruned:
+            warnings.warn(
+                "A pruned DSEE model cannot be converted to LoRA (peft.save_as_lora / convert_to_lora): its merged "
+                "weight is sparse (pruned entries exactly zero), which no low-rank update of the dense base "
+                "reproduces. Save the DSEE adapter (save_pretrained writes its masks) or merge_and_unload() for the "
+                "sparse model; convert before hfx.dsee.prune if you need a LoRA.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return False
+        return True
 
     def _check_mergeable(self) -> None:
         if self.quantization_backend is not None:

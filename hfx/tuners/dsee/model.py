@@ -13,6 +13,7 @@ from peft.utils import (
 )
 
 from .._mixed_batch import MixedBatchTunerMixin
+from .._targets import TargetHintMixin
 from .config import DseeConfig
 from .layer import DseeLayer, DseeLinear
 
@@ -24,7 +25,7 @@ def _supports(base: torch.nn.Module) -> bool:
     return backend is not None and backend.layer_type == "linear"
 
 
-class DseeModel(MixedBatchTunerMixin, BaseTuner):
+class DseeModel(TargetHintMixin, MixedBatchTunerMixin, BaseTuner):
     """DSEE adapters (arXiv 2111.00160) as a PEFT tuner; build it with ``get_peft_model(model, DseeConfig())``.
 
     The default targets are PEFT's LoRA targets for the architecture, i.e. the query and value projections, which is

@@ -728,6 +728,18 @@ def read_saved_eva(path: str, peft_model: nn.Module, adapter_name: str = "defaul
             )
         ranks[name], components[name], b[name] = a_w.shape[0], a_w, (b_w, state.get(f"{name}.lora_B.bias"))
     configured = {n: m.r[adapter_name] for n, m in layers}
+    config = peft_model.peft_config[adapter_name]
+    budget = config.rank_budget if config.rank_budget is not None else sum(configured.values())
+    caps = {n: max(1, min(m.in_features, round(configured[n] * config.rho))) for n, m in layers}
+    over = [n for n in ranks if ranks[n] > caps[n]]
+    if sum(ranks.values()) > budget or over:
+        raise ValueError(
+            f"EVA init_from={path!r}: the saved ranks (sum {sum(ranks.values())}"
+            + (f"; {over[0]!r} has {ranks[over[0]]} > round(r * rho) = {caps[over[0]]}" if over else "")
+            + f") do not fit this EvaConfig (rank budget {budget}). Was the adapter saved with another EvaConfig, or "
+            "by another method (a LoRA-GA export has rank 2r everywhere)? Build the model with the config of the "
+            "run that saved it."
+        )
     return {"ranks": ranks, "configured": configured, "components": components, "lora_B": b}
 
 
@@ -738,7 +750,6 @@ def initialize_eva(
     *,
     show_progress: bool = True,
     init_from: str | None = None,
-    **unused: Any,
 ) -> dict[str, Any]:
     """``hfx.initialize`` for an ``EvaConfig`` adapter: statistics loop, rank redistribution, A/B; returns a summary
     (``ranks``, ``explained_variance`` per layer and mean, ``iterations``, ``converged``, ``tokens``, ``time_s``).

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .._mixed_batch import MixedBatchTunerMixin
 from .._sparse import remap_optimizer_state
-from .._targets import target_hint
+from .._targets import TargetHintMixin, target_hint
 from .config import LiftConfig
 from .layer import LiftLayer, LiftLinear
 
@@ -33,7 +33,7 @@ def _is_rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-class LiftModel(MixedBatchTunerMixin, BaseTuner):
+class LiftModel(TargetHintMixin, MixedBatchTunerMixin, BaseTuner):
     """LIFT adapters (arXiv 2506.00772) as a PEFT tuner; build it with ``get_peft_model(model, LiftConfig())``."""
 
     prefix: str = "lift_"

@@ -107,7 +107,13 @@ def read_export_init(
     """The init (B_0, A_0) of each layer from an adapter saved with ``export="relative_to_base"``."""
     from peft.utils import load_peft_weights
 
-    state: dict[str, Any] = load_peft_weights(path, device="cpu")
+    try:
+        state: dict[str, Any] = load_peft_weights(path, device="cpu")
+    except (OSError, ValueError) as err:  # a missing folder is tried as a Hub repo id (HFValidationError)
+        raise ValueError(
+            f"LoRA-GA init_from={path!r}: no saved adapter weights there ({err}). Pass the directory that "
+            "save_pretrained or the Trainer wrote (it holds adapter_model.safetensors)."
+        ) from err
     out = {}
     for name, layer in layers:
         ka, kb = _keys(name)

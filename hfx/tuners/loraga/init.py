@@ -381,7 +381,6 @@ def initialize_loraga(
     *,
     show_progress: bool = True,
     init_from: str | None = None,
-    **unused: Any,
 ) -> dict[str, Any]:
     """``hfx.initialize`` for a ``LoraGAConfig`` adapter; returns a summary dict.
 

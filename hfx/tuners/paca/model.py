@@ -13,7 +13,7 @@ from peft.utils import (
 )
 
 from .._mixed_batch import MixedBatchTunerMixin
-from .._targets import target_hint
+from .._targets import TargetHintMixin, target_hint
 from .config import PacaConfig
 from .layer import PacaLayer, PacaLinear
 
@@ -25,7 +25,7 @@ def _supports(base: torch.nn.Module) -> bool:
     return backend is not None and backend.layer_type == "linear"
 
 
-class PacaModel(MixedBatchTunerMixin, BaseTuner):
+class PacaModel(TargetHintMixin, MixedBatchTunerMixin, BaseTuner):
     """PaCA adapters (arXiv 2503.01905) as a PEFT tuner; build it with ``get_peft_model(model, PacaConfig())``."""
 
     prefix: str = "paca_"

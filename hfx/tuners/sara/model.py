@@ -12,13 +12,14 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from .._mixed_batch import MixedBatchTunerMixin
+from .._targets import TargetHintMixin
 from .config import SaraConfig
 from .layer import SaraLayer, SaraLinear, check_sara_base
 
 logger = logging.getLogger(__name__)
 
 
-class SaraModel(MixedBatchTunerMixin, BaseTuner):
+class SaraModel(TargetHintMixin, MixedBatchTunerMixin, BaseTuner):
     """SaRA adapters (arXiv 2409.06633) as a PEFT tuner; build it with ``get_peft_model(model, SaraConfig())``.
 
     Training-time parts (nuclear-norm regulariser, progressive adjustment) run in [`hfx.SaraCallback`]; in a custom
