@@ -12,12 +12,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-_DESCRIPTIONS = {
-    "int": "an int",
-    "number": "a number",
-    "bool": "True or False",
-    "str": "a string",
+_DESCRIPTIONS = {"int": "an int", "number": "a number", "bool": "True or False", "str": "a string"}
+_LIST_DESCRIPTIONS = {
+    "int": "a list of ints",
+    "number": "a list of numbers",
+    "bool": "a list of True/False values",
+    "str": "a list of strings",
 }
+_PARSERS = {"int": int, "number": float}
 
 
 def _convert(kind: str, value: Any) -> tuple[bool, Any]:
@@ -26,21 +28,13 @@ def _convert(kind: str, value: Any) -> tuple[bool, Any]:
         return isinstance(value, bool), value
     if kind == "str":
         return isinstance(value, str), value
-    if isinstance(value, bool):
-        return False, value
-    if kind == "int":
-        if isinstance(value, str):
-            try:
-                return True, int(value.strip())
-            except ValueError:
-                return False, value
-        return isinstance(value, int), value
-    if isinstance(value, str):  # number
+    if isinstance(value, str):
         try:
-            return True, float(value.strip())
+            return True, _PARSERS[kind](value.strip())
         except ValueError:
             return False, value
-    return isinstance(value, (int, float)), value
+    numeric = isinstance(value, int) if kind == "int" else isinstance(value, (int, float))
+    return numeric and not isinstance(value, bool), value
 
 
 def check_fields(config: Any, spec: Mapping[str, str], *, scalar_ok: tuple[str, ...] = ()) -> None:
@@ -58,9 +52,6 @@ def check_fields(config: Any, spec: Mapping[str, str], *, scalar_ok: tuple[str, 
             continue
         if kind.startswith("list["):
             item = kind[5:-1]
-            want = f"a list of {_DESCRIPTIONS[item].removeprefix('an ').removeprefix('a ')}s"
-            if item == "bool":
-                want = "a list of True/False values"
             if name in scalar_ok and not isinstance(value, (list, tuple)):
                 value = [value]
             ok = isinstance(value, (list, tuple))
@@ -72,7 +63,7 @@ def check_fields(config: Any, spec: Mapping[str, str], *, scalar_ok: tuple[str, 
                     converted.append(entry)
             if not ok:
                 raise ValueError(
-                    f"{owner}.{name} must be {want}{' or None' if optional else ''}, got {value!r}"
+                    f"{owner}.{name} must be {_LIST_DESCRIPTIONS[item]}{' or None' if optional else ''}, got {value!r}"
                     + (" (one value per entry, e.g. [True, False])" if item == "bool" else "")
                 )
             setattr(config, name, converted)

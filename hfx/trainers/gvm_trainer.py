@@ -20,7 +20,8 @@ the next pool of prompts is drawn, piloted (TRL's own ``_generate`` and ``_calcu
 and reward models work as in training), and allocated by :func:`hfx.gvm.allocate_samples`. Statistics are gathered
 across ranks, so the plan is identical everywhere. The allocation (``p``, ``G``, ``n``, iteration, plan position,
 sample counters) is saved in each checkpoint as ``gvm_state.json`` and restored on resume, with the settings it
-depends on (``num_generations``, ``gvm``, the dataset length and a digest of its prompts, ``seed``): resuming under different ones is an error.
+depends on (``num_generations``, ``gvm``, the dataset length and a digest of its prompts, ``seed``): resuming under
+different ones is an error.
 """
 
 from __future__ import annotations
@@ -332,9 +333,9 @@ class GVMGRPOTrainer(JsonCheckpointStateMixin, GRPOTrainer):
         if changed:
             listed = ", ".join(f"{k}={old!r} in the checkpoint but {new!r} now" for k, (old, new) in changed.items())
             raise ValueError(
-                f"cannot resume the GVM allocation: {listed} (dataset_size is the train dataset's length, prompt_digest a "
-                "hash of a sample of its prompts). The saved "
-                "allocation, plan order and position refer to the checkpoint's prompts, group size and seed; resume "
+                f"cannot resume the GVM allocation: {listed} (dataset_size is the train dataset's length, "
+                "prompt_digest a hash of a sample of its prompts). The saved allocation, plan order and position "
+                "refer to the checkpoint's prompts, group size and seed; resume "
                 f"with the same settings and train_dataset, or delete {self._state_json} from the checkpoint to start "
                 "a fresh allocation round."
             )

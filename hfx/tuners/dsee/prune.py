@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import weakref
 from typing import Any, Optional
@@ -356,9 +357,7 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_mask(packed: torch.Tensor, shape: list[int] | tuple[int, ...]) -> torch.Tensor:
     """Inverse of [`pack_mask`]: the bool mask of ``shape``."""
-    numel = 1
-    for d in shape:
-        numel *= int(d)
+    numel = math.prod(int(d) for d in shape)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != -(-numel // 8):
         raise ValueError(
             f"a packed pruning mask of shape {tuple(shape)} needs {-(-numel // 8)} uint8 bytes, got "
