@@ -10,8 +10,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
+from ._quantized import QuantizedBaseMixin
 
-class IndexedTunerLayer(BaseTunerLayer):
+
+class IndexedTunerLayer(QuantizedBaseMixin, BaseTunerLayer):
     """A ``BaseTunerLayer`` whose adapters hold integer index buffers (LIFT, PaCA, ...).
 
     PEFT 0.20 moves every adapter tensor to the base layer's device *and dtype*, which turns index buffers into floats

@@ -1,10 +1,36 @@
-"""Keeping a quantized base exactly through merge → unmerge (re-quantizing is lossy), for Bone/BAT and PaCA."""
+"""Quantized bases for hfx tuners: bitsandbytes' CPU layout before de-quantizing, and keeping a quantized base exactly
+through merge → unmerge (re-quantizing is lossy), for Bone/BAT and PaCA."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+
+def restore_bnb_cpu_layout(base: nn.Module) -> None:
+    """Undo bitsandbytes' CPU repacking of a 4-bit weight, in place. bitsandbytes >= 0.50 rewrites a ``Linear4bit``
+    weight into an AVX512-BF16 layout at its first eval-mode forward on such a CPU (``packing_format_for_cpu``);
+    de-quantizing that layout (PEFT's ``get_base_weight``) gives wrong values, so a merge or BAT's forward would use
+    a garbage base. This applies bitsandbytes' own inverse, as it does itself before ``.cuda()`` or ``state_dict``;
+    its next eval forward packs the weight again."""
+    weight = getattr(base, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if state is None or not getattr(state, "packing_format_for_cpu", False):
+        return
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+
+
+class QuantizedBaseMixin:
+    """``get_base_weight`` that first restores bitsandbytes' standard 4-bit layout ([`restore_bnb_cpu_layout`])."""
+
+    def get_base_weight(self) -> torch.Tensor:
+        restore_bnb_cpu_layout(self.get_base_layer())
+        return super().get_base_weight()
 
 
 def quantized_state(layer: BaseTunerLayer) -> dict[str, Any]:

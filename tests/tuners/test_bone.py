@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import hfx
+from hfx.tuners._quantized import restore_bnb_cpu_layout
 from hfx.tuners.bone import convert_to_miss
 from hfx.tuners.bone import layer as bone_layer
 from hfx.tuners.bone import model as bone_model
@@ -283,12 +284,15 @@ def test_bat_on_forward_only_quantized_layer_is_refused_bone_works(monkeypatch):
     torch.testing.assert_close(model(x), expected)
 
 
-def test_bone_and_bat_on_bitsandbytes_4bit():
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_bone_and_bat_on_bitsandbytes_4bit(mode):
+    """BAT's forward reads the de-quantized base; in eval mode bitsandbytes >= 0.50 repacks the weight for AVX512-BF16
+    CPUs at a forward, which de-quantizing must undo (the BAT term was computed from garbage before)."""
     import bitsandbytes as bnb  # installed with the dev extra; a missing one must fail, not skip
 
     torch.manual_seed(0)
-    dense = nn.Linear(16, 32)
-    q = bnb.nn.Linear4bit(16, 32, compute_dtype=torch.float32, quant_type="nf4")
+    dense = nn.Linear(64, 32)
+    q = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4")
     q.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
     q.bias = dense.bias
     q = q.to("cpu")  # quantizes
@@ -302,30 +306,37 @@ def test_bone_and_bat_on_bitsandbytes_4bit():
             return self.lin(x)
 
     model = get_peft_model(Q(), hfx.BoneConfig(r=4, target_modules=["lin"], init_weights="bat"))
+    model.train(mode == "train")
     layer = model.base_model.model.lin
     assert layer.quantization_backend is not None and layer.quantization_backend.backend_name == "bnb 4bit"
     with torch.no_grad():
         layer.bone_block["default"].normal_(0, 0.2)
-    w_deq = layer.get_base_weight().double()
-    x = torch.randn(3, 16)
+    w_deq = layer.get_base_weight().double()  # before any forward: bitsandbytes' standard layout
+    x = torch.randn(3, 64)
     expected = (
         layer.base_layer(x).double()
         + x.double() @ (ref_bat_weight(layer.bone_block["default"].detach().double(), w_deq) - w_deq).T
     )
-    torch.testing.assert_close(model(x).double(), expected, rtol=1e-4, atol=1e-4)
+    # in eval mode the repack itself is lossy (weights move by ~3e-4, outputs by ~2e-3); garbage moves them by ~1
+    tol = 1e-4 if mode == "train" else 1e-2
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), expected, rtol=tol, atol=tol)
+        torch.testing.assert_close(model(x).double(), expected, rtol=tol, atol=tol)  # after a repack, too
 
 
 def _quantized_lin(kind: str) -> nn.Module:
-    """A one-layer model whose 32x16 linear is bitsandbytes-quantized (``"4bit"``: NF4, ``"8bit"``: LLM.int8)."""
+    """A one-layer model whose 32x64 linear is bitsandbytes-quantized (``"4bit"``: NF4, ``"8bit"``: LLM.int8). 64 inputs:
+    bitsandbytes >= 0.50 repacks a 4-bit weight for the CPU at the first eval forward and fails below its 64-entry
+    block size (``shape [32, 0] is invalid``), in plain bitsandbytes too."""
     import bitsandbytes as bnb  # installed with the dev extra; a missing one must fail, not skip
 
     torch.manual_seed(0)
-    dense = nn.Linear(16, 32)
+    dense = nn.Linear(64, 32)
     if kind == "4bit":
-        q = bnb.nn.Linear4bit(16, 32, compute_dtype=torch.float32, quant_type="nf4")
+        q = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4")
         q.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
     else:
-        q = bnb.nn.Linear8bitLt(16, 32, has_fp16_weights=False)
+        q = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False)
         q.weight = bnb.nn.Int8Params(dense.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
     q.bias = dense.bias
     q = q.to("cpu")  # quantizes
@@ -341,6 +352,13 @@ def _quantized_lin(kind: str) -> nn.Module:
     return Q()
 
 
+def stored_weight(layer) -> torch.Tensor:
+    """The quantized storage of ``layer``'s base in bitsandbytes' standard layout (an eval forward on an AVX512-BF16
+    CPU repacks a 4-bit weight; comparisons of the raw storage need one layout)."""
+    restore_bnb_cpu_layout(layer.get_base_layer())
+    return layer.base_layer.weight.detach().clone()
+
+
 @pytest.mark.parametrize("kind", ["4bit", "8bit"])
 @pytest.mark.parametrize("init", [True, "bat"])
 def test_merge_into_quantized_base_warns_and_unmerge_or_disable_restores_it_exactly(kind, init):
@@ -352,24 +370,24 @@ def test_merge_into_quantized_base_warns_and_unmerge_or_disable_restores_it_exac
     layer = model.base_model.model.lin
     with torch.no_grad():
         layer.bone_block["default"].normal_(0, 0.05)  # a trained-looking update
-    x = torch.randn(3, 16)
+    x = torch.randn(3, 64)
     with torch.no_grad():
         with model.disable_adapter():
             base_out = model(x)
         adapted = model(x)
-        storage = layer.base_layer.weight.detach().clone()
+        storage = stored_weight(layer)
         with pytest.warns(UserWarning, match=rf"Merging {'BAT' if init == 'bat' else 'Bone'} adapter 'default'.*re-"):
             model.merge_adapter()
-        assert not torch.equal(layer.base_layer.weight, storage)
+        assert not torch.equal(stored_weight(layer), storage)
         torch.testing.assert_close(model(x), adapted, rtol=0.2, atol=0.2)  # quantization rounding of the update
         model.unmerge_adapter()
-        assert torch.equal(layer.base_layer.weight, storage)
+        assert torch.equal(stored_weight(layer), storage)
         torch.testing.assert_close(model(x), adapted, rtol=0, atol=0)
         with pytest.warns(UserWarning, match="re-quantizes"):
             model.merge_adapter()
         with model.disable_adapter():  # unmerges: the original base, not a re-quantized W' - dW
             torch.testing.assert_close(model(x), base_out, rtol=0, atol=0)
-        assert not layer.merged and torch.equal(layer.base_layer.weight, storage)
+        assert not layer.merged and torch.equal(stored_weight(layer), storage)
 
 
 def test_conv1d_target_names_conv1d_and_suggests_lora_not_all_linear():

@@ -15,6 +15,7 @@ import pytest
 import torch
 from peft import get_peft_model, get_peft_model_state_dict
 from torch import nn
+from transformers import TrainerCallback
 
 import hfx
 from hfx.tuners.sara import SaraLinear, adjust_sara_masks, default_learning_rate, sara_nuclear_norm, sara_select
@@ -212,17 +213,135 @@ def test_gradient_accumulation_equals_the_full_batch_ref_bug_7():
 
 
 # ---- nuclear-norm regulariser ----------------------------------------------------------------------------------
-def test_nuclear_norm_equals_a_hand_computed_value_and_its_gradient():
+def test_nuclear_norm_is_of_the_selected_weights_hand_computed():
+    """||M * W||_* of the weights W0 + d at the selected entries (spec 4a; the reference's nuclear_norm(param * mask)),
+    not of the delta d: it is nonzero at init and its gradient can differ in sign from the delta-only one."""
     w = torch.tensor([[0.001, 0.9], [0.8, -0.002], [0.7, 0.6]], dtype=TORCH64)
     model, layer = one_layer(in_f=2, out_f=3, weight=w, threshold=0.01)
     assert layer.sara_indices["default"].tolist() == [0, 3]  # (0, 0) and (1, 1)
-    with torch.no_grad():
-        layer.sara_values["default"].copy_(torch.tensor([3.0, -4.0]))
-    norm = sara_nuclear_norm(model)
-    assert norm.item() == pytest.approx(7.0)  # diag(3, -4) padded: singular values 4 and 3
+    values = layer.sara_values["default"]
+    # (d, ||M * W||_*, gradient on d): M * W = diag(W0 + d) padded, singular values |0.001 + d0|, |-0.002 + d1|,
+    # gradient U V^T at the diagonal = sign(W0 + d)
+    cases = [
+        ([0.0, 0.0], 0.003, [1.0, -1.0]),  # at init: ||M * W0||_*, not 0
+        ([3.0, -4.0], 7.003, [1.0, -1.0]),
+        ([-0.0005, 0.0015], 0.001, [1.0, -1.0]),  # ||d||_* would be 0.002 with gradient (-1, 1)
+    ]
+    for d, norm_ref, grad_ref in cases:
+        with torch.no_grad():
+            values.copy_(torch.tensor(d))
+        values.grad = None
+        norm = sara_nuclear_norm(model)
+        assert norm.item() == pytest.approx(norm_ref, rel=1e-6)
+        norm.backward()
+        torch.testing.assert_close(values.grad.double(), torch.tensor(grad_ref, dtype=TORCH64))
+
+
+def test_nuclear_norm_matches_a_dense_float64_reference_after_the_adjustment():
+    """Against an independent dense construction: W = W0 + D (trainable and frozen deltas), masked by the entries
+    still trained (frozen entries leave the mask, as in the reference's adaptive mask)."""
+    model, layer = one_layer(in_f=12, out_f=10, threshold=0.05)
+    randomise_values(layer, std=0.05)
+    layer.progressive_adjust("default")
+    idx, frozen = layer.sara_indices["default"], layer.sara_frozen_indices["default"]
+    assert idx.numel() > 4 and frozen.numel() > 4
+    w0 = layer.base_layer.weight.detach().clone()
+    d_dense = torch.zeros(120, dtype=TORCH64)
+    d_dense[frozen.long()] = layer.sara_frozen_values["default"].double()
+    d_dense[idx.long()] = layer.sara_values["default"].detach().double()
+    d_dense.requires_grad_(True)
+    mask = torch.zeros(120, dtype=TORCH64)
+    mask[idx.long()] = 1.0
+    ref = torch.linalg.svdvals(((w0.reshape(-1) + d_dense) * mask).view(10, 12)).sum()
+    ref.backward()
+    norm = layer.nuclear_norm("default")
     norm.backward()
-    # d||D||_* / dD = U V^T = sign pattern [[1, 0], [0, -1], [0, 0]]; at the trained entries: (1, -1)
-    torch.testing.assert_close(layer.sara_values["default"].grad.float(), torch.tensor([1.0, -1.0]))
+    assert norm.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(
+        layer.sara_values["default"].grad.double(), d_dense.grad[idx.long()], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_regulariser_alone_lowers_the_nuclear_norm_of_the_selected_weights():
+    """Spec 4g pitfall 4: descending on lambda * ||M * W||_* alone lowers it (toy problem)."""
+    torch.manual_seed(0)
+    base = One(24, 20).double()
+    with torch.no_grad():
+        base.lin.weight.copy_(torch.randn(20, 24, dtype=TORCH64) * 0.1)
+    model = get_peft_model(base, hfx.SaraConfig(target_modules=["lin"], ratio=0.3))
+    layer = model.base_model.model.lin
+    opt = torch.optim.SGD([layer.sara_values["default"]], lr=2e-3)
+    first = layer.nuclear_norm("default").item()
+    for _ in range(30):
+        opt.zero_grad()
+        layer.nuclear_norm("default").backward()
+        opt.step()
+    assert layer.nuclear_norm("default").item() < 0.9 * first
+
+
+# ---- weight decay on the weights W0 + d ------------------------------------------------------------------------
+def _adamw_step(grad_seed: int, with_callback: bool = True, lr: float = 0.1, wd: float = 0.3):
+    """One AdamW step over the delta d (plus the callback), and the reference's step: AdamW over the absolute
+    selected weights v = W0[idx] + d with the same gradient, returned as a delta."""
+    model, layer = one_layer(threshold=0.05)
+    randomise_values(layer, std=0.01)
+    values = layer.sara_values["default"]
+    opt = torch.optim.AdamW([values], lr=lr, weight_decay=wd)
+    values.grad = torch.randn(values.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=values.dtype)
+    w0_sel = layer.base_layer.weight.detach().reshape(-1)[layer.sara_indices["default"].long()].to(values.dtype)
+    absolute = (w0_sel + values.detach()).clone().requires_grad_(True)
+    ref_opt = torch.optim.AdamW([absolute], lr=lr, weight_decay=wd)
+    absolute.grad = values.grad.clone()
+    ref_opt.step()
+    opt.step()
+    if with_callback:
+        hfx.SaraCallback().on_optimizer_step(SimpleNamespace(), SimpleNamespace(), None, model=model, optimizer=opt)
+    return values.detach(), absolute.detach() - w0_sel, lr * wd * w0_sel
+
+
+def test_callback_applies_adamw_weight_decay_to_the_weights_not_the_delta():
+    """Spec 4d: the reference's AdamW decays W0 + d; a step over d plus the callback equals that step exactly."""
+    for seed in (0, 1):
+        got, ref, _ = _adamw_step(seed)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    # a plain AdamW over d misses exactly lr * wd * W0[idx]
+    got, ref, missing = _adamw_step(0, with_callback=False)
+    assert missing.abs().max() > 1e-4
+    torch.testing.assert_close(got - ref, missing, rtol=0, atol=1e-12)
+
+
+def test_callback_warns_when_weight_decay_stays_on_the_delta(caplog):
+    model, layer = one_layer(threshold=0.05)
+    values = layer.sara_values["default"]
+    before = values.detach().clone()
+    opt = torch.optim.SGD([values], lr=0.1, weight_decay=0.3)
+    values.grad = torch.zeros_like(values)
+    opt.step()
+    cb = hfx.SaraCallback()
+    with caplog.at_level("WARNING", logger="hfx.tuners.sara.callback"):
+        cb.on_optimizer_step(SimpleNamespace(), SimpleNamespace(), None, model=model, optimizer=opt)
+        cb.on_optimizer_step(SimpleNamespace(), SimpleNamespace(), None, model=model, optimizer=opt)
+    assert torch.equal(values.detach(), before)  # nothing added for a coupled (SGD) decay
+    warned = [r.getMessage() for r in caplog.records if "weight decay" in r.getMessage()]
+    assert len(warned) == 1 and "with SGD" in warned[0] and "weight_decay=0" in warned[0]
+
+
+def test_trainer_weight_decay_reaches_the_weights_through_the_callback(tmp_path):
+    """A real Trainer step (AcceleratedOptimizer, HF's decay param groups): with a huge adam_epsilon the Adam part
+    of the update vanishes, so one step from d = 0 leaves d = -lr * wd * W0[idx]; without the callback, d stays 0."""
+
+    def one_step(callback):
+        model = get_peft_model(tiny_lm(), lm_config(nuclear_norm_weight=0, progressive_fraction=None))
+        trainer = make_trainer(model, tmp_path, 1, callback, lr=0.1)
+        trainer.args.weight_decay, trainer.args.adam_epsilon, trainer.args.lr_scheduler_type = 0.5, 1e12, "constant"
+        trainer.train()
+        return [m for m in model.modules() if isinstance(m, SaraLinear)]
+
+    for layer in one_step(hfx.SaraCallback()):
+        w0 = layer.base_layer.weight.detach().reshape(-1)[layer.sara_indices["default"].long()]
+        torch.testing.assert_close(layer.sara_values["default"].detach(), -0.05 * w0, rtol=1e-4, atol=1e-9)
+    for layer in one_step(TrainerCallback()):  # does nothing: the run without SaRA's callback
+        assert layer.sara_values["default"].detach().abs().max() < 1e-9
 
 
 def _regularised_grad(weight: float, layers=None):

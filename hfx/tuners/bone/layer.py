@@ -21,7 +21,7 @@ from torch import nn
 
 from ...kernels import adapter as fused
 from .._mixed_batch import mixed_batch_forward, pop_adapter_names
-from .._quantized import quantized_state, restore_quantized_state
+from .._quantized import QuantizedBaseMixin, quantized_state, restore_quantized_state
 from .._sparse import compute_dtype
 
 
@@ -131,7 +131,7 @@ def gathered_weight(layer: nn.Module) -> Iterator[torch.Tensor]:
         yield weight
 
 
-class BoneLayer(BaseTunerLayer):
+class BoneLayer(QuantizedBaseMixin, BaseTunerLayer):
     """Mixin holding the per-adapter Bone/BAT state of one adapted layer."""
 
     adapter_layer_names = ("bone_block",)

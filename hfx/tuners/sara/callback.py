@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Optional
 
@@ -10,13 +11,17 @@ from transformers import TrainerCallback
 
 from .model import adjust_sara_masks, sara_layers
 
+logger = logging.getLogger(__name__)
+
 
 class SaraCallback(TrainerCallback):
     """The training-time half of SaRA for ``transformers.Trainer`` and every TRL trainer built on it.
 
     **Nuclear-norm regulariser** (the paper's low-rank sparse training, Sec. 3.2). The objective is
-    ``L_task + lambda * sum_l ||dW_l||_*``. A callback cannot change the loss a trainer computes, so this one adds
-    the regulariser's gradient ``lambda * d/dv sum_l ||dW_l||_*`` to the trainable values' ``.grad`` in
+    ``L_task + lambda * sum_l ||M_l * W_l||_*``, the nuclear norm of each layer's selected weights ``W0 + d`` at the
+    trained entries ``M_l`` (the reference's ``nuclear_norm(param * mask)``; not of the delta ``d`` alone). A callback
+    cannot change the loss a trainer computes, so this one adds the regulariser's gradient to the trainable values'
+    ``.grad`` in
     ``on_pre_optimizer_step``, once per optimizer step: the same update as adding the term to that step's loss,
     whatever the trainer's loss is (SFT, DPO, GRPO, ... — no labels needed, unlike a hook on ``outputs.loss``),
     independent of gradient accumulation and of how the trainer scales its loss for it. Caveats: it is added after
@@ -24,6 +29,13 @@ class SaraCallback(TrainerCallback):
     are still loss-scaled at that point (use bf16, or clipping). ``nuclear_norm_layers`` layers (config) are drawn
     per step with a generator seeded by ``(args.seed, global_step)``: the same on every rank and on resume. The mean
     regulariser value since the last log is logged as ``sara_nuclear_norm``.
+
+    **Weight decay on the weights, not the delta.** The reference's AdamW decays the trainable absolute values
+    ``W0 + d``; a stock AdamW over the delta ``d`` decays ``d`` toward 0 instead (no decay at all at init). With
+    ``weight_decay > 0`` in a torch ``AdamW`` (or ``Adam(decoupled_weight_decay=True)``) param group, this callback
+    adds the missing ``-lr * weight_decay * W0`` to the trained values in ``on_optimizer_step``, so the step equals the
+    reference's ``(W0 + d) * (1 - lr * weight_decay) - lr * adam``. Other optimizers, DeepSpeed and FSDP get a
+    warning that their decay acts on the delta. Entries frozen by the adjustment are not decayed.
 
     **Progressive parameter adjustment** (Sec. 3.3). In ``on_step_end`` of optimizer step
     ``P = max(1, round(progressive_fraction * state.max_steps))`` (reference: step 2500 of 5005) it calls
@@ -56,6 +68,7 @@ class SaraCallback(TrainerCallback):
         self.reset_optimizer_state = reset_optimizer_state
         self.history: list[tuple[int, dict[str, float]]] = []
         self._pending: list[float] = []
+        self._decay_checked = False
 
     # ---- helpers ----------------------------------------------------------------------------------------------------
     def _config(self, model: torch.nn.Module) -> Any:
@@ -71,9 +84,23 @@ class SaraCallback(TrainerCallback):
             return None
         return max(1, round(fraction * state.max_steps))
 
-    def _check_supported(self, args: Any, model: torch.nn.Module, optimizer: Any) -> None:
+    @staticmethod
+    def _sharding(args: Any, optimizer: Any) -> Optional[str]:
+        """``"DeepSpeed ZeRO"`` or ``"FSDP"`` when the run shards parameters or optimizer state, else None."""
         from transformers.integrations import is_deepspeed_zero3_enabled
 
+        if (
+            getattr(args, "deepspeed", None)
+            or is_deepspeed_zero3_enabled()
+            or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+            or "deepspeed" in type(optimizer).__module__.lower()
+        ):
+            return "DeepSpeed ZeRO"
+        if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            return "FSDP"
+        return None
+
+    def _check_supported(self, args: Any, model: torch.nn.Module, optimizer: Any) -> None:
         config = self._config(model)
         wants = []
         if self.adjust_step is not None or getattr(config, "progressive_fraction", None) is not None:
@@ -83,18 +110,37 @@ class SaraCallback(TrainerCallback):
         if not wants:
             return
         hint = f"set {' and '.join(wants)} for plain sparse training with a fixed mask"
-        if (
-            getattr(args, "deepspeed", None)
-            or is_deepspeed_zero3_enabled()
-            or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-            or "deepspeed" in type(optimizer).__module__.lower()
-        ):
+        sharding = self._sharding(args, optimizer)
+        if sharding == "DeepSpeed ZeRO":
             raise ValueError(
                 "SaraCallback (progressive adjustment, nuclear-norm regulariser) needs the plain torch optimizer and "
                 f"gradients; it is not supported under DeepSpeed ZeRO. {hint}."
             )
-        if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        if sharding == "FSDP":
             raise ValueError(f"SaraCallback is not supported under FSDP; {hint}.")
+
+    def _decays_weights(self, args: Any, optimizer: Any) -> bool:
+        """Whether ``on_optimizer_step`` can turn the optimizer's decay of ``d`` into decay of ``W0 + d`` (decoupled
+        torch Adam/AdamW, unsharded); warns once when a nonzero decay stays on the delta."""
+        inner = getattr(optimizer, "optimizer", optimizer)
+        decay = any(float(g.get("weight_decay", 0) or 0) > 0 for g in getattr(inner, "param_groups", []))
+        if not decay:
+            return False
+        sharding = self._sharding(args, optimizer)
+        decoupled = isinstance(inner, torch.optim.AdamW) or (
+            isinstance(inner, torch.optim.Adam) and bool(inner.defaults.get("decoupled_weight_decay"))
+        )
+        if sharding is None and decoupled:
+            return True
+        if not self._decay_checked:
+            where = f"under {sharding}" if sharding else f"with {type(inner).__name__}"
+            logger.warning(
+                "SaRA: weight decay %s acts on the trained delta d (pulling W0 + d toward W0), not on the weights "
+                "W0 + d as in the reference; SaraCallback corrects it only for an unsharded torch AdamW. Set "
+                "weight_decay=0, or use optim='adamw_torch' without DeepSpeed/FSDP.",
+                where,
+            )
+        return False
 
     # ---- events -----------------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -123,6 +169,24 @@ class SaraCallback(TrainerCallback):
                 (weight * norm).backward()
                 total += float(norm.detach())
         self._pending.append(total)
+
+    @torch.no_grad()
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None or optimizer is None or getattr(optimizer, "step_was_skipped", False):
+            return
+        emulate = self._decays_weights(args, optimizer)
+        self._decay_checked = True
+        if not emulate:
+            return
+        groups = {id(p): g for g in getattr(optimizer, "optimizer", optimizer).param_groups for p in g["params"]}
+        layers, adapter = sara_layers(model, self.adapter_name)
+        for layer in layers:
+            param = layer.sara_values[adapter]
+            group = groups.get(id(param))
+            if group is None or not group.get("weight_decay"):
+                continue
+            step = float(group["lr"]) * float(group["weight_decay"])
+            param.sub_(layer.selected_base_values(adapter).to(param.device, param.dtype), alpha=step)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         at = self._adjust_at(model, state) if model is not None else None

@@ -32,8 +32,11 @@ class SaraConfig(PeftConfig):
 
     The two training-time parts of SaRA run in [`hfx.SaraCallback`] (add it to any HF/TRL ``Trainer``):
 
-    - the nuclear-norm low-rank regulariser ``nuclear_norm_weight * sum_l ||dW_l||_*`` on each layer's sparse update
-      (the paper's low-rank sparse training), and
+    - the nuclear-norm low-rank regulariser ``nuclear_norm_weight * sum_l ||M_l * W_l||_*`` on each layer's selected
+      weights ``W0 + delta`` at the trained entries (the paper's low-rank sparse training; the reference's
+      ``nuclear_norm(param * mask)``),
+    - weight decay (``TrainingArguments.weight_decay``) on those weights ``W0 + delta``, as the reference's AdamW
+      applies it to the trainable absolute values, not on the delta alone, and
     - the progressive parameter adjustment: after ``progressive_fraction`` of the optimizer steps, entries whose
       effective weight ``|W0 + delta|`` has grown to ``>= threshold`` are frozen at their learned value and the
       rest keep training with fresh optimizer state.

@@ -289,11 +289,6 @@ class SaraLinear(nn.Module, SaraLayer):
     def _frozen(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.sara_frozen_indices[adapter], self.sara_frozen_values[adapter]
 
-    def delta_matrix(self, adapter: str) -> torch.Tensor:
-        """The dense update ``dW`` (out x in, fp32) of ``adapter``, differentiable in ``sara_values`` (it is what
-        the nuclear-norm regulariser acts on)."""
-        return scatter_dense(self.shape, self.sara_indices[adapter], self.sara_values[adapter], self._frozen(adapter))
-
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """Dense ``dW`` (out x in, fp32) of one adapter: its trainable and frozen sparse deltas (detached)."""
         values = self.sara_values[adapter].detach()
@@ -303,10 +298,31 @@ class SaraLinear(nn.Module, SaraLayer):
         """Additive, so PEFT's ``convert_to_lora`` can approximate the sparse ``dW`` by its top singular vectors."""
         return True
 
+    @torch.no_grad()
+    def selected_base_values(self, adapter: str) -> torch.Tensor:
+        """``W0`` at the still-trained entries of ``adapter`` (fp32, or float64 for a float64 base), gathered under
+        DeepSpeed ZeRO-3. Refused while merged, when the base weight holds ``W0 + d`` there."""
+        if self.merged:
+            raise ValueError(f"{self._describe()} is merged; unmerge it before reading W0 at its SaRA entries.")
+        weight = self.get_base_layer().weight
+        flat = (self.dense_base_weight() if hasattr(weight, "ds_id") else weight.detach()).reshape(-1)
+        work = torch.float64 if flat.dtype == torch.float64 else torch.float32
+        return flat[self.sara_indices[adapter].long().to(flat.device)].to(work)
+
+    def selected_weight_matrix(self, adapter: str) -> torch.Tensor:
+        """``M * W`` (out x in): the effective weights ``W0 + d`` at the entries ``M`` still trained by ``adapter``,
+        zero elsewhere; differentiable in ``sara_values``. Entries frozen by the progressive adjustment are not in
+        ``M`` (the reference's current mask)."""
+        values = self.sara_values[adapter]
+        base = self.selected_base_values(adapter).to(values.device)
+        return scatter_dense(self.shape, self.sara_indices[adapter], base.to(values.dtype) + values)
+
     def nuclear_norm(self, adapter: str) -> torch.Tensor:
-        """``||dW||_*`` (sum of singular values) of ``adapter``'s update: the paper's low-rank constraint on the
-        sparse update (Sec. 3.2). Its gradient ``U V^T`` reaches ``sara_values`` at the trained entries."""
-        return torch.linalg.matrix_norm(self.delta_matrix(adapter), ord="nuc")
+        """``||M * W||_*`` (sum of singular values) of the selected weights: the paper's low-rank loss on the sparse
+        parameter matrix (Sec. 3.2; the reference's ``nuclear_norm(param * mask)``). It acts on the weights
+        ``W0 + d``, not on the delta ``d`` alone: at init (``d = 0``) it is ``||M * W0||_*``, with gradient
+        ``(U V^T)[M]`` on ``sara_values``."""
+        return torch.linalg.matrix_norm(self.selected_weight_matrix(adapter), ord="nuc")
 
     # ---- merge (replacement of the selected entries) --------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:

@@ -129,8 +129,9 @@ def sara_layers(model: torch.nn.Module, adapter_name: Optional[str] = None) -> t
 def sara_nuclear_norm(
     model: torch.nn.Module, adapter_name: Optional[str] = None, layers: Optional[Sequence[int]] = None
 ) -> torch.Tensor:
-    """``sum_l ||dW_l||_*`` over the SaRA layers of ``adapter_name`` (or the layers at positions ``layers`` of that
-    list): the paper's low-rank loss on the sparse updates (Sec. 3.2), differentiable in the trainable values.
+    """``sum_l ||M_l * W_l||_*`` over the SaRA layers of ``adapter_name`` (or the layers at positions ``layers`` of
+    that list): the paper's low-rank loss on the selected weights ``W0 + delta`` at the trained entries (Sec. 3.2),
+    differentiable in the trainable values.
 
     Custom training loops add ``nuclear_norm_weight * sara_nuclear_norm(model)`` to their loss; with the HF/TRL
     ``Trainer`` [`hfx.SaraCallback`] does the equivalent once per optimizer step.
