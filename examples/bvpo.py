@@ -10,7 +10,8 @@ views before and after (about a minute on a 2-core CPU once the base is cached).
     python examples/bvpo.py                                  # α = 0.5 (the paper's setting), full fine-tuning
     python examples/bvpo.py --alpha auto                     # hfx extension: online MSE-optimal α*
     python examples/bvpo.py --peft lora --format conversational
-    accelerate launch --config_file configs/accelerate/multi_gpu.yaml examples/bvpo.py --model <path-or-id> --bf16
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes <GPUs> \
+        examples/bvpo.py --model <path-or-id> --bf16
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import time
 
 import torch
-from accelerate import PartialState
+from _launch import launch_state, per_device_batch, positive_int, refuse_unused
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -39,22 +40,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--difficulty", default="easy")
     p.add_argument("--peft", default="none", choices=["none", "lora"], help="'none' = full fine-tuning")
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
-    p.add_argument("--n-train", type=int, default=1000)
-    p.add_argument("--n-eval", type=int, default=128)
-    p.add_argument("--max-steps", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=16, help="global batch size")
+    p.add_argument("--n-train", type=positive_int, default=1000)
+    p.add_argument("--n-eval", type=positive_int, default=128)
+    p.add_argument("--max-steps", type=positive_int, default=60)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="global batch size")
     p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature β")
     p.add_argument("--output-dir", default="outputs/bvpo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
     p.add_argument("--logging-steps", type=int, default=10)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    refuse_unused(p, args, {"r": (lambda a: a.peft == "none", "with --peft none (full fine-tuning)")})
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    state = PartialState()
+    state = launch_state()
     say = state.print
     t0 = time.time()
 
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         bvpo_alpha_warmup_steps=5,
         beta=args.beta,
         max_steps=args.max_steps,
-        per_device_train_batch_size=max(1, args.batch_size // state.num_processes),
+        per_device_train_batch_size=per_device_batch(args.batch_size, state),
         per_device_eval_batch_size=32,
         learning_rate=args.learning_rate,
         lr_scheduler_type="cosine",

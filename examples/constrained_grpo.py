@@ -14,7 +14,8 @@ and after (a few minutes on a 2-core CPU).
     python examples/constrained_grpo.py --fixed                  # fixed weights 1/1/1 (plain GRPO), for comparison
     python examples/constrained_grpo.py --type eq --brevity -0.5 # hold brevity at -0.5 (xi-PPO)
     python examples/constrained_grpo.py --search                 # NM-PPO: thresholds searched on held-out accuracy
-    accelerate launch --config_file configs/accelerate/multi_gpu.yaml examples/constrained_grpo.py --model <path-or-id>
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes <GPUs> \
+        examples/constrained_grpo.py --model <path-or-id>
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import os
 import time
 
 import torch
-from accelerate import PartialState
+from _launch import launch_state, per_device_batch, positive_int, refuse_unused
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hfx
@@ -69,27 +70,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="NM-PPO: search the thresholds with Nelder-Mead on held-out accuracy (phases of --phase-steps)",
     )
     p.add_argument("--phase-steps", type=int, default=15, help="optimizer steps per threshold-search phase")
-    p.add_argument("--n-train", type=int, default=512)
-    p.add_argument("--n-eval", type=int, default=128)
-    p.add_argument("--num-generations", type=int, default=8)
-    p.add_argument("--max-steps", type=int, default=120)
-    p.add_argument("--batch-size", type=int, default=32, help="completions per optimizer step (global)")
+    p.add_argument("--n-train", type=positive_int, default=512)
+    p.add_argument("--n-eval", type=positive_int, default=128)
+    p.add_argument("--num-generations", type=positive_int, default=8)
+    p.add_argument("--max-steps", type=positive_int, default=120)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="completions per optimizer step (global)")
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (scaled by the task weight)")
     p.add_argument("--max-completion-length", type=int, default=48)
     p.add_argument("--output-dir", default="outputs/constrained_grpo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    fixed = (lambda a: a.fixed, "with --fixed (plain GRPO with fixed weights, no constraints)")
+    rules = dict.fromkeys(
+        ["type", "brevity", "format", "lagrange_lr", "lagrange_init", "parametrization", "search"], fixed
+    )
+    rules["phase_steps"] = (lambda a: not a.search, "without --search")
+    refuse_unused(p, args, rules)
+    return args
 
 
 def build(args: argparse.Namespace, model_path: str):
-    state = PartialState()
+    state = launch_state()
     common = dict(
         output_dir=args.output_dir,
         num_generations=args.num_generations,
         max_steps=args.max_steps,
-        per_device_train_batch_size=max(1, args.batch_size // state.num_processes),
+        per_device_train_batch_size=per_device_batch(args.batch_size, state),
         learning_rate=args.learning_rate,
         lr_scheduler_type="constant",
         beta=args.beta,
@@ -129,7 +137,11 @@ def build(args: argparse.Namespace, model_path: str):
             model = trainer.accelerator.unwrap_model(trainer.model)
             return evaluate(model, trainer.processing_class, held_out, args.difficulty)
 
-        callbacks.append(hfx.ThresholdSearchCallback(eval_fn, phase_max_steps=args.phase_steps, initial_step=0.2))
+        # format_reward is in [0, 1] and brevity (-tokens/40) <= 0: thresholds outside could never be met
+        bounds = [(0.0, 1.0), (None, 0.0)]
+        callbacks.append(
+            hfx.ThresholdSearchCallback(eval_fn, phase_max_steps=args.phase_steps, initial_step=0.2, bounds=bounds)
+        )
     return hfx.ConstrainedGRPOTrainer(
         model_path, reward_funcs=rewards, args=config, train_dataset=train, callbacks=callbacks
     )
@@ -146,7 +158,7 @@ def evaluate(model, tokenizer, n_eval: int, difficulty: str) -> float:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     model_path = args.model or pretrained_base()
-    state = PartialState()
+    state = launch_state()
     if state.is_main_process:
         base = AutoModelForCausalLM.from_pretrained(model_path)
         tok = AutoTokenizer.from_pretrained(model_path)
@@ -160,11 +172,16 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"[constrained] {'fixed weights' if args.fixed else 'constrained'}: {args.max_steps} steps, {elapsed:.0f}s"
         )
-        keys = ["rewards/correctness_reward/mean", "rewards/format_reward/mean", "rewards/brevity_reward/mean"]
-        keys += [k for k in trainer.state.log_history[0] if k.startswith("constraint/") and k.endswith("multiplier")]
+        names = {f"rewards/{r}/mean": r for r in ("correctness_reward", "format_reward", "brevity_reward")}
+        names["completions/mean_length"] = "length"
+        for k in trainer.state.log_history[0]:
+            if k.startswith("constraint/") and k.endswith("/multiplier"):
+                names[k] = f"multiplier({k.split('/')[1]})"
         for h in trainer.state.log_history:
             if "loss" in h:
-                row = "  ".join(f"{k.split('/')[1]}={h[k]:+.3f}" for k in keys if k in h)
+                row = "  ".join(
+                    f"{n}={h[k]:.1f}" if n == "length" else f"{n}={h[k]:+.3f}" for k, n in names.items() if k in h
+                )
                 print(f"[constrained] step {h['step']:>3}  {row}")
         search = getattr(trainer, "search_callback", None)
         if search is not None and search.search is not None:

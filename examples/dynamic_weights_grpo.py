@@ -11,7 +11,8 @@ meta-reward r_pareto (hypervolume method) as they evolve — a few minutes on a 
     python examples/dynamic_weights_grpo.py --weighting hypervolume    # hypervolume-guided step size
     python examples/dynamic_weights_grpo.py --weighting fixed --weights 0.5 0.25 0.25   # TRL GRPO baseline
     python examples/dynamic_weights_grpo.py --estimator rloo
-    accelerate launch --config_file configs/accelerate/multi_gpu.yaml examples/dynamic_weights_grpo.py --model <path>
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes <GPUs> \
+        examples/dynamic_weights_grpo.py --model <path>
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import time
 
 import torch
-from accelerate import PartialState
+from _launch import launch_state, per_device_batch, positive_int, refuse_unused
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import hfx
@@ -43,18 +44,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-regularization", type=float, default=2e-3, help="mu: mirror step = lr / mu")
     p.add_argument("--target-tokens", type=int, default=12, help="length penalty beyond this many tokens")
     p.add_argument("--difficulty", default="medium")
-    p.add_argument("--n-train", type=int, default=512)
-    p.add_argument("--n-eval", type=int, default=128)
-    p.add_argument("--num-generations", type=int, default=4)
-    p.add_argument("--max-steps", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=32, help="completions per optimizer step (global)")
+    p.add_argument("--n-train", type=positive_int, default=512)
+    p.add_argument("--n-eval", type=positive_int, default=128)
+    p.add_argument("--num-generations", type=positive_int, default=4)
+    p.add_argument("--max-steps", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="completions per optimizer step (global)")
     p.add_argument("--learning-rate", type=float, default=5e-5)
     p.add_argument("--max-completion-length", type=int, default=32)
     p.add_argument("--eval-every", type=int, default=0, help="print the held-out objectives every N steps (0: off)")
     p.add_argument("--output-dir", default="outputs/dynamic_weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    refuse_unused(p, args, {"weight_regularization": (lambda a: a.weighting == "fixed", "with --weighting fixed")})
+    return args
 
 
 def reward_funcs(target_tokens: int) -> list:
@@ -68,13 +71,13 @@ def reward_funcs(target_tokens: int) -> list:
 
 
 def build(args: argparse.Namespace, model_path: str, callbacks: list | None = None):
-    state = PartialState()
+    state = launch_state()
     common = dict(
         output_dir=args.output_dir,
         reward_weights=args.weights,
         num_generations=args.num_generations,
         max_steps=args.max_steps,
-        per_device_train_batch_size=max(1, args.batch_size // state.num_processes),
+        per_device_train_batch_size=per_device_batch(args.batch_size, state),
         learning_rate=args.learning_rate,
         lr_scheduler_type="constant",
         beta=0.0,
@@ -147,7 +150,7 @@ def fmt(point: dict[str, float]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     model_path = args.model or pretrained_base()
-    state = PartialState()
+    state = launch_state()
     result: dict = {"args": vars(args)}
     if state.is_main_process:
         base = AutoModelForCausalLM.from_pretrained(model_path)

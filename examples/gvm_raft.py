@@ -10,7 +10,8 @@ prints the allocation summary and held-out accuracy before and after (a few minu
     python examples/gvm_raft.py                       # GVM-RAFT++
     python examples/gvm_raft.py --uniform             # plain RAFT++ (same budget, uniform allocation)
     python examples/gvm_raft.py --loss grpo           # GVM-GRPO
-    accelerate launch --config_file configs/accelerate/multi_gpu.yaml examples/gvm_raft.py --model <path-or-id> --bf16
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes <GPUs> \
+        examples/gvm_raft.py --model <path-or-id> --bf16
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import time
 
 import torch
-from accelerate import PartialState
+from _launch import launch_state, per_device_batch, positive_int
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hfx
@@ -36,15 +37,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--difficulty", default="medium")
     p.add_argument("--loss", default="raft", choices=["raft", "grpo"])
     p.add_argument("--uniform", action="store_true", help="plain RAFT++/GRPO: uniform allocation, no pilot")
-    p.add_argument("--n-train", type=int, default=256)
-    p.add_argument("--n-eval", type=int, default=128)
+    p.add_argument("--n-train", type=positive_int, default=256)
+    p.add_argument("--n-eval", type=positive_int, default=128)
     p.add_argument("--pool-size", type=int, default=32, help="prompts per allocation round")
     p.add_argument("--num-pilot", type=int, default=8, help="N', pilot samples per prompt")
     p.add_argument("--budget", type=int, default=None, help="completions per round (default N' x pool)")
     p.add_argument("--refresh-steps", type=int, default=4)
-    p.add_argument("--num-generations", type=int, default=4, help="completions per GRPO group (allocation unit)")
-    p.add_argument("--max-steps", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=32, help="completions per optimizer step (global)")
+    p.add_argument(
+        "--num-generations", type=positive_int, default=4, help="completions per GRPO group (allocation unit)"
+    )
+    p.add_argument("--max-steps", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="completions per optimizer step (global)")
     p.add_argument("--learning-rate", type=float, default=2e-4)
     p.add_argument("--beta", type=float, default=0.001, help="KL coefficient")
     p.add_argument("--max-completion-length", type=int, default=48)
@@ -55,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace, model_path: str) -> hfx.GVMGRPOTrainer:
-    state = PartialState()
+    state = launch_state()
     cls = hfx.GVMRAFTConfig if args.loss == "raft" else hfx.GVMGRPOConfig
     config = cls(
         output_dir=args.output_dir,
@@ -67,7 +70,7 @@ def build(args: argparse.Namespace, model_path: str) -> hfx.GVMGRPOTrainer:
         gvm_refresh_steps=args.refresh_steps,
         num_generations=args.num_generations,
         max_steps=args.max_steps,
-        per_device_train_batch_size=max(1, args.batch_size // state.num_processes),
+        per_device_train_batch_size=per_device_batch(args.batch_size, state),
         learning_rate=args.learning_rate,
         lr_scheduler_type="constant",
         beta=args.beta,
@@ -97,7 +100,7 @@ def evaluate(model, tokenizer, n_eval: int, difficulty: str) -> float:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     model_path = args.model or pretrained_base()
-    state = PartialState()
+    state = launch_state()
     if state.is_main_process:
         base = AutoModelForCausalLM.from_pretrained(model_path)
         tok = AutoTokenizer.from_pretrained(model_path)

@@ -11,7 +11,8 @@ example, the schedule as logged, and held-out accuracy before and after (a coupl
     python examples/masked_thought.py --mask-token random --mask-rate 0.4   # the paper's GSM8K setting
     python examples/masked_thought.py --mask-scope think               # <think> traces, mask only inside them
     python examples/masked_thought.py --mask-rate 0                    # plain SFT, for comparison
-    accelerate launch --config_file configs/accelerate/multi_gpu.yaml examples/masked_thought.py --model <path> --bf16
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes <GPUs> \
+        examples/masked_thought.py --model <path> --bf16
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import time
 
 import torch
-from accelerate import PartialState
+from _launch import launch_state, per_device_batch, positive_int, refuse_unused
 from datasets import concatenate_datasets
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -46,22 +47,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--r", type=int, default=16, help="adapter rank / block size")
     p.add_argument("--difficulty", default="hard", help="difficulty to fine-tune on: easy, medium, hard, expert")
     p.add_argument("--replay", type=float, default=1.0, help="base-difficulty problems mixed in, per new one")
-    p.add_argument("--n-train", type=int, default=4000)
-    p.add_argument("--n-eval", type=int, default=200, help="held-out problems per difficulty")
-    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--n-train", type=positive_int, default=4000)
+    p.add_argument("--n-eval", type=positive_int, default=200, help="held-out problems per difficulty")
+    p.add_argument("--max-steps", type=positive_int, default=300)
     p.add_argument("--learning-rate", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=32, help="global batch size")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="global batch size")
     p.add_argument("--output-dir", default="outputs/masked_thought")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
     p.add_argument("--logging-steps", type=int, default=25)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    refuse_unused(p, args, {"r": (lambda a: a.peft == "none", "with --peft none (full fine-tuning)")})
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     think = args.think or args.mask_scope == "think"
-    state = PartialState()
+    state = launch_state()
     say = state.print
     t0 = time.time()
 
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         mask_token=args.mask_token,
         mask_scope=args.mask_scope,
         max_steps=args.max_steps,
-        per_device_train_batch_size=max(1, args.batch_size // state.num_processes),
+        per_device_train_batch_size=per_device_batch(args.batch_size, state),
         learning_rate=args.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=max(1, args.max_steps // 20),

@@ -9,7 +9,9 @@ held-out accuracy before and after, and where the adapter went.
     python examples/sft.py                                   # Bone on the tiny default
     python examples/sft.py --peft bat --r 8                  # BAT variant
     python examples/sft.py --peft lora --r 16                # PEFT LoRA, for comparison
-    accelerate launch --config_file configs/accelerate/multi_gpu.yaml examples/sft.py --model <path-or-id> --bf16
+    torchrun --nproc_per_node 2 examples/sft.py              # two CPU processes (gloo DDP), same global batch
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes <GPUs> \
+        examples/sft.py --model <path-or-id> --bf16
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from accelerate import PartialState
+from _launch import launch_state, per_device_batch, positive_int
 from datasets import concatenate_datasets
 from peft import LoraConfig, PeftConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -71,11 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model path or id; default: the cached tiny base (built-in task)")
     p.add_argument("--difficulty", default="hard", help="difficulty to adapt to: easy, medium, hard, expert")
     p.add_argument("--replay", type=float, default=1.0, help="base-difficulty problems mixed in, per new one")
-    p.add_argument("--n-train", type=int, default=4000)
-    p.add_argument("--n-eval", type=int, default=200, help="held-out problems per difficulty")
-    p.add_argument("--max-steps", type=int, default=350)
+    p.add_argument("--n-train", type=positive_int, default=4000)
+    p.add_argument("--n-eval", type=positive_int, default=200, help="held-out problems per difficulty")
+    p.add_argument("--max-steps", type=positive_int, default=350)
     p.add_argument("--learning-rate", type=float, default=5e-3)
-    p.add_argument("--batch-size", type=int, default=32, help="global batch size")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="global batch size")
     p.add_argument("--base-steps", type=int, default=BaseRecipe.max_steps, help="steps to pre-train the tiny base")
     p.add_argument("--output-dir", default="outputs/sft")
     p.add_argument("--seed", type=int, default=0)
@@ -93,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    state = PartialState()
+    state = launch_state()
     say = state.print
     t0 = time.time()
 
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = SFTConfig(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
-        per_device_train_batch_size=max(1, args.batch_size // state.num_processes),
+        per_device_train_batch_size=per_device_batch(args.batch_size, state),
         learning_rate=args.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=max(1, args.max_steps // 20),
@@ -146,9 +148,10 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.add_callback(hfx.SaraCallback())
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
+    what = f"r={args.r}, " if args.peft in OPTION_METHODS["r"] else ""
+    what = "full fine-tuning" if peft_config is None else f"{what}targets={args.target_modules}"
     say(
-        f"[hfx] method: {args.peft} ({f'r={args.r}, ' if args.peft in OPTION_METHODS['r'] else ''}"
-        f"targets={args.target_modules}); trainable parameters: "
+        f"[hfx] method: {args.peft} ({what}); trainable parameters: "
         f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
     )
     say(
@@ -167,10 +170,10 @@ def main(argv: list[str] | None = None) -> dict:
             say(f"[hfx]   {d:>7}: {before[d]:6.1%} -> {result['after'][d]:6.1%}  ({args.n_eval} held-out problems)")
         with open(os.path.join(args.output_dir, "hfx_result.json"), "w") as f:
             json.dump(result, f, indent=2)
-        what = "adapter" if peft_config is not None else "model"
+        how = "PeftModel.from_pretrained after `import hfx`" if peft_config is not None else "from_pretrained"
         say(
-            f"[hfx] {what} saved to {os.path.abspath(args.output_dir)} (load it after `import hfx` with "
-            f"PeftModel.from_pretrained); total time {result['seconds']:.0f} s"
+            f"[hfx] {'adapter' if peft_config is not None else 'model'} saved to {os.path.abspath(args.output_dir)} "
+            f"(load it with {how}); total time {result['seconds']:.0f} s"
         )
     return result
 

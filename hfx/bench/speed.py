@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default=None, help="comma-separated; default: all available")
     p.add_argument("--method", default=None, help=argparse.SUPPRESS)  # internal: measure one method
     p.add_argument("--json", default=None, help="write the rows here")
-    p.add_argument("--out", default=None, help="also write <out>/speed.json, speed.md and speed.png")
+    p.add_argument("--out", default="bench_results/speed", help="where speed.json, speed.md and speed.png go")
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
     for option in ("seq", "bs", "r", "steps", "rounds"):

@@ -129,15 +129,18 @@ def plot_points(runs: list[dict[str, Any]], pairs: list[str]) -> list[tuple[str,
     return points
 
 
-def write_report(out: str, pairs: list[str], quick: bool | None = None, model: str | None = None) -> str:
+def write_report(
+    out: str, pairs: list[str], quick: bool | None = None, model: str | None = None, seeds: list[int] | None = None
+) -> str:
     """Markdown summary + plot from the run records in ``out`` of ``pairs`` (and, when ``quick`` is given, of those
-    settings only); returns the Markdown."""
+    settings only; when ``seeds`` is given, of those seeds only); returns the Markdown."""
     runs = [
         r
         for r in load_runs(out)
         if r.get("bench") == "trainers"
         and r["pair"] in pairs
         and (quick is None or (r.get("quick") == quick and r.get("model") == model))
+        and (seeds is None or r.get("seed") in seeds)
     ]
     runs.sort(key=lambda r: (pairs.index(r["pair"]), r["arm"] != "method", r["seed"]))
     parts = []
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             bar.write(f"[hfx bench] {name}: the saved run used other settings (--quick, --model); redoing it")
         bar.set_postfix_str(name)
         save_run(out, name, run_one(pair, arm, seed, args.quick, args.model))
-    print(write_report(out, pairs, args.quick, args.model))
+    print(write_report(out, pairs, args.quick, args.model, args.seeds))
     print(f"[hfx bench] runs, summary.md and trainers.png in {os.path.abspath(out)}")
 
 

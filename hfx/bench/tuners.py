@@ -201,9 +201,15 @@ COLUMNS = [
 ]
 
 
-def write_report(out: str, methods: list[str], recipe: dict[str, Any] | None = None, model: str | None = None) -> str:
-    """Markdown summary + plots from the run records in ``out`` of ``methods`` (and, when given, of this ``recipe``
-    and ``model`` only: records of other settings are never averaged in); returns the Markdown."""
+def write_report(
+    out: str,
+    methods: list[str],
+    recipe: dict[str, Any] | None = None,
+    model: str | None = None,
+    seeds: list[int] | None = None,
+) -> str:
+    """Markdown summary + plots from the run records in ``out`` of ``methods`` (and, when given, of this ``recipe``,
+    ``model`` and ``seeds`` only: records of other settings or seeds are never averaged in); returns the Markdown."""
     runs = [
         r
         for r in load_runs(out)
@@ -211,6 +217,7 @@ def write_report(out: str, methods: list[str], recipe: dict[str, Any] | None = N
         and r["method"] in methods
         and (recipe is None or r.get("recipe") == recipe)
         and (model is None or r.get("model") == model)
+        and (seeds is None or r.get("seed") in seeds)
     ]
     runs.sort(key=lambda r: (methods.index(r["method"]), r["seed"]))
     summary = summarize(runs, "method", [k for k, _, _ in COLUMNS])
@@ -311,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         proc = subprocess.run(cmd)  # its output (the run's own progress bar, warnings, errors) goes to the terminal
         if proc.returncode != 0:
             raise SystemExit(f"hfx bench tuners: run {name} failed (exit code {proc.returncode}; its error is above)")
-    print(write_report(out, methods, asdict(recipe), model))
+    print(write_report(out, methods, asdict(recipe), model, args.seeds))
     print(f"[hfx bench] runs, summary.md and plots in {os.path.abspath(out)}")
 
 

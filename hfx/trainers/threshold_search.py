@@ -173,6 +173,10 @@ class ThresholdSearchCallback(TrainerCallback):
         tol: stop when the standard deviation of the simplex's scores is below this.
         cache_tolerance: thresholds this close (max-norm) to scored ones reuse their score.
         max_phases: stop after this many scored phases (``None``: no limit).
+        bounds: per constraint, ``(low, high)`` (either may be ``None``) that its threshold stays within, e.g.
+            ``(0.0, 1.0)`` for a reward in [0, 1]: a proposal outside is clipped before it is trained and scored
+            (Nelder–Mead then minimises ``f(clip(θ))``), and an initial step that would leave the box goes the other
+            way. ``None``: unbounded.
     """
 
     def __init__(
@@ -185,9 +189,16 @@ class ThresholdSearchCallback(TrainerCallback):
         tol: float = 0.01,
         cache_tolerance: float = 5e-3,
         max_phases: int | None = None,
+        bounds: Sequence[tuple[float | None, float | None]] | None = None,
     ) -> None:
         if phase_max_steps < 1:
             raise ValueError(f"phase_max_steps must be >= 1, got {phase_max_steps}")
+        if bounds is not None:
+            bounds = [(None if lo is None else float(lo), None if hi is None else float(hi)) for lo, hi in bounds]
+            bad = [b for b in bounds if b[0] is not None and b[1] is not None and not b[0] < b[1]]
+            if bad:
+                raise ValueError(f"bounds: each (low, high) needs low < high, got {bad[0]}")
+        self.bounds = bounds
         self.eval_fn = eval_fn
         self.initial_step = initial_step
         self.phase_max_steps, self.reach_tolerance = int(phase_max_steps), float(reach_tolerance)
@@ -202,21 +213,43 @@ class ThresholdSearchCallback(TrainerCallback):
         """Called by the constrained trainer on construction (callbacks do not otherwise see the trainer)."""
         self.trainer = trainer
 
+    def _inside(self, i: int, value: float) -> bool:
+        lo, hi = self.bounds[i] if self.bounds is not None else (None, None)
+        return (lo is None or value >= lo) and (hi is None or value <= hi)
+
+    def clip(self, point: Sequence[float]) -> list[float]:
+        """``point`` clipped to ``bounds`` (the thresholds a proposal is trained and scored with)."""
+        if self.bounds is None:
+            return [float(v) for v in point]
+        out = []
+        for v, (lo, hi) in zip(point, self.bounds):
+            v = float(v) if lo is None else max(float(v), lo)
+            out.append(v if hi is None else min(v, hi))
+        return out
+
     def _initial_simplex(self, thresholds: Sequence[float]) -> list[list[float]]:
         steps = self.initial_step
         if isinstance(steps, (int, float)):
             steps = [float(steps) * max(abs(t), 0.1) for t in thresholds]
         if len(steps) != len(thresholds):
             raise ValueError(f"initial_step has {len(steps)} values for {len(thresholds)} constraints")
+        if self.bounds is not None and len(self.bounds) != len(thresholds):
+            raise ValueError(f"bounds has {len(self.bounds)} entries for {len(thresholds)} constraints")
+        outside = [i for i, t in enumerate(thresholds) if not self._inside(i, t)]
+        if outside:
+            i = outside[0]
+            raise ValueError(f"constraint threshold {i} ({thresholds[i]}) is outside its bounds {self.bounds[i]}")
         simplex = [list(thresholds)]
         for i, step in enumerate(steps):
             point = list(thresholds)
             point[i] += float(step)
-            simplex.append(point)
+            if not self._inside(i, point[i]):  # go the other way rather than leave the box
+                point[i] = thresholds[i] - float(step)
+            simplex.append(self.clip(point))
         return simplex
 
     def _start_phase(self, step: int) -> None:
-        self.trainer.set_constraint_thresholds(self.search.ask())
+        self.trainer.set_constraint_thresholds(self.clip(self.search.ask()))
         self.phase_start = step
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -256,7 +289,7 @@ class ThresholdSearchCallback(TrainerCallback):
         metrics["threshold_search/score"].append(score[0])
         metrics["threshold_search/phases"] = [float(self.phases)]
         if self.search.converged or (self.max_phases is not None and self.phases >= self.max_phases):
-            self.trainer.set_constraint_thresholds(self.search.best[0])
+            self.trainer.set_constraint_thresholds(self.clip(self.search.best[0]))
             self.done = True
         else:
             self._start_phase(state.global_step)

@@ -13,6 +13,7 @@ import pytest
 from hfx.bench import report
 from hfx.bench.trainers import _flatten
 from hfx.bench.trainers import write_report as trainers_report
+from hfx.bench.tuners import write_report as tuners_report
 from hfx.testing import save_tiny_model
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -54,6 +55,8 @@ def test_trainers_report_from_records(tmp_path):
         and "| constrained / baseline | 2 | 0.400 ± 0.000 |" in text
     )
     assert is_png(tmp_path / "trainers.png")
+    # the seeds asked for only: a record of another seed in the folder is not averaged in (it was)
+    assert "| constrained / method | 1 | 0.800 ± 0.000 |" in trainers_report(str(tmp_path), ["constrained"], seeds=[1])
 
 
 def hfx_cli(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -88,6 +91,12 @@ def test_bench_tuners_tiny_and_resumable(tmp_path, monkeypatch):
         m.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"a finished run was started again: {a}"))
         main(args)
     assert os.path.getmtime(out / "runs" / "lora-seed0.json") == stamp
+    # a record of a seed not asked for is left out of the table (a copy of seed 0 labelled seed 1)
+    record["seed"] = 1
+    with open(out / "runs" / "eva-seed1.json", "w") as f:
+        json.dump(record, f)
+    assert "| eva | 1 |" in tuners_report(str(out), ["lora", "eva"], record["recipe"], record["model"], seeds=[0])
+    assert "| eva | 2 |" in tuners_report(str(out), ["lora", "eva"], record["recipe"], record["model"])
     with pytest.raises(SystemExit, match=r"unknown method\(s\) \['nope'\]"):
         main(["bench", "tuners", "--methods", "lora,nope", "--model", model])
 
@@ -108,8 +117,6 @@ def test_bench_speed_tiny(tmp_path):
 def test_finished_runs_must_match_their_settings(tmp_path):
     """A record made with another recipe or model used to count as finished (and was averaged into the table, or
     crashed the loss-curve plot); now it is redone, and the report keeps only this recipe's runs."""
-    from hfx.bench.tuners import write_report as tuners_report
-
     out = str(tmp_path)
     short, long = {"max_steps": 2}, {"max_steps": 4}
     assert report.finished(out, "lora-seed0", recipe=short) is False

@@ -54,15 +54,6 @@ def test_sft_example_runs_and_saves_a_loadable_adapter(method, tmp_path):
     assert trained and any(torch.count_nonzero(p) > 0 for p in trained)
 
 
-def _sft_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("hfx_example_sft", os.path.join(ROOT, "examples", "sft.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     "argv, flag",
     [
@@ -73,14 +64,14 @@ def _sft_module():
         (["--peft", "bone", "--lora-alpha", "8"], "--lora-alpha"),
     ],
 )
-def test_sft_example_refuses_an_option_its_method_does_not_use(argv, flag, capsys):
+def test_sft_example_refuses_an_option_its_method_does_not_use(argv, flag, capsys, load_example):
     with pytest.raises(SystemExit):
-        _sft_module().parse_args(argv)
+        load_example("sft").parse_args(argv)
     assert f"{flag} does not apply to --peft {argv[1]}" in capsys.readouterr().err
 
 
-def test_sft_example_passes_each_option_to_the_methods_that_use_it():
-    sft = _sft_module()
+def test_sft_example_passes_each_option_to_the_methods_that_use_it(load_example):
+    sft = load_example("sft")
     dsee = sft.PEFT_METHODS["dsee"](sft.parse_args(["--peft", "dsee", "--dropout", "0.1", "--r", "4"]))
     assert (dsee.r, dsee.lora_alpha, dsee.lora_dropout) == (4, 8, 0.1)
     bone = sft.PEFT_METHODS["bone"](sft.parse_args(["--peft", "bone"]))

@@ -418,6 +418,34 @@ def test_threshold_search_callback(model_path, tmp_path):
     assert resumed.multipliers.thresholds == pytest.approx(trainer.multipliers.thresholds)
 
 
+def test_threshold_search_stays_within_bounds(model_path, tmp_path):
+    """A score peaking outside the box: proposals are clipped to ``bounds`` before training and scoring, and the
+    initial step that would leave the box goes the other way (0.6 + 0.12 > 0.65, so 0.48)."""
+    calls = []
+
+    def eval_fn(trainer):
+        t = trainer.multipliers.thresholds
+        calls.append(list(t))
+        return -((t[0] - 0.9) ** 2) - (t[1] + 0.2) ** 2
+
+    search = hfx.ThresholdSearchCallback(
+        eval_fn, phase_max_steps=1, max_phases=5, initial_step=0.2, bounds=[(0.0, 0.65), (None, 0.0)]
+    )
+    trainer = hfx.ConstrainedGRPOTrainer(
+        model_path, reward_funcs=REWARDS, args=config(tmp_path, max_steps=6), train_dataset=prompt_dataset(8),
+        callbacks=[search],
+    )  # fmt: skip
+    trainer.train()
+    assert calls[:3] == [pytest.approx([0.6, -0.1]), pytest.approx([0.48, -0.1]), pytest.approx([0.6, -0.08])]
+    assert len(calls) == 5 and all(0.0 <= a <= 0.65 and b <= 0.0 for a, b in calls)
+    assert any(a == 0.65 for a, _ in calls)  # a clipped proposal
+    assert 0.0 <= trainer.multipliers.thresholds[0] <= 0.65
+    with pytest.raises(ValueError, match=r"bounds: each \(low, high\) needs low < high"):
+        hfx.ThresholdSearchCallback(eval_fn, bounds=[(1.0, 0.0)])
+    with pytest.raises(ValueError, match=r"threshold 0 \(0.6\) is outside its bounds \(0.7, 1.0\)"):
+        hfx.ThresholdSearchCallback(eval_fn, bounds=[(0.7, 1.0), (None, None)])._initial_simplex([0.6, -0.1])
+
+
 def test_errors(model_path, tmp_path):
     ds = prompt_dataset(8)
     with pytest.raises(ValueError, match="constraint_thresholds is required"):

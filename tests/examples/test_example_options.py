@@ -1,0 +1,58 @@
+"""The examples' command lines: counts must be >= 1, an option the chosen mode ignores is an error, and a global
+batch must split evenly between the processes (``examples/_launch.py``)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from _launch import per_device_batch
+
+
+@pytest.mark.parametrize(
+    "name", ["sft", "bvpo", "masked_thought", "gvm_raft", "constrained_grpo", "dynamic_weights_grpo"]
+)
+@pytest.mark.parametrize("flag", ["--max-steps", "--n-eval", "--batch-size"])
+def test_counts_below_one_are_refused(name, flag, capsys, load_example):
+    """``--max-steps -1`` used to print "for -1 steps" and train 3 epochs; ``0`` still took a step."""
+    for value in ("0", "-1"):
+        with pytest.raises(SystemExit):
+            load_example(name).parse_args([flag, value])
+        assert f"argument {flag}: must be an integer >= 1, got {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, argv, message",
+    [
+        ("bvpo", ["--r", "4"], "--r does nothing with --peft none"),
+        ("masked_thought", ["--r", "4"], "--r does nothing with --peft none"),
+        ("constrained_grpo", ["--fixed", "--type", "eq"], "--type does nothing with --fixed"),
+        ("constrained_grpo", ["--fixed", "--search"], "--search does nothing with --fixed"),
+        ("constrained_grpo", ["--fixed", "--lagrange-lr", "9"], "--lagrange-lr does nothing with --fixed"),
+        ("constrained_grpo", ["--phase-steps", "3"], "--phase-steps does nothing without --search"),
+        ("dynamic_weights_grpo", ["--weighting", "fixed", "--weight-regularization", "0.1"],
+         "--weight-regularization does nothing with --weighting fixed"),
+    ],
+)  # fmt: skip
+def test_options_the_mode_ignores_are_refused(name, argv, message, capsys, load_example):
+    """These used to run silently without the option's effect (e.g. ``--fixed --search`` ran plain GRPO)."""
+    with pytest.raises(SystemExit):
+        load_example(name).parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_options_the_mode_uses_are_accepted(load_example):
+    assert load_example("bvpo").parse_args(["--peft", "lora", "--r", "4"]).r == 4
+    assert load_example("constrained_grpo").parse_args(["--search", "--phase-steps", "3"]).phase_steps == 3
+    assert load_example("constrained_grpo").parse_args(["--fixed", "--weights", "1", "2", "3"]).weights == [1, 2, 3]
+    # GVM's --uniform still sizes its rounds with --budget / --num-pilot: not refused
+    assert load_example("gvm_raft").parse_args(["--uniform", "--budget", "64"]).budget == 64
+
+
+def test_global_batch_must_split_evenly_between_processes():
+    two = SimpleNamespace(num_processes=2)
+    assert per_device_batch(32, two) == 16 and per_device_batch(7, SimpleNamespace(num_processes=1)) == 7
+    with pytest.raises(
+        SystemExit, match="--batch-size 9 is the global batch and must be divisible by the 2 processes"
+    ):
+        per_device_batch(9, two)
