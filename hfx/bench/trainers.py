@@ -5,7 +5,7 @@ baseline's flags (everything else equal) — each in its own process, and reads 
 writes (its ``after`` metrics). Needs a clone of the repository (the examples are scripts, not package modules). A
 new trainer joins with one :data:`PAIRS` entry.
 
-What a seed varies follows the example: ``sft``-style examples (BVPO, Masked Thought) pre-train their tiny base with
+What a seed varies follows the example: the BVPO and Masked Thought examples pre-train their tiny base with
 the run's seed, the GRPO examples (constrained, dynamic weighting, GVM) start from the seed-0 base; within a pair the
 method and its baseline always share the base, so each pair's comparison is like for like, but the seed spread of
 the first kind also includes the base's.
