@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[dynw] held-out {args.difficulty} before training: {fmt(result['before'])}")
     callback = EvalCallback(args)
     trainer = build(args, model_path, callbacks=[callback])
-    print(f"[dynw] {args.estimator.upper()} with weighting={args.weighting}; "
-          f"initial weights {[round(w, 3) for w in trainer.reward_weights.tolist()]}")  # fmt: skip
+    state.print(f"[dynw] {args.estimator.upper()} with weighting={args.weighting}; "
+                f"initial weights {[round(w, 3) for w in trainer.reward_weights.tolist()]}")  # fmt: skip
     start = time.perf_counter()
     trainer.train()
     elapsed = time.perf_counter() - start
