@@ -185,10 +185,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[constrained] step {h['step']:>3}  {row}")
         search = getattr(trainer, "search_callback", None)
         if search is not None and search.search is not None:
-            for point, value in search.search.history:
-                print(
-                    f"[constrained] threshold search: thresholds {[round(t, 3) for t in point]} -> score {-value:.3f}"
-                )
+            for point, value in search.search.history:  # the thresholds trained with: proposals clipped to bounds
+                tried = [round(t, 3) for t in search.clip(point)]
+                print(f"[constrained] threshold search: thresholds {tried} -> score {-value:.3f}")
             print(f"[constrained] thresholds now {[round(t, 3) for t in trainer.multipliers.thresholds]}")
         model = trainer.accelerator.unwrap_model(trainer.model)
         acc = evaluate(model, trainer.processing_class, args.n_eval, args.difficulty)

@@ -29,5 +29,8 @@ def test_constrained_example_runs(tmp_path):
     assert proc.returncode == 0, log[-4000:]
     assert "base accuracy on held-out medium" in log and "accuracy after training" in log
     assert "[constrained] step   2  correctness_reward=" in log
-    assert log.count("brevity_reward=") >= 4  # per step: the reward's mean and its multiplier
+    # per step: each reward's mean, the completion length and each multiplier, under its own name (the multipliers
+    # used to be printed as a second "brevity_reward=")
+    assert log.count(" brevity_reward=") >= 2 and log.count("multiplier(brevity_reward)=") >= 2
+    assert log.count("multiplier(format_reward)=") >= 2 and log.count("length=") >= 2
     assert log.count("threshold search: thresholds [") == 2  # phases of one step: two vertices scored
