@@ -21,9 +21,8 @@ class SaraCallback(TrainerCallback):
     ``L_task + lambda * sum_l ||M_l * W_l||_*``, the nuclear norm of each layer's selected weights ``W0 + d`` at the
     trained entries ``M_l`` (the reference's ``nuclear_norm(param * mask)``; not of the delta ``d`` alone). A callback
     cannot change the loss a trainer computes, so this one adds the regulariser's gradient to the trainable values'
-    ``.grad`` in
-    ``on_pre_optimizer_step``, once per optimizer step: the same update as adding the term to that step's loss,
-    whatever the trainer's loss is (SFT, DPO, GRPO, ... — no labels needed, unlike a hook on ``outputs.loss``),
+    ``.grad`` in ``on_pre_optimizer_step``, once per optimizer step: the same update as adding the term to that step's
+    loss, whatever the trainer's loss is (SFT, DPO, GRPO, ... — no labels needed, unlike a hook on ``outputs.loss``),
     independent of gradient accumulation and of how the trainer scales its loss for it. Caveats: it is added after
     gradient clipping (so it is not clipped), and with fp16 mixed precision and ``max_grad_norm=0`` the gradients
     are still loss-scaled at that point (use bf16, or clipping). ``nuclear_norm_layers`` layers (config) are drawn
