@@ -194,6 +194,10 @@ class ThresholdSearchCallback(TrainerCallback):
         if phase_max_steps < 1:
             raise ValueError(f"phase_max_steps must be >= 1, got {phase_max_steps}")
         if bounds is not None:
+            if any(not isinstance(b, (tuple, list)) or len(b) != 2 for b in bounds):
+                raise ValueError(
+                    f"bounds: one (low, high) pair per constraint, e.g. [(0.0, 1.0), (None, 0.0)]; got {bounds}"
+                )
             bounds = [(None if lo is None else float(lo), None if hi is None else float(hi)) for lo, hi in bounds]
             bad = [b for b in bounds if b[0] is not None and b[1] is not None and not b[0] < b[1]]
             if bad:

@@ -442,6 +442,8 @@ def test_threshold_search_stays_within_bounds(model_path, tmp_path):
     assert 0.0 <= trainer.multipliers.thresholds[0] <= 0.65
     with pytest.raises(ValueError, match=r"bounds: each \(low, high\) needs low < high"):
         hfx.ThresholdSearchCallback(eval_fn, bounds=[(1.0, 0.0)])
+    with pytest.raises(ValueError, match=r"bounds: one \(low, high\) pair per constraint"):
+        hfx.ThresholdSearchCallback(eval_fn, bounds=[0.0, 1.0])
     with pytest.raises(ValueError, match=r"threshold 0 \(0.6\) is outside its bounds \(0.7, 1.0\)"):
         hfx.ThresholdSearchCallback(eval_fn, bounds=[(0.7, 1.0), (None, None)])._initial_simplex([0.6, -0.1])
 

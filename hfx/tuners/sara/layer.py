@@ -399,8 +399,7 @@ class SaraLinear(nn.Module, SaraLayer):
             )
         param = self.sara_values[adapter]
         idx = self.sara_indices[adapter]
-        flat = weight.detach().view(-1)
-        base = flat[idx.long().to(flat.device)].to(torch.float64 if flat.dtype == torch.float64 else torch.float32)
+        base = self.selected_base_values(adapter)
         effective = base + param.detach().to(base.device, base.dtype)
         keep = (effective.abs() < self.sara_threshold.value(adapter)).to(idx.device)
         if bool(keep.all()):
