@@ -1,8 +1,11 @@
-"""Shared by the example scripts: the process state on CPU-only machines, the per-process batch, option checks."""
+"""Shared by the example scripts: the process state on CPU-only machines, the per-process batch, option checks,
+checkpoints and resuming."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 from collections.abc import Callable
 
 import torch
@@ -45,3 +48,62 @@ def refuse_unused(
     for dest, (ignored, why) in rules.items():
         if getattr(args, dest) != parser.get_default(dest) and ignored(args):
             parser.error(f"--{dest.replace('_', '-')} does nothing {why}")
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """``--save-steps`` and ``--resume-from-checkpoint``, the Trainer's checkpointing under the examples' flag style."""
+    parser.add_argument(
+        "--save-steps",
+        type=positive_int,
+        default=None,
+        help="save a checkpoint (weights, optimizer, scheduler, RNG and the method's state) every N steps in "
+        "--output-dir (default: no checkpoints)",
+    )
+    parser.add_argument(
+        "--resume-from-checkpoint",
+        default=None,
+        metavar="PATH|last",
+        help="continue a run from a checkpoint folder, or 'last' for the newest checkpoint-* in --output-dir; give "
+        "the same options as the run that saved it",
+    )
+
+
+def checkpointing(args: argparse.Namespace) -> dict:
+    """The TrainingArguments of ``--save-steps``: step checkpoints, or none."""
+    if args.save_steps is None:
+        return {"save_strategy": "no"}
+    return {"save_strategy": "steps", "save_steps": args.save_steps}
+
+
+def resume_checkpoint(args: argparse.Namespace) -> str | None:
+    """The checkpoint folder ``--resume-from-checkpoint`` names, checked before any model is loaded."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    wanted = args.resume_from_checkpoint
+    if wanted is None:
+        return None
+    if wanted == "last":
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if last is None:
+            raise SystemExit(
+                f"--resume-from-checkpoint last: no checkpoint-* folder in --output-dir {args.output_dir!r}; "
+                "a run saves them with --save-steps N"
+            )
+        return last
+    if not os.path.isfile(os.path.join(wanted, "trainer_state.json")):
+        raise SystemExit(
+            f"--resume-from-checkpoint {wanted!r} is not a Trainer checkpoint (no trainer_state.json there); give a "
+            "checkpoint-* folder of a run saved with --save-steps, or 'last'"
+        )
+    return wanted
+
+
+def make_config(cls: Callable, flags: dict[str, str], *args, what: str | None = None, **kwargs):
+    """``cls(*args, **kwargs)``, called before the model is loaded so that a bad option fails at once; its ValueError
+    names the command-line flag of each config field it mentions (``flags`` maps field -> flag)."""
+    try:
+        return cls(*args, **kwargs)
+    except ValueError as err:
+        named = [f"{flag} (sets {field})" for field, flag in flags.items() if re.search(rf"\b{field}\b", str(err))]
+        hint = f"; check {', '.join(named)}" if named else ""
+        raise SystemExit(f"invalid options for {what or cls.__name__}: {err}{hint}") from None

@@ -22,7 +22,16 @@ import os
 import time
 
 import torch
-from _launch import launch_state, per_device_batch, positive_int, refuse_unused
+from _launch import (
+    add_checkpoint_args,
+    checkpointing,
+    launch_state,
+    make_config,
+    per_device_batch,
+    positive_int,
+    refuse_unused,
+    resume_checkpoint,
+)
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -50,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
     p.add_argument("--logging-steps", type=int, default=10)
+    add_checkpoint_args(p)
     args = p.parse_args(argv)
     refuse_unused(p, args, {"r": (lambda a: a.peft == "none", "with --peft none (full fine-tuning)")})
     return args
@@ -60,6 +70,28 @@ def main(argv: list[str] | None = None) -> dict:
     state = launch_state()
     say = state.print
     t0 = time.time()
+    resume = resume_checkpoint(args)
+    config = make_config(
+        hfx.BVPOConfig,
+        {"bvpo_alpha": "--alpha", "beta": "--beta", "learning_rate": "--learning-rate"},
+        output_dir=args.output_dir,
+        bvpo_alpha=args.alpha,
+        bvpo_alpha_warmup_steps=5,
+        beta=args.beta,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=per_device_batch(args.batch_size, state),
+        per_device_eval_batch_size=32,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, args.max_steps // 20),
+        logging_steps=args.logging_steps,
+        **checkpointing(args),
+        report_to="none",
+        seed=args.seed,
+        bf16=args.bf16,
+        **activation_checkpointing(False),
+        use_cpu=not torch.cuda.is_available(),
+    )
 
     model_path = args.model or pretrained_base(BaseRecipe(seed=args.seed), log=say)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -74,25 +106,6 @@ def main(argv: list[str] | None = None) -> dict:
     for col in ("prompt", "chosen", "rejected", "chosen_no_trace", "rejected_no_trace"):
         say(f"[hfx]   {col:>17}: {json.dumps(row[col])[:110]}")
 
-    config = hfx.BVPOConfig(
-        output_dir=args.output_dir,
-        bvpo_alpha=args.alpha,
-        bvpo_alpha_warmup_steps=5,
-        beta=args.beta,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=per_device_batch(args.batch_size, state),
-        per_device_eval_batch_size=32,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, args.max_steps // 20),
-        logging_steps=args.logging_steps,
-        save_strategy="no",
-        report_to="none",
-        seed=args.seed,
-        bf16=args.bf16,
-        **activation_checkpointing(False),
-        use_cpu=not torch.cuda.is_available(),
-    )
     peft_config = (
         LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear") if args.peft == "lora" else None
     )
@@ -123,7 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
     before = report("before")
     say(f"[hfx] BVPO: α = {args.alpha} ({'online α* estimate, hfx extension' if config.bvpo_alpha == 'auto' else 'fixed'}), "
         f"β = {args.beta}, {args.max_steps} steps of {args.batch_size} pairs")  # fmt: skip
-    trainer.train()
+    if resume:
+        say(f"[hfx] resuming from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
     after = report("after ")
     alphas = [h["bvpo/alpha"] for h in trainer.state.log_history if "bvpo/alpha" in h and "loss" in h]
     trainer.save_model(args.output_dir)

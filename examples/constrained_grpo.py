@@ -26,7 +26,16 @@ import os
 import time
 
 import torch
-from _launch import launch_state, per_device_batch, positive_int, refuse_unused
+from _launch import (
+    add_checkpoint_args,
+    checkpointing,
+    launch_state,
+    make_config,
+    per_device_batch,
+    positive_int,
+    refuse_unused,
+    resume_checkpoint,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hfx
@@ -81,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default="outputs/constrained_grpo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true")
+    add_checkpoint_args(p)
     args = p.parse_args(argv)
     fixed = (lambda a: a.fixed, "with --fixed (plain GRPO with fixed weights, no constraints)")
     rules = dict.fromkeys(
@@ -91,7 +101,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build(args: argparse.Namespace, model_path: str):
+FLAGS = {
+    "constraint_thresholds": "--format / --brevity",
+    "constraint_types": "--type",
+    "lagrange_lr": "--lagrange-lr",
+    "lagrange_init": "--lagrange-init",
+    "lagrange_parametrization": "--parametrization",
+    "reward_weights": "--weights",
+    "num_generations": "--num-generations",
+    "generation_batch_size": "--batch-size",
+    "beta": "--beta",
+    "learning_rate": "--learning-rate",
+}
+
+
+def trainer_config(args: argparse.Namespace):
+    """The run's GRPOConfig (``--fixed``) or ConstrainedGRPOConfig, built before any model is loaded."""
     state = launch_state()
     common = dict(
         output_dir=args.output_dir,
@@ -104,7 +129,7 @@ def build(args: argparse.Namespace, model_path: str):
         max_completion_length=args.max_completion_length,
         temperature=1.0,
         logging_steps=1,
-        save_strategy="no",
+        **checkpointing(args),
         report_to="none",
         seed=args.seed,
         bf16=args.bf16,
@@ -112,14 +137,15 @@ def build(args: argparse.Namespace, model_path: str):
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
     )
-    rewards = [correctness_reward, format_reward, brevity_reward]
-    train = prompt_dataset(args.n_train, args.difficulty, seed=args.seed, split="train")
     if args.fixed:
-        from trl import GRPOConfig, GRPOTrainer
+        from trl import GRPOConfig
 
-        config = GRPOConfig(multi_objective_aggregation="normalize_then_sum", reward_weights=args.weights, **common)
-        return GRPOTrainer(model_path, reward_funcs=rewards, args=config, train_dataset=train)
-    config = hfx.ConstrainedGRPOConfig(
+        return make_config(
+            GRPOConfig, FLAGS, multi_objective_aggregation="normalize_then_sum", reward_weights=args.weights, **common
+        )
+    return make_config(
+        hfx.ConstrainedGRPOConfig,
+        FLAGS,
         constraint_rewards=["format_reward", "brevity_reward"],
         constraint_thresholds=[args.format, args.brevity],
         constraint_types=["ge", args.type],
@@ -129,6 +155,17 @@ def build(args: argparse.Namespace, model_path: str):
         reward_weights=args.weights,
         **common,
     )
+
+
+def build(args: argparse.Namespace, model_path: str, config=None):
+    """The run's trainer on ``model_path``: plain GRPO with ``--fixed``, else constrained (with the search)."""
+    config = config if config is not None else trainer_config(args)
+    rewards = [correctness_reward, format_reward, brevity_reward]
+    train = prompt_dataset(args.n_train, args.difficulty, seed=args.seed, split="train")
+    if args.fixed:
+        from trl import GRPOTrainer
+
+        return GRPOTrainer(model_path, reward_funcs=rewards, args=config, train_dataset=train)
     callbacks = []
     if args.search:
         held_out = max(16, args.n_eval // 4)
@@ -157,6 +194,8 @@ def evaluate(model, tokenizer, n_eval: int, difficulty: str) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    resume = resume_checkpoint(args)
+    config = trainer_config(args)
     model_path = args.model or pretrained_base()
     state = launch_state()
     if state.is_main_process:
@@ -164,9 +203,11 @@ def main(argv: list[str] | None = None) -> None:
         tok = AutoTokenizer.from_pretrained(model_path)
         acc = evaluate(base, tok, args.n_eval, args.difficulty)
         print(f"[constrained] base accuracy on held-out {args.difficulty}: {acc:.3f}")
-    trainer = build(args, model_path)
+    trainer = build(args, model_path, config)
+    if resume:
+        state.print(f"[constrained] resuming from {resume}")
     start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     elapsed = time.perf_counter() - start
     if state.is_main_process:
         print(

@@ -23,7 +23,16 @@ import os
 import time
 
 import torch
-from _launch import launch_state, per_device_batch, positive_int, refuse_unused
+from _launch import (
+    add_checkpoint_args,
+    checkpointing,
+    launch_state,
+    make_config,
+    per_device_batch,
+    positive_int,
+    refuse_unused,
+    resume_checkpoint,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import hfx
@@ -55,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default="outputs/dynamic_weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true")
+    add_checkpoint_args(p)
     args = p.parse_args(argv)
     refuse_unused(p, args, {"weight_regularization": (lambda a: a.weighting == "fixed", "with --weighting fixed")})
     return args
@@ -70,7 +80,17 @@ def reward_funcs(target_tokens: int) -> list:
     return [correctness, format, make_length_reward(target_tokens=target_tokens, name="length")]
 
 
-def build(args: argparse.Namespace, model_path: str, callbacks: list | None = None):
+FLAGS = {
+    "reward_weights": "--weights",
+    "weight_regularization": "--weight-regularization",
+    "num_generations": "--num-generations",
+    "generation_batch_size": "--batch-size",
+    "learning_rate": "--learning-rate",
+}
+
+
+def trainer_config(args: argparse.Namespace):
+    """The run's config (TRL's own for ``--weighting fixed``), built before any model is loaded."""
     state = launch_state()
     common = dict(
         output_dir=args.output_dir,
@@ -84,7 +104,7 @@ def build(args: argparse.Namespace, model_path: str, callbacks: list | None = No
         max_completion_length=args.max_completion_length,
         temperature=1.0,
         logging_steps=1,
-        save_strategy="no",
+        **checkpointing(args),
         report_to="none",
         seed=args.seed,
         bf16=args.bf16,
@@ -92,23 +112,31 @@ def build(args: argparse.Namespace, model_path: str, callbacks: list | None = No
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
     )
-    train = prompt_dataset(args.n_train, args.difficulty, seed=args.seed, split="train")
-    rewards = reward_funcs(args.target_tokens)
     if args.weighting == "fixed":
         import trl
 
-        config_cls, trainer_cls = (trl.GRPOConfig, trl.GRPOTrainer) if args.estimator == "grpo" else (
-            trl.RLOOConfig, trl.RLOOTrainer)  # fmt: skip
+        config_cls = trl.GRPOConfig if args.estimator == "grpo" else trl.RLOOConfig
         if common["reward_weights"] is None:
             common["reward_weights"] = [1 / 3] * 3
-        config = config_cls(**common)
+        return make_config(config_cls, FLAGS, **common)
+    config_cls = hfx.DynamicWeightGRPOConfig if args.estimator == "grpo" else hfx.DynamicWeightRLOOConfig
+    return make_config(
+        config_cls, FLAGS, weighting=args.weighting, maximize=[True, True, True],
+        weight_regularization=args.weight_regularization, **common,
+    )  # fmt: skip
+
+
+def build(args: argparse.Namespace, model_path: str, callbacks: list | None = None, config=None):
+    """The run's trainer on ``model_path``: TRL's GRPO/RLOO with ``--weighting fixed``, else hfx's dynamic one."""
+    import trl
+
+    config = config if config is not None else trainer_config(args)
+    if args.weighting == "fixed":
+        trainer_cls = trl.GRPOTrainer if args.estimator == "grpo" else trl.RLOOTrainer
     else:
-        config_cls, trainer_cls = (hfx.DynamicWeightGRPOConfig, hfx.DynamicWeightGRPOTrainer) if args.estimator == "grpo" else (
-            hfx.DynamicWeightRLOOConfig, hfx.DynamicWeightRLOOTrainer)  # fmt: skip
-        config = config_cls(
-            weighting=args.weighting, maximize=[True, True, True], weight_regularization=args.weight_regularization,
-            **common,
-        )  # fmt: skip
+        trainer_cls = hfx.DynamicWeightGRPOTrainer if args.estimator == "grpo" else hfx.DynamicWeightRLOOTrainer
+    train = prompt_dataset(args.n_train, args.difficulty, seed=args.seed, split="train")
+    rewards = reward_funcs(args.target_tokens)
     return trainer_cls(model_path, reward_funcs=rewards, args=config, train_dataset=train, callbacks=callbacks)
 
 
@@ -149,6 +177,8 @@ def fmt(point: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    resume = resume_checkpoint(args)
+    config = trainer_config(args)
     model_path = args.model or pretrained_base()
     state = launch_state()
     result: dict = {"args": vars(args)}
@@ -158,11 +188,13 @@ def main(argv: list[str] | None = None) -> dict:
         result["before"] = objectives(base, tok, args.n_eval, args.difficulty, args.target_tokens)
         print(f"[dynw] held-out {args.difficulty} before training: {fmt(result['before'])}")
     callback = EvalCallback(args)
-    trainer = build(args, model_path, callbacks=[callback])
+    trainer = build(args, model_path, callbacks=[callback], config=config)
     state.print(f"[dynw] {args.estimator.upper()} with weighting={args.weighting}; "
                 f"initial weights {[round(w, 3) for w in trainer.reward_weights.tolist()]}")  # fmt: skip
+    if resume:
+        state.print(f"[dynw] resuming from {resume}")
     start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     elapsed = time.perf_counter() - start
     history = [h for h in trainer.state.log_history if "loss" in h]
     names = list(trainer.reward_func_names)

@@ -22,7 +22,15 @@ import os
 import time
 
 import torch
-from _launch import launch_state, per_device_batch, positive_int
+from _launch import (
+    add_checkpoint_args,
+    checkpointing,
+    launch_state,
+    make_config,
+    per_device_batch,
+    positive_int,
+    resume_checkpoint,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hfx
@@ -54,13 +62,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default="outputs/gvm_raft")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true")
+    add_checkpoint_args(p)
     return p.parse_args(argv)
 
 
-def build(args: argparse.Namespace, model_path: str) -> hfx.GVMGRPOTrainer:
+FLAGS = {
+    "gvm_num_pilot": "--num-pilot",
+    "gvm_budget": "--budget",
+    "gvm_pool_size": "--pool-size",
+    "gvm_refresh_steps": "--refresh-steps",
+    "num_generations": "--num-generations",
+    "generation_batch_size": "--batch-size",
+    "beta": "--beta",
+    "learning_rate": "--learning-rate",
+}
+
+
+def trainer_config(args: argparse.Namespace) -> hfx.GVMGRPOConfig:
+    """The run's GVM config (``--uniform``: its allocation off), built before any model is loaded."""
     state = launch_state()
     cls = hfx.GVMRAFTConfig if args.loss == "raft" else hfx.GVMGRPOConfig
-    config = cls(
+    return make_config(
+        cls,
+        FLAGS,
         output_dir=args.output_dir,
         gvm=not args.uniform,
         gvm_loss=args.loss,
@@ -77,7 +101,7 @@ def build(args: argparse.Namespace, model_path: str) -> hfx.GVMGRPOTrainer:
         max_completion_length=args.max_completion_length,
         temperature=1.0,
         logging_steps=1,
-        save_strategy="no",
+        **checkpointing(args),
         report_to="none",
         seed=args.seed,
         bf16=args.bf16,
@@ -85,6 +109,11 @@ def build(args: argparse.Namespace, model_path: str) -> hfx.GVMGRPOTrainer:
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
     )
+
+
+def build(args: argparse.Namespace, model_path: str, config: hfx.GVMGRPOConfig | None = None) -> hfx.GVMGRPOTrainer:
+    """The run's trainer on ``model_path``."""
+    config = config if config is not None else trainer_config(args)
     train = prompt_dataset(args.n_train, args.difficulty, seed=args.seed, split="train")
     return hfx.GVMRAFTTrainer(model_path, reward_funcs=correctness_reward, args=config, train_dataset=train)
 
@@ -99,6 +128,8 @@ def evaluate(model, tokenizer, n_eval: int, difficulty: str) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    resume = resume_checkpoint(args)
+    config = trainer_config(args)
     model_path = args.model or pretrained_base()
     state = launch_state()
     if state.is_main_process:
@@ -107,9 +138,11 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"[gvm] base accuracy on held-out {args.difficulty}: {evaluate(base, tok, args.n_eval, args.difficulty):.3f}"
         )
-    trainer = build(args, model_path)
+    trainer = build(args, model_path, config)
+    if resume:
+        state.print(f"[gvm] resuming from {resume}")
     start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     elapsed = time.perf_counter() - start
     if state.is_main_process:
         alloc = trainer.gvm_state

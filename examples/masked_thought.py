@@ -23,7 +23,16 @@ import os
 import time
 
 import torch
-from _launch import launch_state, per_device_batch, positive_int, refuse_unused
+from _launch import (
+    add_checkpoint_args,
+    checkpointing,
+    launch_state,
+    make_config,
+    per_device_batch,
+    positive_int,
+    refuse_unused,
+    resume_checkpoint,
+)
 from datasets import concatenate_datasets
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -56,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
     p.add_argument("--logging-steps", type=int, default=25)
+    add_checkpoint_args(p)
     args = p.parse_args(argv)
     refuse_unused(p, args, {"r": (lambda a: a.peft == "none", "with --peft none (full fine-tuning)")})
     return args
@@ -67,6 +77,42 @@ def main(argv: list[str] | None = None) -> dict:
     state = launch_state()
     say = state.print
     t0 = time.time()
+    resume = resume_checkpoint(args)
+    flags = {
+        "mask_rate": "--mask-rate",
+        "mask_warmup_ratio": "--mask-warmup-ratio",
+        "mask_token": "--mask-token",
+        "mask_scope": "--mask-scope",
+        "learning_rate": "--learning-rate",
+    }
+    config = make_config(
+        hfx.MaskedThoughtConfig,
+        flags,
+        output_dir=args.output_dir,
+        mask_rate=args.mask_rate,
+        mask_warmup_ratio=args.mask_warmup_ratio,
+        mask_token=args.mask_token,
+        mask_scope=args.mask_scope,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=per_device_batch(args.batch_size, state),
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, args.max_steps // 20),
+        logging_steps=args.logging_steps,
+        **checkpointing(args),
+        report_to="none",
+        seed=args.seed,
+        bf16=args.bf16,
+        **activation_checkpointing(False),
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    adapters = {
+        "none": lambda: None,
+        "lora": lambda: LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear"),
+        "bone": lambda: hfx.BoneConfig(r=args.r, target_modules="all-linear"),
+    }
+    peft_config = make_config(adapters[args.peft], {"r": "--r"}, what=f"--peft {args.peft}")
 
     base_recipe = BaseRecipe(seed=args.seed)
     model_path = args.model or pretrained_base(base_recipe, log=say)
@@ -98,31 +144,6 @@ def main(argv: list[str] | None = None) -> dict:
         train = concatenate_datasets([train, replay])
     train = train.shuffle(seed=args.seed)
 
-    config = hfx.MaskedThoughtConfig(
-        output_dir=args.output_dir,
-        mask_rate=args.mask_rate,
-        mask_warmup_ratio=args.mask_warmup_ratio,
-        mask_token=args.mask_token,
-        mask_scope=args.mask_scope,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=per_device_batch(args.batch_size, state),
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, args.max_steps // 20),
-        logging_steps=args.logging_steps,
-        save_strategy="no",
-        report_to="none",
-        seed=args.seed,
-        bf16=args.bf16,
-        **activation_checkpointing(False),
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-    )
-    peft_config = {
-        "none": None,
-        "lora": LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear"),
-        "bone": hfx.BoneConfig(r=args.r, target_modules="all-linear"),
-    }[args.peft]
     trainer = hfx.MaskedThoughtTrainer(
         model=model, args=config, train_dataset=train, processing_class=tokenizer, peft_config=peft_config
     )
@@ -139,7 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
     say("[hfx] a training completion, clean:  " + json.dumps(tokenizer.decode(labels[labels != -100]))[:150])
     say("[hfx]              as the model reads it: " + json.dumps(tokenizer.decode(shown["input_ids"][0][labels != -100]))[:150])  # fmt: skip
 
-    trainer.train()
+    if resume:
+        say(f"[hfx] resuming from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     logs = [h for h in trainer.state.log_history if "masked_thought/mask_rate" in h and "loss" in h]
     say("[hfx] logged (step: scheduled p / masked fraction / loss): " + "; ".join(

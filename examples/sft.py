@@ -23,7 +23,15 @@ import time
 from collections.abc import Callable
 
 import torch
-from _launch import launch_state, per_device_batch, positive_int
+from _launch import (
+    add_checkpoint_args,
+    checkpointing,
+    launch_state,
+    make_config,
+    per_device_batch,
+    positive_int,
+    resume_checkpoint,
+)
 from datasets import concatenate_datasets
 from peft import LoraConfig, PeftConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
     p.add_argument("--logging-steps", type=int, default=25)
+    add_checkpoint_args(p)
     args = p.parse_args(argv)
     for option, methods in OPTION_METHODS.items():
         if getattr(args, option) is not None and args.peft not in methods:
@@ -98,6 +107,29 @@ def main(argv: list[str] | None = None) -> dict:
     state = launch_state()
     say = state.print
     t0 = time.time()
+    resume = resume_checkpoint(args)
+    config = make_config(
+        SFTConfig,
+        {"max_steps": "--max-steps", "learning_rate": "--learning-rate", "logging_steps": "--logging-steps"},
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=per_device_batch(args.batch_size, state),
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, args.max_steps // 20),
+        logging_steps=args.logging_steps,
+        **checkpointing(args),
+        report_to="none",
+        seed=args.seed,
+        bf16=args.bf16,
+        **activation_checkpointing(False),
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    adapter_flags = {"r": "--r", "target_modules": "--target-modules", "filter_rank": "--r"}
+    adapter_flags.update(dict.fromkeys(["lora_alpha", "paca_alpha"], "--lora-alpha"))
+    adapter_flags.update(dict.fromkeys(["bone_dropout", "lora_dropout"], "--dropout"))
+    peft_config = make_config(PEFT_METHODS[args.peft], adapter_flags, args, what=f"--peft {args.peft}")
 
     base_recipe = BaseRecipe(max_steps=args.base_steps, seed=args.seed)
     model_path = args.model or pretrained_base(base_recipe, log=say)
@@ -122,23 +154,6 @@ def main(argv: list[str] | None = None) -> dict:
         train = concatenate_datasets([train, sft_dataset(n_replay, base_recipe.difficulty, seed=args.seed + 7)])
     train = train.shuffle(seed=args.seed)
 
-    config = SFTConfig(
-        output_dir=args.output_dir,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=per_device_batch(args.batch_size, state),
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, args.max_steps // 20),
-        logging_steps=args.logging_steps,
-        save_strategy="no",
-        report_to="none",
-        seed=args.seed,
-        bf16=args.bf16,
-        **activation_checkpointing(False),
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-    )
-    peft_config = PEFT_METHODS[args.peft](args)
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=train, processing_class=tokenizer, peft_config=peft_config
     )
@@ -158,7 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"[hfx] adapting on {len(train)} problems ({args.difficulty}, {n_replay} {base_recipe.difficulty} replayed) "
         f"for {args.max_steps} steps"
     )
-    trainer.train()
+    if resume:
+        say(f"[hfx] resuming from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
 
     result = {"method": args.peft, "trainable_params": trainable, "before": before}
