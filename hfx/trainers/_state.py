@@ -84,7 +84,7 @@ class JsonCheckpointStateMixin:
         (see the module doc); warn when the checkpoint is inside a generation batch."""
         self._replay_generation = False
         every = self._generate_every()
-        if every is None or every == 1 or self.args.ignore_data_skip:  # no cycle, or the data is not replayed
+        if every is None or self.args.ignore_data_skip:  # no cycle, or the data is not replayed
             return
         fix = (
             "To resume exactly, save at generation boundaries: make save_steps × gradient_accumulation_steps "
@@ -99,7 +99,9 @@ class JsonCheckpointStateMixin:
         else:
             micro, saved_every = int(saved["micro_step"]), int(saved["generate_every"])
         if saved is not None and saved_every == every:
-            self._step = micro  # TRL restarts it at 0; continuing it keeps its cycle aligned with the dataloader's
+            # TRL restarts it at 0; continuing it keeps its cycle aligned with the dataloader's, and the next
+            # checkpoint records the run's position (with a period of 1 it used to record the steps since the resume)
+            self._step = micro
         position = micro % saved_every
         if position == 0:
             return

@@ -109,4 +109,6 @@ def test_constrained_resumed_from_a_checkpoint_keeps_its_multipliers(tmp_path, l
     (expected, expected_rewards), (resumed, resumed_rewards) = final(whole), final(part)
     assert expected["multipliers"]["steps"] == resumed["multipliers"]["steps"] == 4
     assert resumed["multipliers"]["raw"] == pytest.approx(expected["multipliers"]["raw"], abs=1e-9)
+    # TRL's micro-step counter continues from the checkpoint (it used to restart at 0 with one step per generation)
+    assert resumed["generation_cycle"] == expected["generation_cycle"] == {"micro_step": 4, "generate_every": 1}
     assert len(resumed_rewards) == 4 and resumed_rewards == pytest.approx(expected_rewards, abs=1e-9)
