@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--format", default="standard", choices=["standard", "conversational"])
     p.add_argument("--difficulty", default="easy")
     p.add_argument("--peft", default="none", choices=["none", "lora"], help="'none' = full fine-tuning")
-    p.add_argument("--r", type=int, default=16, help="LoRA rank")
+    p.add_argument("--r", "--rank", dest="r", type=int, default=16, help="LoRA rank (--rank under torchrun)")
     p.add_argument("--n-train", type=positive_int, default=1000)
     p.add_argument("--n-eval", type=positive_int, default=128)
     p.add_argument("--max-steps", type=positive_int, default=60)

@@ -53,7 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mask-scope", default="completion", choices=["completion", "think"])
     p.add_argument("--think", action="store_true", help="train on <think> traces (implied by --mask-scope think)")
     p.add_argument("--peft", default="none", choices=["none", "lora", "bone"], help="'none' = full fine-tuning")
-    p.add_argument("--r", type=int, default=16, help="adapter rank / block size")
+    p.add_argument(
+        "--r", "--rank", dest="r", type=int, default=16, help="adapter rank / block size (--rank under torchrun)"
+    )
     p.add_argument("--difficulty", default="hard", help="difficulty to fine-tune on: easy, medium, hard, expert")
     p.add_argument("--replay", type=float, default=1.0, help="base-difficulty problems mixed in, per new one")
     p.add_argument("--n-train", type=positive_int, default=4000)

@@ -74,7 +74,14 @@ DEFAULT_R = 16
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peft", default="bone", choices=sorted(PEFT_METHODS), help="adapter method ('none' = full FT)")
-    p.add_argument("--r", type=int, default=None, help=f"rank / block size of the adapter (default {DEFAULT_R})")
+    p.add_argument(
+        "--r",
+        "--rank",
+        dest="r",
+        type=int,
+        default=None,
+        help=f"rank / block size of the adapter (default {DEFAULT_R}; --rank under torchrun)",
+    )
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA / PaCA alpha (default 2*r)")
     p.add_argument("--dropout", type=float, default=None, help="adapter dropout (bone, bat, dsee, lora; default 0)")
     p.add_argument("--target-modules", default="all-linear", help="comma-separated module names or 'all-linear'")

@@ -56,3 +56,45 @@ def test_global_batch_must_split_evenly_between_processes():
         SystemExit, match="--batch-size 9 is the global batch and must be divisible by the 2 processes"
     ):
         per_device_batch(9, two)
+
+
+class _Parsed(Exception):
+    def __init__(self, parser):
+        self.parser = parser
+
+
+@pytest.mark.parametrize(
+    "name", ["sft", "bvpo", "masked_thought", "gvm_raft", "constrained_grpo", "dynamic_weights_grpo"]
+)
+def test_every_option_has_a_spelling_torchrun_passes_through(name, load_example, monkeypatch):
+    """torchrun's parser matches abbreviations of its own options even after the script path: ``torchrun ...
+    examples/sft.py --r 8`` stopped with "ambiguous option: --r could match --rdzv-backend, ...". Every option needs
+    one spelling torchrun hands to the script unchanged (``--r`` has ``--rank``)."""
+    import argparse
+
+    from torch.distributed.run import get_args_parser
+
+    def capture(self, args=None, namespace=None):
+        raise _Parsed(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(_Parsed) as info:
+        load_example(name).parse_args([])
+    monkeypatch.undo()
+    torchrun = get_args_parser()
+    torchrun.exit_on_error = False
+    blocked = []
+    for action in info.value.parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+
+        def passes(flag: str) -> bool:
+            try:
+                parsed = torchrun.parse_args(["--nproc-per-node", "1", "script.py", flag, "1"])
+            except (SystemExit, argparse.ArgumentError):
+                return False
+            return parsed.training_script_args == [flag, "1"]
+
+        if not any(passes(flag) for flag in action.option_strings):
+            blocked.append(action.option_strings)
+    assert not blocked, f"options torchrun swallows or rejects: {blocked}"
