@@ -34,12 +34,20 @@ class QuantizedBaseMixin:
 
 
 def quantized_state(layer: BaseTunerLayer) -> dict[str, Any]:
-    """References to what ``set_base_weight`` replaces on a quantized base: the base module (HQQ builds a new one),
+    """Call before de-quantizing the base for a merge. References to what ``set_base_weight`` replaces on a quantized base: the base module (HQQ builds a new one),
     its weight (bitsandbytes, torchao assign a new one) and bitsandbytes 8-bit's int8 data and scales, which move
     from the weight to ``state`` at the first forward and which re-quantizing resets (keeping only the weight left
     an 8-bit layer without its scales: a wrong base after unmerge)."""
     base = layer.get_base_layer()
-    stash: dict[str, Any] = {"base_layer": layer.base_layer, "weight": getattr(base, "weight", None)}
+    weight = getattr(base, "weight", None)
+    stash: dict[str, Any] = {"base_layer": layer.base_layer, "weight": weight}
+    if weight is not None and hasattr(weight, "quant_state"):
+        # bitsandbytes 4-bit: its storage and quant state as they are now, possibly in the CPU layout that
+        # restore_bnb_cpu_layout undoes in place, lossily; so take this before de-quantizing for the merge
+        # (bitsandbytes' inverse also rewrites the QuantState's fields in place: keep their values too)
+        quant_state = weight.quant_state
+        fields = dict(vars(quant_state)) if hasattr(quant_state, "__dict__") else None
+        stash["data"], stash["quant_state"] = weight.data, (quant_state, fields)
     state = getattr(base, "state", None)
     if state is not None and hasattr(state, "SCB") and hasattr(state, "CB"):
         stash["state"] = (state.CB, state.SCB)
@@ -52,6 +60,12 @@ def restore_quantized_state(layer: BaseTunerLayer, stash: dict[str, Any]) -> Non
     base = layer.get_base_layer()
     if stash["weight"] is not None:
         base.weight = stash["weight"]
+    if "data" in stash:
+        quant_state, fields = stash["quant_state"]
+        if fields is not None:
+            vars(quant_state).clear()
+            vars(quant_state).update(fields)
+        base.weight.data, base.weight.quant_state = stash["data"], quant_state
     if "state" in stash:
         base.state.reset_grads()
         base.state.CB, base.state.SCB = stash["state"]

@@ -230,3 +230,46 @@ class ResizableBufferDict(BufferDict):
             if buf is not None and incoming is not None and incoming.shape != buf.shape:
                 self._buffers[key] = torch.empty(incoming.shape, dtype=buf.dtype, device=buf.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs)
+
+
+class WeightShapes(BufferDict):
+    """Per-adapter ``(out_features, in_features)`` of the weight an adapter's flat indices point into, saved with it.
+
+    Flat indices and value vectors carry no shape of their own, and their lengths follow the data (thresholds,
+    refreshes), so an adapter loaded onto a base of another shape used to load without complaint and train or apply
+    other entries than it was made for (or fail deep inside the first forward). Loading compares the saved shape
+    with the layer's and reports a mismatch as a load error, as a size mismatch of a LoRA matrix is. An adapter saved
+    before hfx stored shapes has no key: it loads unchecked, with no missing-key warning.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(persistent=True)
+        self._shapes: dict[str, tuple[int, int]] = {}
+        self.mismatched: set[str] = set()  # adapters whose last load had another shape (read by load hooks)
+
+    def set(self, adapter: str, shape: tuple[int, int], device: Optional[torch.device] = None) -> None:
+        self._shapes[adapter] = (int(shape[0]), int(shape[1]))
+        self[adapter] = torch.tensor(self._shapes[adapter], dtype=torch.int64, device=device)
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._shapes.pop(key, None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs):
+        for key in list(self._buffers):
+            incoming = state_dict.get(prefix + key)
+            if incoming is None:
+                continue  # saved before hfx stored shapes
+            saved = tuple(int(v) for v in incoming.reshape(-1).tolist())
+            expected = self._shapes.get(key)
+            if expected is not None and saved != expected:
+                self.mismatched.add(key)
+                errs.append(
+                    f"size mismatch for {prefix}{key}: the adapter was saved for a weight of shape {saved} "
+                    f"(out_features, in_features), the layer here has {expected}. Load it onto the base model it was "
+                    "trained on."
+                )
+            elif expected is not None and self._buffers[key].device.type == "meta":
+                self.set(key, expected, device=incoming.device)  # built on the meta device (low_cpu_mem_usage)
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k[len(prefix) :] not in self)

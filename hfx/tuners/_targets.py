@@ -1,4 +1,5 @@
-"""The hint hfx's tuners give with an unsupported ``target_modules`` layer."""
+"""The hint hfx's tuners give with an unsupported ``target_modules`` layer, and their injection that leaves the model
+as it was when it fails."""
 
 from __future__ import annotations
 
@@ -33,14 +34,19 @@ def linear_layer_names(model: nn.Module) -> list[str]:
 
 
 class TargetHintMixin:
-    """``BaseTuner`` mixin: when ``target_modules`` matches nothing, PEFT's error also lists the model's linear layer
-    names, so the fix is in the message (``'q_prj'`` → the names this model has)."""
+    """``BaseTuner`` mixin for injection. When ``target_modules`` matches nothing, PEFT's error also lists the model's
+    linear layer names, so the fix is in the message (``'q_prj'`` → the names this model has). When injection fails
+    part-way (a layer the method cannot handle, found after others were wrapped), the wrapped layers are put back:
+    the model used to stay half-wrapped, and retrying ``get_peft_model`` on it trained every base weight."""
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        children = {(id(parent), name): child for parent in model.modules() for name, child in parent.named_children()}
+        had_adapter = {id(m) for m in model.modules() if _holds(m, adapter_name)}
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
-        except ValueError as err:
-            if "not found in the base model" not in str(err):
+        except Exception as err:
+            _roll_back(model, children, adapter_name, had_adapter)
+            if not isinstance(err, ValueError) or "not found in the base model" not in str(err):
                 raise
             names = linear_layer_names(model)
             shown = ", ".join(repr(n) for n in names[:24]) + (", ..." if len(names) > 24 else "")
@@ -48,3 +54,25 @@ class TargetHintMixin:
                 f"{err} The linear layers of this model are named {shown}: list some of them in `target_modules` "
                 "(or use 'all-linear')."
             ) from err
+
+
+def _roll_back(model: nn.Module, children: dict, adapter_name: str, had_adapter: set[int]) -> None:
+    """Undo a failed injection: every module slot gets its child from before back, and a tuner layer that existed
+    before and received ``adapter_name`` loses it again."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            original = children.get((id(parent), name))
+            if original is not None and original is not child:
+                setattr(parent, name, original)
+    for module in model.modules():
+        if id(module) not in had_adapter and _holds(module, adapter_name):
+            module.delete_adapter(adapter_name)
+
+
+def _holds(module: nn.Module, adapter_name: str) -> bool:
+    """Whether ``module`` is a PEFT tuner layer with weights of adapter ``adapter_name``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not isinstance(module, BaseTunerLayer):
+        return False
+    return any(adapter_name in getattr(module, attr, {}) for attr in module.adapter_layer_names)

@@ -3,6 +3,7 @@ weights (unstructured and heads), save/load (fresh process), a tiny LM and a tin
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -372,6 +373,36 @@ def test_head_pruning_zeroes_lowest_heads_and_removal_gives_same_logits():
 def test_prune_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         prune(bert_dsee(), **kwargs)
+
+
+def test_prune_exclude_modules_as_one_name_and_unknown_adapter():
+    """``exclude_modules="intermediate.dense"`` used to become a tuple of letters, which excluded nothing and pruned
+    that layer in place; an unknown ``adapter_name`` used to score a zero update everywhere, silently."""
+    model = bert_dsee()
+    layer = model.get_base_model().bert.encoder.layer[0].intermediate.dense
+    prune(model, ratio=0.5, exclude_modules="intermediate.dense")
+    assert torch.count_nonzero(layer.weight) == layer.weight.numel()
+    other = bert_dsee()
+    prune(other, ratio=0.5, exclude_modules=("intermediate.dense",))
+    for (name, a), (_, b) in zip(model.named_parameters(), other.named_parameters()):
+        assert torch.equal(a, b), name  # a string is the one-name list
+    with pytest.raises(TypeError, match="`exclude_modules` must be a module name or a list"):
+        prune(bert_dsee(), exclude_modules=3)
+    with pytest.raises(ValueError, match=r"no DSEE adapter named 'defualt'; the model has \['default'\]"):
+        prune(bert_dsee(), mode="wabs", adapter_name="defualt")
+
+
+def test_head_pruning_with_all_zero_scores_warns(caplog):
+    """An untrained adapter scores every head 0: the 'lowest' heads are the first ones, which is now said."""
+    model = get_peft_model(tiny_bert(), hfx.DseeConfig(r=4, num_sparse=16, modules_to_save=["classifier"]))
+    with caplog.at_level(logging.WARNING, logger="hfx.dsee"):
+        stats = prune(model, ratio=None, heads_per_layer=1)
+    assert set(map(tuple, stats["heads"].values())) == {(0,)}
+    assert any("every head score is zero" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hfx.dsee"):
+        prune(bert_dsee(), ratio=None, heads_per_layer=1)  # trained (randomised) update: no warning
+    assert not any("every head score is zero" in r.getMessage() for r in caplog.records)
 
 
 def test_prune_refuses_merged_and_non_dsee():

@@ -502,6 +502,9 @@ def test_errors():
     emb = get_peft_model(lm, hfx.EvaConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
     with pytest.raises(TypeError, match=r"embed_tokens.*Embedding"):
         hfx.initialize(emb, lm_batches(lm.config.vocab_size, n=2, bsz=2, seq=8), show_progress=False)
+    if not torch.cuda.is_available():  # a bare "Torch not compiled with CUDA enabled" before
+        with pytest.raises(ValueError, match=r"stats_device='cuda', but CUDA is not available"):
+            hfx.initialize(make(stats_device="cuda"), batches, show_progress=False)
     for rho in (0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="rho must be >= 1"):
             hfx.EvaConfig(rho=rho)
@@ -515,6 +518,9 @@ def test_errors():
         ({"max_iterations": 2.5}, r"EvaConfig\.max_iterations must be an integer, got 2\.5 \(float\)"),
         ({"min_rank": 1.0}, r"EvaConfig\.min_rank must be an integer"),
         ({"rank_budget": "8"}, r"EvaConfig\.rank_budget must be an integer or None"),
+        ({"r": 2.5}, r"EvaConfig\.r must be an integer >= 1, got 2\.5"),  # used to fail inside torch.empty
+        ({"label_mask_value": "x"}, r"EvaConfig\.label_mask_value must be an integer"),  # failed in initialize
+        ({"stats_device": "gpu"}, r"EvaConfig\.stats_device must be a torch device"),
     ):
         with pytest.raises(ValueError, match=match):
             hfx.EvaConfig(**kwargs)

@@ -449,8 +449,20 @@ def test_error_quantised_target_names_layer_type():
 def test_error_rank_too_large_and_double_init():
     base = make_base(hidden_size=8)
     model = get_peft_model(base, hfx.LoraGAConfig(r=8, target_modules=TARGETS))
-    with pytest.raises(ValueError, match="2r <= min"):
+    with pytest.raises(ValueError, match=r"2r <= min.*too large for .*q_proj \(r=8, 8x8\).*`rank_pattern`"):
         hfx.initialize(model, make_batches(base.config.vocab_size), show_progress=False)
+    # checked before the gradient pass: no batch is read (it used to fail after the whole pass)
+    read = []
+
+    def batches():
+        for b in make_batches(base.config.vocab_size):
+            read.append(b)
+            yield b
+
+    model = get_peft_model(make_base(hidden_size=8), hfx.LoraGAConfig(r=8, target_modules=TARGETS))
+    with pytest.raises(ValueError, match="2r <= min"):
+        hfx.initialize(model, batches(), show_progress=False)
+    assert read == []
     base, model = fresh()
     hfx.initialize(model, make_batches(base.config.vocab_size), show_progress=False)
     with pytest.raises(RuntimeError, match="already initialised"):
@@ -470,6 +482,10 @@ def test_config_validation():
         hfx.LoraGAConfig(direction="bogus")
     with pytest.raises(ValueError, match="dora"):
         hfx.LoraGAConfig(use_dora=True)
+    with pytest.raises(ValueError, match=r"LoraGAConfig\.r must be an integer >= 1, got 2\.5"):
+        hfx.LoraGAConfig(r=2.5)
+    with pytest.raises(ValueError, match=r"rank_pattern ranks must be integers >= 1, got \{'v_proj': 2\.0\}"):
+        hfx.LoraGAConfig(rank_pattern={"v_proj": 2.0})
     for gamma in (0.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="stable_gamma"):
             hfx.LoraGAConfig(stable_gamma=gamma)

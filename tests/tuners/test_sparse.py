@@ -226,3 +226,66 @@ def test_gpu_bf16_layer_runs_bf16_gemms_and_matches_float64(method):
         if p.requires_grad:
             assert p.grad.dtype == torch.float32, n
             torch.testing.assert_close(p.grad.double().cpu(), q.grad, rtol=0, atol=3e-2 * q.grad.abs().max().item())
+
+
+class _Two(nn.Module):
+    """One linear layer of a chosen shape, named ``proj``."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(n_in, n_out, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+FLAT_INDEX_TUNERS = {
+    "sara": (lambda: hfx.SaraConfig(ratio=0.2, target_modules=["proj"]), "sara_shape"),
+    "lift": (lambda: hfx.LiftConfig(r=2, target_modules=["proj"]), "lift_shape"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(FLAT_INDEX_TUNERS))
+@pytest.mark.parametrize(
+    "other", [(64, 64), (16, 32)]
+)  # (in, out): larger; transposed (LIFT's k = (m + n) r is the same)
+def test_flat_index_adapter_refuses_a_base_of_another_shape(method, other, tmp_path):
+    """Flat indices carry no shape: a SaRA adapter of a 16x32 layer used to load into a 64x64 one and train other
+    entries, and a LIFT adapter loaded into the transposed layer (same k, same numel) without a word."""
+    from peft import PeftModel
+
+    make, key = FLAT_INDEX_TUNERS[method]
+    get_peft_model(_Two(32, 16), make()).save_pretrained(tmp_path / "a")
+    with pytest.raises(RuntimeError, match=rf"{key}.*saved for a weight of shape \(16, 32\).*here has \({other[1]}, "):
+        PeftModel.from_pretrained(_Two(*other), tmp_path / "a")
+
+
+@pytest.mark.parametrize("method", sorted(FLAT_INDEX_TUNERS))
+def test_flat_index_adapter_without_a_saved_shape_still_loads(method, tmp_path, recwarn):
+    """Adapters saved before hfx stored the shape load as before, with no missing-key warning; the shape is saved
+    as a plain int64 pair, and low_cpu_mem_usage (meta-device build) loads it too."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    make, key = FLAT_INDEX_TUNERS[method]
+    model = get_peft_model(_Two(32, 16), make())
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "a")
+    x = torch.randn(3, 32)
+    expected = model(x)
+    state = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    (shape_key,) = [k for k in state if key in k]
+    assert state[shape_key].tolist() == [16, 32] and state[shape_key].dtype == torch.int64
+    for low_cpu in (False, True):
+        loaded = PeftModel.from_pretrained(_Two(32, 16), tmp_path / "a", low_cpu_mem_usage=low_cpu)
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    del state[shape_key]
+    save_file(state, tmp_path / "a" / "adapter_model.safetensors")
+    recwarn.clear()
+    old = PeftModel.from_pretrained(_Two(32, 16), tmp_path / "a")
+    torch.testing.assert_close(old(x), expected, rtol=0, atol=0)
+    assert not [w for w in recwarn if "missing" in str(w.message).lower()]

@@ -280,6 +280,8 @@ class BoneLinear(nn.Module, BoneLayer):
         for adapter in adapter_names:
             if adapter not in self.bone_block:
                 continue
+            # a quantized base is kept as it is now, before de-quantizing may touch its storage
+            stash = quantized_state(self) if self.quantization_backend is not None else None
             weight = self.get_base_weight()
             orig_dtype = weight.dtype
             work = torch.float32 if orig_dtype in (torch.float16, torch.bfloat16) else orig_dtype
@@ -296,7 +298,7 @@ class BoneLinear(nn.Module, BoneLayer):
                     "quantized weight, so unmerge (and disable_adapter) put it back exactly.",
                     stacklevel=2,
                 )
-                self._bone_stash[adapter] = quantized_state(self)
+                self._bone_stash[adapter] = stash
             self.set_base_weight(new.to(orig_dtype))
             self.merged_adapters.append(adapter)
 

@@ -198,6 +198,7 @@ def _prune_heads(model: nn.Module, heads_per_layer: int, mode: str, adapter: str
             "DSEE head pruning found no attention layers (BERT-style query/key/value or q_proj/k_proj/v_proj/o_proj)."
         )
     pruned: dict[str, list[int]] = {}
+    scored = False  # any non-zero head score: with none, the "lowest" heads are just the first ones
     for blk in blocks:
         h, h_kv, d = blk["num_heads"], blk["num_kv"], blk["head_dim"]
         if not 0 < heads_per_layer < h:
@@ -209,6 +210,7 @@ def _prune_heads(model: nn.Module, heads_per_layer: int, mode: str, adapter: str
         q_rows = _row_sums(blk["q"], mode, adapter).view(h, d).sum(dim=1)
         v_rows = _row_sums(blk["v"], mode, adapter).view(h_kv, d).sum(dim=1)
         score = (q_rows + v_rows.repeat_interleave(group) / group).cpu()
+        scored = scored or bool((score > 0).any())
         heads = sorted(torch.argsort(score, stable=True)[:heads_per_layer].tolist())
         pruned[blk["name"]] = heads
         q_keep = torch.ones(h * d, dtype=torch.bool)
@@ -223,6 +225,12 @@ def _prune_heads(model: nn.Module, heads_per_layer: int, mode: str, adapter: str
             _set_mask(blk[key], keep[:, None].expand_as(weight).clone(), keep)
         o_weight = _base_linear(blk["o"]).weight
         _set_mask(blk["o"], q_keep[None, :].expand_as(o_weight).clone())
+    if not scored:
+        logger.warning(
+            "DSEE head pruning: every head score is zero (an untrained adapter, or no DSEE adapter on the q/v "
+            "projections); the first heads of each layer were pruned. Train first, adapt q/v, or use "
+            "head_mode='wabs' (adds |W_q| + |W_v|)."
+        )
     return pruned
 
 
@@ -246,7 +254,7 @@ def prune(
     heads_per_layer: int = 0,
     head_mode: str = "abs",
     adapter_name: Optional[str] = None,
-    exclude_modules: tuple[str, ...] = HEAD_EXCLUDE,
+    exclude_modules: str | tuple[str, ...] = HEAD_EXCLUDE,
 ) -> dict[str, Any]:
     """Prune the final weights of a DSEE model (see the module docstring); returns and logs the statistics.
 
@@ -260,7 +268,8 @@ def prune(
         heads_per_layer: Attention heads to prune per layer (0: none; the paper prunes 3 of 12 on BERT-base).
         head_mode: Head score: ``"abs"`` (``|dW_q| + |dW_v|``) or ``"wabs"`` (adds ``|W_q| + |W_v|``).
         adapter_name: The DSEE adapter whose update is scored (default: the active one).
-        exclude_modules: Linear layers (name or suffix) never pruned; the output embedding is never pruned either.
+        exclude_modules: Linear layers (a name or suffix, or a list of them) never pruned; the output embedding is
+            never pruned either.
 
     Returns:
         ``{"ratio", "adapter_ratio", "base_pruned", "base_total", "adapter_pruned", "adapter_total", "heads",
@@ -277,7 +286,17 @@ def prune(
         raise ValueError(f"`heads_per_layer` must be a non-negative integer, got {heads_per_layer!r}.")
     if ratio is None and heads_per_layer == 0:
         raise ValueError("Nothing to prune: give a `ratio` in (0, 1) and/or `heads_per_layer` > 0.")
-    adapted, plain = _collect(model, tuple(exclude_modules))
+    if isinstance(
+        exclude_modules, str
+    ):  # one name, as PEFT's exclude_modules takes it (tuple() split it into letters)
+        exclude_modules = (exclude_modules,)
+    try:
+        exclude_modules = tuple(exclude_modules)
+    except TypeError:
+        raise TypeError(
+            f"`exclude_modules` must be a module name or a list of names (or suffixes), got {exclude_modules!r}."
+        ) from None
+    adapted, plain = _collect(model, exclude_modules)
     if not adapted:
         raise ValueError("hfx.dsee.prune: the model has no DSEE layers; wrap it with get_peft_model(DseeConfig()).")
     layers = list(adapted.values())
@@ -286,6 +305,9 @@ def prune(
         if len(active) != 1:
             raise ValueError(f"hfx.dsee.prune: pass `adapter_name`; {len(active)} adapters are active.")
         adapter_name = active[0]
+    names = sorted({name for layer in layers for name in layer.dsee_A})
+    if adapter_name not in names:  # it used to score a zero update in every layer, silently with mode="wabs"
+        raise ValueError(f"hfx.dsee.prune: no DSEE adapter named {adapter_name!r}; the model has {names}.")
     for layer in layers:
         if layer.merged:
             raise ValueError(f"Cannot prune while {layer._describe()} is merged; call unmerge_adapter() first.")

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import torch
 from peft import LoraConfig
 
 
@@ -66,6 +67,21 @@ class EvaConfig(LoraConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"EvaConfig.{name} must be a number, got {value!r} ({type(value).__name__}).")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:  # PEFT's LoraConfig does not check
+            raise ValueError(f"EvaConfig.r must be an integer >= 1, got {self.r!r} ({type(self.r).__name__}).")
+        if isinstance(self.label_mask_value, bool) or not isinstance(self.label_mask_value, int):
+            raise ValueError(
+                f"EvaConfig.label_mask_value must be an integer (the labels' ignore index, -100), got "
+                f"{self.label_mask_value!r} ({type(self.label_mask_value).__name__})."
+            )
+        if self.stats_device is not None:
+            try:
+                torch.device(self.stats_device)
+            except (RuntimeError, TypeError):
+                raise ValueError(
+                    f"EvaConfig.stats_device must be a torch device such as 'cpu' or 'cuda:0' (or None: the "
+                    f"activations' device), got {self.stats_device!r}."
+                ) from None
         for name, optional in (("max_iterations", False), ("min_rank", False), ("rank_budget", True)):
             value = getattr(self, name)
             if optional and value is None:

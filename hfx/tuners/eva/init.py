@@ -418,6 +418,11 @@ def compute_eva(
     forward_params = _forward_params(peft_model)
     device = next(iter(peft_model.parameters())).device
     stats_device = torch.device(config.stats_device) if config.stats_device is not None else None
+    if stats_device is not None and stats_device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"EvaConfig.stats_device={config.stats_device!r}, but CUDA is not available here; leave it None (the "
+            "activations' device) or set 'cpu'."
+        )
     stream = _batch_stream(batches)
     start = time.perf_counter()
 

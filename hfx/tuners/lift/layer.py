@@ -22,6 +22,7 @@ from .._mixed_batch import mixed_batch_forward, pop_adapter_names
 from .._sparse import (
     ResizableBufferDict,
     SparseValues,
+    WeightShapes,
     add_sparse_,
     index_dtype,
     scatter_dense,
@@ -80,7 +81,14 @@ class LiftLayer(IndexedTunerLayer):
 
     method_name = "LIFT"
     adapter_layer_names = ("lift_values",)
-    other_param_names = ("lift_indices", "lift_past_indices", "lift_past_values", "lift_k", "lift_selection")
+    other_param_names = (
+        "lift_indices",
+        "lift_past_indices",
+        "lift_past_values",
+        "lift_k",
+        "lift_selection",
+        "lift_shape",
+    )
 
     def __init__(self, base_layer: nn.Module, layer_name: str = "", **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -91,6 +99,7 @@ class LiftLayer(IndexedTunerLayer):
         self.lift_indices = ResizableBufferDict({})
         self.lift_past_indices = ResizableBufferDict({})
         self.lift_past_values = ResizableBufferDict({})
+        self.lift_shape = WeightShapes()  # what lift_indices index into, checked on load
         self.lift_k: dict[str, int] = {}
         self.lift_selection: dict[str, dict[str, Any]] = {}
         self._disable_adapters = False
@@ -134,6 +143,7 @@ class LiftLayer(IndexedTunerLayer):
         }
         idx = self.select(adapter_name, self.dense_base_weight())
         self.lift_indices[adapter_name] = idx
+        self.lift_shape.set(adapter_name, (self.out_features, self.in_features), device=idx.device)
         self.lift_past_indices[adapter_name] = idx.new_zeros(0)
         self.lift_past_values[adapter_name] = torch.zeros(0, device=idx.device)
         self.lift_values[adapter_name] = nn.Parameter(torch.zeros(k, device=idx.device))

@@ -72,6 +72,11 @@ class LoraGAConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not _is_positive_int(self.r):  # PEFT's LoraConfig does not check (a float failed deep in torch.empty)
+            raise ValueError(f"LoraGAConfig.r must be an integer >= 1, got {self.r!r} ({type(self.r).__name__}).")
+        bad = {k: v for k, v in (self.rank_pattern or {}).items() if not _is_positive_int(v)}
+        if bad:
+            raise ValueError(f"LoraGAConfig.rank_pattern ranks must be integers >= 1, got {bad}.")
         if self.direction not in DIRECTIONS:
             raise ValueError(f"LoraGAConfig.direction must be one of {DIRECTIONS}, got {self.direction!r}.")
         if self.scale not in SCALES:

@@ -423,6 +423,19 @@ def initialize_loraga(
         factors = read_export_init(init_from, layers, adapter_name)
         summary.update(batches=0, passes=0, init_from=init_from)
     else:
+        # checked before the gradient pass (it used to fail after it, naming no layer)
+        too_big = []
+        for name, layer in layers:
+            m, n = _out_in(layer.get_base_layer())
+            if 2 * layer.r[adapter_name] > min(m, n):
+                too_big.append(f"{name} (r={layer.r[adapter_name]}, {m}x{n})")
+        if too_big:
+            raise ValueError(
+                "LoRA-GA needs 2r <= min(out, in) to take 2r singular vectors; too large for "
+                + ", ".join(too_big[:6])
+                + (f" and {len(too_big) - 6} more" if len(too_big) > 6 else "")
+                + ". Lower `r`, or give these layers a smaller rank in `rank_pattern`."
+            )
         per_pass = config.max_layers_per_pass or len(layers)
         groups = [layers[i : i + per_pass] for i in range(0, len(layers), per_pass)]
         if len(groups) > 1 and iter(batches) is batches:

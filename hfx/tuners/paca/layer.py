@@ -288,6 +288,7 @@ class PacaLinear(nn.Module, PacaLayer):
             base = self.get_base_layer()
             indices = self.paca_indices[adapter]
             if self.quantization_backend is not None:
+                stash = quantized_state(self)  # before de-quantizing may touch the storage
                 weight = self.get_base_weight()
                 new_cols = self._merged_columns(adapter, weight.index_select(1, indices))
                 if safe_merge and not torch.isfinite(new_cols).all():
@@ -298,7 +299,7 @@ class PacaLinear(nn.Module, PacaLayer):
                     "by quantization rounding.",
                     stacklevel=2,
                 )
-                self._paca_stash[adapter] = quantized_state(self)
+                self._paca_stash[adapter] = stash
                 merged = weight.clone().index_copy_(1, indices, new_cols.to(weight.dtype))
                 self.set_base_weight(merged)
             else:

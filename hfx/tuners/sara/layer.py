@@ -30,7 +30,14 @@ from torch import nn
 
 from .._compat import IndexedTunerLayer
 from .._mixed_batch import mixed_batch_forward, pop_adapter_names
-from .._sparse import ResizableBufferDict, SparseValues, index_dtype, scatter_dense, sparse_delta_linear
+from .._sparse import (
+    ResizableBufferDict,
+    SparseValues,
+    WeightShapes,
+    index_dtype,
+    scatter_dense,
+    sparse_delta_linear,
+)
 from .._targets import target_hint
 
 
@@ -201,7 +208,13 @@ class SaraLayer(IndexedTunerLayer):
     """Mixin holding the per-adapter SaRA state of one adapted linear layer."""
 
     adapter_layer_names = ("sara_values",)
-    other_param_names = ("sara_indices", "sara_frozen_indices", "sara_frozen_values", "sara_threshold")
+    other_param_names = (
+        "sara_indices",
+        "sara_frozen_indices",
+        "sara_frozen_values",
+        "sara_threshold",
+        "sara_shape",
+    )
 
     def __init__(self, base_layer: nn.Module, layer_name: str = "", **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -211,6 +224,7 @@ class SaraLayer(IndexedTunerLayer):
         self.sara_frozen_indices = ResizableBufferDict({})
         self.sara_frozen_values = ResizableBufferDict({})
         self.sara_threshold = SaraThresholds()
+        self.sara_shape = WeightShapes()  # what sara_indices index into, checked on load
         self._sara_merge_backup: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
@@ -243,6 +257,7 @@ class SaraLayer(IndexedTunerLayer):
         weight, zero delta. Selection is deterministic, so every rank of a distributed run selects the same set."""
         idx, thr = sara_select(self.dense_base_weight(), threshold, ratio, layer_name=f"layer {self.layer_name!r}")
         self.sara_threshold.set(adapter_name, thr, device=idx.device)
+        self.sara_shape.set(adapter_name, (self.out_features, self.in_features), device=idx.device)
         self.sara_indices[adapter_name] = idx
         self.sara_frozen_indices[adapter_name] = idx.new_zeros(0)
         self.sara_frozen_values[adapter_name] = torch.zeros(0, device=idx.device)

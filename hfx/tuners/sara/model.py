@@ -84,8 +84,10 @@ def _warn_threshold_mismatch(module: torch.nn.Module, incompatible_keys: Any) ->
         for adapter in layer.sara_threshold:
             total[adapter] = total.get(adapter, 0) + 1
         for adapter, (saved, computed) in layer.sara_threshold.mismatches.items():
-            found.setdefault(adapter, []).append((layer.layer_name, saved, computed))
+            if adapter not in layer.sara_shape.mismatched:  # another shape: the load fails with that error instead
+                found.setdefault(adapter, []).append((layer.layer_name, saved, computed))
         layer.sara_threshold.mismatches.clear()
+        layer.sara_shape.mismatched.clear()
     configs = getattr(module, "peft_config", {})
     for adapter, rows in found.items():
         config = configs.get(adapter)

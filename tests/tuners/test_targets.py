@@ -1,0 +1,91 @@
+"""hfx/tuners/_targets.py: a failed injection leaves the model as it was (no half-wrapped base), for every tuner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+import hfx
+from hfx.testing import tiny_causal_lm
+
+TUNERS = {
+    "bone": (hfx.BoneModel, lambda: hfx.BoneConfig(r=8, target_modules=["q_proj", "v_proj"])),
+    "paca": (hfx.PacaModel, lambda: hfx.PacaConfig(r=8, target_modules=["q_proj", "v_proj"])),
+    "lift": (hfx.LiftModel, lambda: hfx.LiftConfig(r=2, target_modules=["q_proj", "v_proj"])),
+    "dsee": (hfx.DseeModel, lambda: hfx.DseeConfig(r=2, num_sparse=8, target_modules=["q_proj", "v_proj"])),
+    "sara": (hfx.SaraModel, lambda: hfx.SaraConfig(ratio=0.2, target_modules=["q_proj", "v_proj"])),
+}
+
+
+def _fail_on_third_layer(monkeypatch, tuner_cls) -> None:
+    """Make ``_create_and_replace`` raise on its third call, after two layers were wrapped."""
+    original = tuner_cls._create_and_replace
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise ValueError("a layer this method cannot handle")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tuner_cls, "_create_and_replace", flaky)
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+@pytest.mark.parametrize("method", sorted(TUNERS))
+def test_failed_get_peft_model_leaves_the_base_as_it_was(method, monkeypatch):
+    tuner_cls, make = TUNERS[method]
+    torch.manual_seed(0)
+    base = tiny_causal_lm(hidden_size=64, num_layers=2)
+    state, types = _snapshot(base)
+    _fail_on_third_layer(monkeypatch, tuner_cls)
+    with pytest.raises(ValueError, match="cannot handle"):
+        get_peft_model(base, make())
+    monkeypatch.undo()
+    assert [type(m) for m in base.modules()] == types  # no tuner layer left behind
+    after = base.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    # a retry on the same object gives what a fresh base gives (it used to train every base weight)
+    model = get_peft_model(base, make())
+    fresh = get_peft_model(tiny_causal_lm(hidden_size=64, num_layers=2), make())
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == sorted(n for n, p in fresh.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("method", sorted(TUNERS))
+def test_failed_add_adapter_removes_the_new_adapter_from_existing_layers(method, monkeypatch):
+    tuner_cls, make = TUNERS[method]
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_causal_lm(hidden_size=64, num_layers=2), make())
+    x = torch.randint(3, 100, (2, 6))
+    with torch.no_grad():
+        y = model(x).logits
+    _fail_on_third_layer(monkeypatch, tuner_cls)
+    with pytest.raises(ValueError, match="cannot handle"):
+        model.add_adapter("second", make())
+    monkeypatch.undo()
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            held = {key for attr in module.adapter_layer_names for key in getattr(module, attr, {})}
+            assert held == {"default"}
+    assert "second" not in model.peft_config
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, y, rtol=0, atol=0)
+    model.add_adapter("second", make())  # the name is free again
+
+
+def test_bat_on_an_indivisible_layer_fails_before_changing_the_model():
+    """The case from the review: BAT's divisibility error on lm_head came after q_proj had been wrapped."""
+    torch.manual_seed(0)
+    base = tiny_causal_lm(hidden_size=64, num_layers=2)
+    types = [type(m) for m in base.modules()]
+    with pytest.raises(ValueError, match="BAT"):
+        get_peft_model(base, hfx.BoneConfig(r=8, init_weights="bat", target_modules=["q_proj", "lm_head"]))
+    assert [type(m) for m in base.modules()] == types
+    model = get_peft_model(base, hfx.BoneConfig(r=8, init_weights="bat", target_modules=["q_proj"]))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 8 * 64
