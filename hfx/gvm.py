@@ -73,6 +73,9 @@ _TRL_REWARD_ARGS = {
     "log_metric",
     "environments",
 }
+# Dataset columns TRL keeps back from reward functions, passing its own ``prompts`` / ``completions`` instead (it also
+# keeps back a ``completion_ids`` column, but passes its own argument of that name)
+_TRL_WITHHELD_COLUMNS = {"prompt": "prompts", "completion": "completions"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -379,6 +382,12 @@ def check_reward_columns(
                 inspect.Parameter.POSITIONAL_OR_KEYWORD,
                 inspect.Parameter.KEYWORD_ONLY,
             )
+            if required and param.name in _TRL_WITHHELD_COLUMNS:
+                raise ValueError(
+                    f"reward function {name!r} requires a {param.name!r} argument, which TRL never passes (it keeps "
+                    f"that column back and passes {_TRL_WITHHELD_COLUMNS[param.name]!r}); rename the parameter to "
+                    f"{_TRL_WITHHELD_COLUMNS[param.name]!r}, or give it a default."
+                )
             if required and param.name not in _TRL_REWARD_ARGS and param.name not in columns:
                 raise ValueError(
                     f"reward function {name!r} needs a {param.name!r} column, which {dataset} lacks "

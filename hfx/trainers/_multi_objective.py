@@ -16,9 +16,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers.utils import logging
 
-from ._data import check_prompt_column, check_reward_function_columns
+from ._data import check_not_empty, check_prompt_column, check_reward_function_columns
+from ._divergence import DivergenceCheckMixin
 from ._state import JsonCheckpointStateMixin
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["MultiObjectiveMixin", "resolve_reward_indices"]
 
@@ -37,7 +41,7 @@ def resolve_reward_indices(names: Sequence[str], available: Sequence[str], argum
     return indices
 
 
-class MultiObjectiveMixin(JsonCheckpointStateMixin):
+class MultiObjectiveMixin(DivergenceCheckMixin, JsonCheckpointStateMixin):
     """Mixin placed before ``GRPOTrainer``/``RLOOTrainer``; subclasses implement :meth:`update_reward_weights`.
 
     ``_config_class`` is the config class the trainer requires (a ``TypeError`` names it otherwise).
@@ -52,9 +56,18 @@ class MultiObjectiveMixin(JsonCheckpointStateMixin):
         if not isinstance(args, self._config_class):
             raise TypeError(f"{type(self).__name__} needs a {self._config_class.__name__}, got {type(args).__name__}")
         eval_dataset = pargs[0] if pargs else kwargs.get("eval_dataset")  # GRPO/RLOO take it after train_dataset
+        check_not_empty(train_dataset, eval_dataset)  # TRL would "train" 0 steps on an empty one, with a warning
         check_prompt_column(train_dataset, eval_dataset, type(self).__name__)
         check_reward_function_columns(reward_funcs, train_dataset, eval_dataset, type(self).__name__)
         super().__init__(model, reward_funcs, args, train_dataset, *pargs, **kwargs)
+        names = list(self.reward_func_names)
+        shared = sorted({n for n in names if names.count(n) > 1})
+        if shared:  # constraint_rewards / objectives used to bind such a name to the first function, silently
+            raise ValueError(
+                f"{type(self).__name__}: reward functions share the name(s) {shared} ({names}). Their weights, logs "
+                "(reward_weights/<name>), checkpoints and constraint_rewards / objectives go by name: give each a "
+                "distinct one, e.g. make_length_reward(..., name='short_length'), or a differently named function."
+            )
         self._mo_prompt_ids: list[list[int]] | None = None
         self._mo_completion_ids: list[list[int]] | None = None
 
@@ -88,8 +101,16 @@ class MultiObjectiveMixin(JsonCheckpointStateMixin):
     def _set_reward_weights(self, weights: Sequence[float] | torch.Tensor) -> None:
         self.reward_weights = torch.as_tensor(weights, dtype=torch.float32).detach().cpu().clone()
 
+    def _configured_reward_weights(self) -> list[float] | None:
+        weights = getattr(self.args, "reward_weights", None)
+        return None if weights is None else [float(w) for w in weights]
+
     def _base_state(self) -> dict[str, Any]:
-        return {"reward_weights": self.reward_weights.tolist(), "reward_names": list(self.reward_func_names)}
+        return {
+            "reward_weights": self.reward_weights.tolist(),
+            "reward_names": list(self.reward_func_names),
+            "configured_reward_weights": self._configured_reward_weights(),  # to notice an edited config on resume
+        }
 
     def _load_base_state(self, state: dict[str, Any]) -> None:
         names = state.get("reward_names")
@@ -100,3 +121,14 @@ class MultiObjectiveMixin(JsonCheckpointStateMixin):
             )
         if "reward_weights" in state:
             self._set_reward_weights(state["reward_weights"])
+        if "configured_reward_weights" in state and state["configured_reward_weights"] != (
+            configured := self._configured_reward_weights()
+        ):
+            # as for changed constraint_thresholds: warn and continue with the checkpoint's state (a resumed run
+            # used to drop an edited reward_weights silently)
+            logger.warning(
+                f"reward_weights={configured} differ from those of the run that saved this checkpoint "
+                f"({state['configured_reward_weights']}); resuming continues with the checkpoint's weights "
+                f"{[round(w, 6) for w in self.reward_weights.tolist()]}. To train with the new weights, start a new run "
+                "from the checkpoint's model instead of resume_from_checkpoint."
+            )

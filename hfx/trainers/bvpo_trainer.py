@@ -42,6 +42,7 @@ from trl import DPOTrainer
 from trl.data_utils import is_conversational
 
 from ._data import check_not_empty
+from ._divergence import DivergenceCheckMixin
 from .bvpo_config import BVPOConfig
 
 __all__ = [
@@ -415,8 +416,19 @@ def check_bvpo_row(
 def _checked_tokenize_empty_view(
     example: dict[str, Any], index: int, columns: list[str], dataset_name: str, **kwargs: Any
 ) -> dict[str, list[int]]:
-    """:func:`check_bvpo_row`, then :func:`tokenize_empty_view` (the ``dataset.map`` function, with indices)."""
+    """:func:`check_bvpo_row`, then :func:`tokenize_empty_view` (the ``dataset.map`` function, with indices). Row 0
+    chose how reasoning is disabled; with ``"completion"`` (the no-trace completions carry the empty think block)
+    every row must carry it, or its "empty-trace" pair would be scored under a prompt with reasoning on."""
     check_bvpo_row(example, index, columns, kwargs["prompt_column"], dataset_name)
+    if kwargs["mode"] == "completion":
+        for column in (kwargs["chosen_column"], kwargs["rejected_column"]):
+            if not EMPTY_THINK_RE.match(_completion_head(example[column])):
+                raise ValueError(
+                    f"Row {index} of the {dataset_name} dataset: {column!r} does not start with an empty think block "
+                    f"(got {str(_completion_head(example[column]))[:60]!r}), but row 0's no-trace completions do, so "
+                    "BVPO disables reasoning through them and this row would keep it on. Give every row the empty "
+                    "block, or set `BVPOConfig(no_trace_suffix=...)` to your model's empty think block."
+                )
     return tokenize_empty_view(example, **kwargs)
 
 
@@ -453,7 +465,7 @@ class _AlphaStepCallback(TrainerCallback):
         self.trainer._flush_alpha_observation()
 
 
-class BVPOTrainer(DPOTrainer):
+class BVPOTrainer(DivergenceCheckMixin, DPOTrainer):
     """BVPO trainer: ``L = α·DPO(trace pairs) + (1 − α)·DPO(empty-trace pairs)`` over the same prompts, each step.
 
     Takes the arguments of :class:`trl.DPOTrainer` with a :class:`BVPOConfig`. The dataset needs ``prompt``,

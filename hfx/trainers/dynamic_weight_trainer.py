@@ -90,6 +90,13 @@ class _DynamicWeightMixin(MultiObjectiveMixin):
         self.log_weights = torch.log(self.reward_weights.double())
         self.last_influence: list[float] | None = None
         self.weight_grad_module_names: list[str] = []
+        if self.weighting == "gradient" and (self.reward_weights == 0).any():
+            zero = [n for n, w in zip(names, self.reward_weights.tolist()) if w == 0]
+            logger.warning(
+                f"weighting='gradient' with reward_weights {self.reward_weights.tolist()}: the mirror-descent step "
+                f"multiplies the weights, so {zero} stay at 0 for the whole run. Give them a small positive weight to "
+                "let them move, or leave the reward out."
+            )
         if self.weighting == "gradient":
             if _zero3(self):
                 raise ValueError(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import time
 from collections.abc import Mapping
@@ -41,7 +42,8 @@ from trl.trainer.utils import nanstd
 
 from ..gvm import GVMAllocation, allocate_samples, pilot_statistics, sequence_grad_norms
 from ..gvm import uniform_allocation as _uniform
-from ._data import check_prompt_column, check_reward_function_columns
+from ._data import check_not_empty, check_prompt_column, check_reward_function_columns
+from ._divergence import DivergenceCheckMixin
 from ._state import JsonCheckpointStateMixin
 from .gvm_config import GVMGRPOConfig, GVMRAFTConfig
 
@@ -52,7 +54,7 @@ logger = logging.get_logger(__name__)
 STATE_JSON = "gvm_state.json"
 
 
-class GVMGRPOTrainer(JsonCheckpointStateMixin, GRPOTrainer):
+class GVMGRPOTrainer(DivergenceCheckMixin, JsonCheckpointStateMixin, GRPOTrainer):
     """:class:`trl.GRPOTrainer` whose per-prompt sample counts come from GVM's Proposition 1 (see the module doc).
 
     Takes the arguments of ``GRPOTrainer``; ``args`` is a :class:`hfx.GVMGRPOConfig`. The current allocation is
@@ -75,6 +77,7 @@ class GVMGRPOTrainer(JsonCheckpointStateMixin, GRPOTrainer):
             raise ValueError("GVM needs a map-style train_dataset (it indexes prompts to build its plan)")
         if self.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError("GVM supports multi_objective_aggregation='sum_then_normalize' only")
+        check_not_empty(self.train_dataset, self.eval_dataset)
         check_prompt_column(self.train_dataset, self.eval_dataset, type(self).__name__)
         check_reward_function_columns(self.reward_funcs, self.train_dataset, self.eval_dataset, type(self).__name__)
         if args.gvm_pool_size is not None and args.gvm_pool_size > len(self.train_dataset):
@@ -145,6 +148,8 @@ class GVMGRPOTrainer(JsonCheckpointStateMixin, GRPOTrainer):
             self._gvm_counters["pilot_samples"] += int(info["pilot_samples"])
             self._gvm_counters["pilot_seconds"] += seconds
             info["pilot_seconds"] = seconds
+            if not all(math.isfinite(g) for g in G):  # the gradients blew up: say that, not "finite G_i" from allocate
+                raise self.diverged_error("and the pilot samples' gradient norms G_i are not finite")
             try:
                 copies = allocate_samples(p, G, units, self.args.gvm_alpha, self.args.gvm_beta, min_units)
                 uniform = False
@@ -175,9 +180,12 @@ class GVMGRPOTrainer(JsonCheckpointStateMixin, GRPOTrainer):
         return self.gvm_state
 
     def _gvm_pilot(self, indices: list[int]) -> tuple[list[float], list[float], dict[str, float]]:
-        """Alg. 2 with the trainer's own generation and reward paths; TRL's completion metrics are left untouched."""
+        """Alg. 2 with the trainer's own generation and reward paths; TRL's completion metrics and its count of
+        tokens seen (``num_tokens``, ``state.num_input_tokens_seen``) are left untouched: pilot samples are not
+        trained on."""
         mode = "train" if self.model.training else "eval"
         saved_metrics = {k: list(v) for k, v in self._metrics[mode].items()}
+        tokens_seen = self.state.num_input_tokens_seen
         device = self.accelerator.device
         process = self.accelerator.process_index
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -213,6 +221,7 @@ class GVMGRPOTrainer(JsonCheckpointStateMixin, GRPOTrainer):
                 gather=lambda obj: gather_object([obj]),
             )
         finally:
+            self.state.num_input_tokens_seen = tokens_seen
             self._metrics[mode].clear()
             self._metrics[mode].update(saved_metrics)
             self._pending_extra_logs.clear()  # reward functions' log_extra / log_metric calls on pilot samples

@@ -33,6 +33,7 @@ from accelerate.logging import get_logger
 from trl import SFTTrainer
 
 from ._data import check_not_empty
+from ._divergence import DivergenceCheckMixin
 from .masked_thought_config import MaskedThoughtConfig
 
 __all__ = [
@@ -241,7 +242,7 @@ def add_mask_token(model: Any, tokenizer: Any, token: str = "<mask>", *, reinit:
 # --------------------------------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------------------------------
-class MaskedThoughtTrainer(SFTTrainer):
+class MaskedThoughtTrainer(DivergenceCheckMixin, SFTTrainer):
     """Masked Thought SFT: :class:`trl.SFTTrainer` whose training inputs have part of the completion masked.
 
     Takes the arguments of :class:`trl.SFTTrainer` with a :class:`MaskedThoughtConfig`. In training mode each

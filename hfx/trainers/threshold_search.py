@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 __all__ = ["NelderMead", "ThresholdSearchCallback"]
@@ -278,6 +279,24 @@ class ThresholdSearchCallback(TrainerCallback):
             for v, t in zip(values, thresholds)
         )
 
+    def _score(self) -> float:
+        """``eval_fn(trainer)`` as a finite float; anything else is named (``trainer.evaluate()`` returns a dict)."""
+        value = self.eval_fn(self.trainer)
+        hint = "e.g. `lambda t: -t.evaluate()['eval_loss']` (higher is better)"
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"ThresholdSearchCallback: eval_fn must return one number, the score to maximise; got "
+                f"{type(value).__name__} {str(value)[:80]}. {hint}."
+            )
+        if not math.isfinite(value):
+            raise ValueError(
+                f"ThresholdSearchCallback: eval_fn returned {value} at step {self.trainer.state.global_step}; the "
+                f"search needs a finite score ({hint}). A diverged model gives NaN scores: check learning_rate."
+            )
+        return float(value)
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.done or self.search is None:
             return
@@ -285,7 +304,7 @@ class ThresholdSearchCallback(TrainerCallback):
             return
         from accelerate.utils import broadcast_object_list
 
-        score = [float(self.eval_fn(self.trainer))]
+        score = [self._score()]
         broadcast_object_list(score, from_process=0)
         self.search.tell(-score[0])
         self.phases += 1

@@ -50,9 +50,13 @@ class TargetHintMixin:
                 raise
             names = linear_layer_names(model)
             shown = ", ".join(repr(n) for n in names[:24]) + (", ..." if len(names) > 24 else "")
+            targets = getattr(self.peft_config.get(adapter_name), "target_modules", None)
+            regex = ""
+            if isinstance(targets, str) and targets in names:  # PEFT full-matches a string against the whole name
+                regex = f" A string is a regex matched against the full module name; did you mean [{targets!r}]?"
             raise type(err)(
                 f"{err} The linear layers of this model are named {shown}: list some of them in `target_modules` "
-                "(or use 'all-linear')."
+                f"(or use 'all-linear').{regex}"
             ) from err
 
 

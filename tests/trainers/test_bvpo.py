@@ -382,6 +382,19 @@ def test_clear_errors(model_path, tokenizer, tmp_path):
     with pytest.raises(TypeError, match=r"column 'chosen_no_trace' of the train dataset .* row 2 holds NoneType"):
         hfx.BVPOTrainer(model_path, args=config(tmp_path), processing_class=tokenizer,
                         train_dataset=Dataset.from_list(rows))  # fmt: skip
+    # row 0 decides that the no-trace completions carry the empty think block; a later row without it used to be
+    # trained as an "empty-trace" pair with reasoning on, silently
+    rows = ds.to_list()
+    for column in ("chosen_no_trace", "rejected_no_trace"):
+        rows[2][column] = strip_block(rows[2][column])
+    with pytest.raises(
+        ValueError, match=r"Row 2 of the train dataset: 'chosen_no_trace' does not start with an empty"
+    ):
+        hfx.BVPOTrainer(model_path, args=config(tmp_path), processing_class=tokenizer,
+                        train_dataset=Dataset.from_list(rows))  # fmt: skip
+    trainer = hfx.BVPOTrainer(model_path, args=config(tmp_path, no_trace_suffix=EMPTY), processing_class=tokenizer,
+                              train_dataset=Dataset.from_list(rows))  # fmt: skip
+    assert tokenizer.decode(trainer.train_dataset[2]["empty_prompt_ids"]).endswith(EMPTY)  # the suffix fixes it
     for bad in (1.5, -0.1, "often"):
         with pytest.raises(ValueError, match="bvpo_alpha"):
             hfx.BVPOConfig(output_dir=str(tmp_path), bvpo_alpha=bad, use_cpu=True)

@@ -492,5 +492,49 @@ def test_errors(model_path, tmp_path):
         hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=[correctness_reward, hash_graded, short],
                                    args=config(tmp_path), train_dataset=ds,
                                    eval_dataset=ds.remove_columns("answer"))  # fmt: skip
+
+    # a reward function asking for `prompt` (TRL passes `prompts` and keeps that column back): used to pass this
+    # check, since the dataset has the column, and fail with a bare TypeError after the first generation
+    def by_prompt(prompt, completions, **kwargs):
+        return [0.0] * len(completions)
+
+    with pytest.raises(
+        ValueError, match=r"'by_prompt' requires a 'prompt' argument, which TRL never passes.*'prompts'"
+    ):
+        hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=[by_prompt, hash_graded, short], args=config(tmp_path),
+                                   train_dataset=ds)  # fmt: skip
     with pytest.raises(RuntimeError, match="must be passed to a ConstrainedGRPOTrainer"):
         hfx.ThresholdSearchCallback(lambda t: 0.0).on_train_begin(None, None, None)
+
+
+@pytest.mark.parametrize(
+    "returned, error, match",
+    [({"eval_loss": 1.0}, TypeError, r"eval_fn must return one number.*got dict.*t\.evaluate\(\)\['eval_loss'\]"),
+     (float("nan"), ValueError, r"eval_fn returned nan at step 1; the search needs a finite score"),
+     (None, TypeError, r"eval_fn must return one number.*got NoneType")],
+)  # fmt: skip
+def test_threshold_search_names_a_bad_eval_fn_result(returned, error, match, model_path, tmp_path):
+    """``lambda t: t.evaluate()`` (a dict) used to fail as a bare float() TypeError after a whole phase."""
+    search = hfx.ThresholdSearchCallback(lambda trainer: returned, phase_max_steps=1)
+    trainer = hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=REWARDS, args=config(tmp_path),
+                                         train_dataset=prompt_dataset(8), callbacks=[search])  # fmt: skip
+    with pytest.raises(error, match=match):
+        trainer.train()
+
+
+def test_an_infinite_constraint_reward_is_named_and_an_empty_dataset_refused(model_path, tmp_path):
+    def inf_short(completions, **kwargs):
+        return [float("-inf")] * len(completions)
+
+    inf_short.__name__ = "short"
+    trainer = hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=[hash3, hash_graded, inf_short],
+                                         args=config(tmp_path), train_dataset=prompt_dataset(8))  # fmt: skip
+    with pytest.raises(ValueError, match=r"batch mean of the constraint reward 'short' is -inf"):
+        trainer.train()  # used to say "constraint 1's batch mean reward"
+    # TRL's GRPO "trains" 0 steps on an empty dataset, with a warning; BVPO and Masked Thought refused it already
+    for cls in (hfx.ConstrainedGRPOTrainer, hfx.GVMRAFTTrainer):
+        args = config(tmp_path) if cls is hfx.ConstrainedGRPOTrainer else hfx.GVMRAFTConfig(
+            output_dir=str(tmp_path / "g"), use_cpu=True, report_to="none", num_generations=2,
+            per_device_train_batch_size=4)  # fmt: skip
+        with pytest.raises(ValueError, match=r"train_dataset is empty \(0 rows\)"):
+            cls(model_path, reward_funcs=REWARDS, args=args, train_dataset=prompt_dataset(8).select([]))

@@ -383,3 +383,63 @@ def test_errors(model_path, tmp_path):
                 args=config(tmp_path, cls=ccls),
                 train_dataset=ds.remove_columns("answer"),
             )
+
+
+def test_resume_with_changed_reward_weights_warns(model_path, tmp_path, caplog):
+    """The checkpoint's weights win on resume (its state), but an edited reward_weights used to be dropped silently;
+    in hypervolume mode, where the weights never move, that left the run on the old ones without a word."""
+    import logging
+
+    ds = prompt_dataset(16)
+    kw = dict(max_steps=2, save_strategy="steps", save_steps=1, weighting="hypervolume")
+    first = hfx.DynamicWeightGRPOTrainer(
+        model_path, reward_funcs=REWARDS, args=config(tmp_path, **kw), train_dataset=ds
+    )
+    first.train()
+    ckpt = os.path.join(tmp_path, "out", "checkpoint-1")
+    edited = config(tmp_path / "b", reward_weights=[0.6, 0.2, 0.2], **kw)
+    resumed = hfx.DynamicWeightGRPOTrainer(model_path, reward_funcs=REWARDS, args=edited, train_dataset=ds)
+    with caplog.at_level(logging.WARNING):
+        resumed.train(resume_from_checkpoint=ckpt)
+    assert resumed.reward_weights.tolist() == pytest.approx([1 / 3] * 3)
+    (message,) = [r.getMessage() for r in caplog.records if "reward_weights=" in r.getMessage()]
+    assert "[0.6, 0.2, 0.2] differ from those of the run that saved this checkpoint (None)" in message
+    caplog.clear()
+    same = hfx.DynamicWeightGRPOTrainer(model_path, reward_funcs=REWARDS, args=config(tmp_path / "c", **kw),
+                                        train_dataset=ds)  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        same.train(resume_from_checkpoint=ckpt)
+    assert not [r for r in caplog.records if "reward_weights=" in r.getMessage()]
+
+
+def test_reward_functions_sharing_a_name_are_refused(model_path, tmp_path):
+    """Two make_length_reward()s are both 'length_reward': objectives / constraint_rewards bound the name to the
+    first one and the per-name logs merged the two weights."""
+    from hfx.data import make_length_reward
+
+    rewards = [make_length_reward(target_tokens=4), make_length_reward(target_tokens=30)]
+    with pytest.raises(
+        ValueError, match=r"share the name\(s\) \['length_reward'\].*make_length_reward\(\.\.\., name="
+    ):
+        hfx.DynamicWeightGRPOTrainer(model_path, reward_funcs=rewards, args=config(tmp_path),
+                                     train_dataset=prompt_dataset(8))  # fmt: skip
+    with pytest.raises(ValueError, match="share the name"):
+        hfx.ConstrainedGRPOTrainer(
+            model_path, reward_funcs=rewards, train_dataset=prompt_dataset(8),
+            args=hfx.ConstrainedGRPOConfig(output_dir=str(tmp_path / "c"), use_cpu=True, report_to="none",
+                                           num_generations=2, per_device_train_batch_size=4,
+                                           constraint_rewards=["length_reward"], constraint_thresholds=[0.5]),
+        )  # fmt: skip
+    named = [make_length_reward(target_tokens=4, name="short"), make_length_reward(target_tokens=30, name="long")]
+    hfx.DynamicWeightGRPOTrainer(
+        model_path, reward_funcs=named, args=config(tmp_path), train_dataset=prompt_dataset(8)
+    )
+
+
+def test_gradient_weighting_warns_about_a_zero_weight(model_path, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        hfx.DynamicWeightGRPOTrainer(model_path, reward_funcs=REWARDS, train_dataset=prompt_dataset(8),
+                                     args=config(tmp_path, weighting="gradient", reward_weights=[0.0, 0.5, 0.5]))  # fmt: skip
+    assert any("['format_reward'] stay at 0 for the whole run" in r.getMessage() for r in caplog.records)

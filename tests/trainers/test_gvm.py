@@ -383,3 +383,15 @@ def test_trainer_errors(model_path, tmp_path):
     )  # fmt: skip
     with pytest.raises(ValueError, match="returned None for every pilot sample"):
         trainer.train()
+
+
+def test_pilot_samples_are_not_counted_as_tokens_seen(model_path, tmp_path):
+    """TRL's generation adds each batch to ``state.num_input_tokens_seen`` (logged as ``num_tokens``); the pilot's
+    samples used to be counted too (1356 tokens against 172 for the same 4 training samples)."""
+    trainer = hfx.GVMRAFTTrainer(model_path, reward_funcs=hash_reward, args=config(tmp_path),
+                                 train_dataset=prompt_dataset(12))  # fmt: skip
+    trainer.model.train()  # TRL counts tokens of training-mode generations only
+    trainer.state.num_input_tokens_seen = 7
+    p, G, info = trainer._gvm_pilot([0, 1, 2])
+    assert info["pilot_samples"] > 0 and len(p) == len(G) == 3
+    assert trainer.state.num_input_tokens_seen == 7

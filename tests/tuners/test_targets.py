@@ -89,3 +89,9 @@ def test_bat_on_an_indivisible_layer_fails_before_changing_the_model():
     assert [type(m) for m in base.modules()] == types
     model = get_peft_model(base, hfx.BoneConfig(r=8, init_weights="bat", target_modules=["q_proj"]))
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 8 * 64
+
+
+def test_a_plain_string_target_gets_the_regex_hint():
+    """PEFT full-matches a string against the whole module name, so 'q_proj' matches nothing; the error says so."""
+    with pytest.raises(ValueError, match=r"A string is a regex .*did you mean \['q_proj'\]\?"):
+        get_peft_model(tiny_causal_lm(hidden_size=32), hfx.BoneConfig(r=8, target_modules="q_proj"))
