@@ -68,11 +68,25 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def checkpointing(args: argparse.Namespace) -> dict:
-    """The TrainingArguments of ``--save-steps``: step checkpoints, or none."""
-    if args.save_steps is None:
-        return {"save_strategy": "no"}
-    return {"save_strategy": "steps", "save_steps": args.save_steps}
+def run_args(args: argparse.Namespace) -> dict:
+    """The TrainingArguments every example sets the same way: where it writes, its seed and precision, no reporting
+    integrations, the CPU without CUDA, no activation checkpointing, and ``--save-steps`` checkpoints (or none)."""
+    from hfx.compat import activation_checkpointing
+
+    saving = (
+        {"save_strategy": "no"}
+        if args.save_steps is None
+        else {"save_strategy": "steps", "save_steps": args.save_steps}
+    )
+    return dict(
+        output_dir=args.output_dir,
+        seed=args.seed,
+        bf16=args.bf16,
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        **activation_checkpointing(False),
+        **saving,
+    )
 
 
 def resume_checkpoint(args: argparse.Namespace) -> str | None:

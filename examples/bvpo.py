@@ -24,19 +24,18 @@ import time
 import torch
 from _launch import (
     add_checkpoint_args,
-    checkpointing,
     launch_state,
     make_config,
     per_device_batch,
     positive_int,
     refuse_unused,
     resume_checkpoint,
+    run_args,
 )
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hfx
-from hfx.compat import activation_checkpointing
 from hfx.data import preference_dataset
 from hfx.testing.pretrained import BaseRecipe, pretrained_base
 
@@ -74,7 +73,6 @@ def main(argv: list[str] | None = None) -> dict:
     config = make_config(
         hfx.BVPOConfig,
         {"bvpo_alpha": "--alpha", "beta": "--beta", "learning_rate": "--learning-rate"},
-        output_dir=args.output_dir,
         bvpo_alpha=args.alpha,
         bvpo_alpha_warmup_steps=5,
         beta=args.beta,
@@ -85,12 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         lr_scheduler_type="cosine",
         warmup_steps=max(1, args.max_steps // 20),
         logging_steps=args.logging_steps,
-        **checkpointing(args),
-        report_to="none",
-        seed=args.seed,
-        bf16=args.bf16,
-        **activation_checkpointing(False),
-        use_cpu=not torch.cuda.is_available(),
+        **run_args(args),
     )
 
     model_path = args.model or pretrained_base(BaseRecipe(seed=args.seed), log=say)

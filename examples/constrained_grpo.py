@@ -25,21 +25,19 @@ import json
 import os
 import time
 
-import torch
 from _launch import (
     add_checkpoint_args,
-    checkpointing,
     launch_state,
     make_config,
     per_device_batch,
     positive_int,
     refuse_unused,
     resume_checkpoint,
+    run_args,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hfx
-from hfx.compat import activation_checkpointing
 from hfx.data import accuracy, correctness_reward, format_reward, prompt_dataset
 from hfx.testing.pretrained import pretrained_base
 
@@ -119,7 +117,6 @@ def trainer_config(args: argparse.Namespace):
     """The run's GRPOConfig (``--fixed``) or ConstrainedGRPOConfig, built before any model is loaded."""
     state = launch_state()
     common = dict(
-        output_dir=args.output_dir,
         num_generations=args.num_generations,
         max_steps=args.max_steps,
         per_device_train_batch_size=per_device_batch(args.batch_size, state),
@@ -129,12 +126,7 @@ def trainer_config(args: argparse.Namespace):
         max_completion_length=args.max_completion_length,
         temperature=1.0,
         logging_steps=1,
-        **checkpointing(args),
-        report_to="none",
-        seed=args.seed,
-        bf16=args.bf16,
-        **activation_checkpointing(False),
-        use_cpu=not torch.cuda.is_available(),
+        **run_args(args),
         disable_tqdm=True,
     )
     if args.fixed:

@@ -21,20 +21,18 @@ import json
 import os
 import time
 
-import torch
 from _launch import (
     add_checkpoint_args,
-    checkpointing,
     launch_state,
     make_config,
     per_device_batch,
     positive_int,
     resume_checkpoint,
+    run_args,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hfx
-from hfx.compat import activation_checkpointing
 from hfx.data import accuracy, correctness_reward, prompt_dataset
 from hfx.testing.pretrained import pretrained_base
 
@@ -85,7 +83,6 @@ def trainer_config(args: argparse.Namespace) -> hfx.GVMGRPOConfig:
     return make_config(
         cls,
         FLAGS,
-        output_dir=args.output_dir,
         gvm=not args.uniform,
         gvm_loss=args.loss,
         gvm_num_pilot=args.num_pilot,
@@ -101,12 +98,7 @@ def trainer_config(args: argparse.Namespace) -> hfx.GVMGRPOConfig:
         max_completion_length=args.max_completion_length,
         temperature=1.0,
         logging_steps=1,
-        **checkpointing(args),
-        report_to="none",
-        seed=args.seed,
-        bf16=args.bf16,
-        **activation_checkpointing(False),
-        use_cpu=not torch.cuda.is_available(),
+        **run_args(args),
         disable_tqdm=True,
     )
 

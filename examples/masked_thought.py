@@ -25,20 +25,19 @@ import time
 import torch
 from _launch import (
     add_checkpoint_args,
-    checkpointing,
     launch_state,
     make_config,
     per_device_batch,
     positive_int,
     refuse_unused,
     resume_checkpoint,
+    run_args,
 )
 from datasets import concatenate_datasets
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hfx
-from hfx.compat import activation_checkpointing
 from hfx.data import accuracy, generate_problems, sft_dataset
 from hfx.testing.pretrained import BaseRecipe, pretrained_base
 from hfx.trainers import add_mask_token
@@ -90,7 +89,6 @@ def main(argv: list[str] | None = None) -> dict:
     config = make_config(
         hfx.MaskedThoughtConfig,
         flags,
-        output_dir=args.output_dir,
         mask_rate=args.mask_rate,
         mask_warmup_ratio=args.mask_warmup_ratio,
         mask_token=args.mask_token,
@@ -101,12 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         lr_scheduler_type="cosine",
         warmup_steps=max(1, args.max_steps // 20),
         logging_steps=args.logging_steps,
-        **checkpointing(args),
-        report_to="none",
-        seed=args.seed,
-        bf16=args.bf16,
-        **activation_checkpointing(False),
-        use_cpu=not torch.cuda.is_available(),
+        **run_args(args),
         dataloader_num_workers=0,
     )
     adapters = {

@@ -25,12 +25,12 @@ from collections.abc import Callable
 import torch
 from _launch import (
     add_checkpoint_args,
-    checkpointing,
     launch_state,
     make_config,
     per_device_batch,
     positive_int,
     resume_checkpoint,
+    run_args,
 )
 from datasets import concatenate_datasets
 from peft import LoraConfig, PeftConfig
@@ -38,7 +38,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 import hfx
-from hfx.compat import activation_checkpointing
 from hfx.data import accuracy, generate_problems, sft_dataset
 from hfx.testing.pretrained import BaseRecipe, pretrained_base
 
@@ -118,19 +117,13 @@ def main(argv: list[str] | None = None) -> dict:
     config = make_config(
         SFTConfig,
         {"max_steps": "--max-steps", "learning_rate": "--learning-rate", "logging_steps": "--logging-steps"},
-        output_dir=args.output_dir,
         max_steps=args.max_steps,
         per_device_train_batch_size=per_device_batch(args.batch_size, state),
         learning_rate=args.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=max(1, args.max_steps // 20),
         logging_steps=args.logging_steps,
-        **checkpointing(args),
-        report_to="none",
-        seed=args.seed,
-        bf16=args.bf16,
-        **activation_checkpointing(False),
-        use_cpu=not torch.cuda.is_available(),
+        **run_args(args),
         dataloader_num_workers=0,
     )
     adapter_flags = {"r": "--r", "target_modules": "--target-modules", "filter_rank": "--r"}
