@@ -4,7 +4,8 @@ transformers' Trainer leaves a NaN loss out of the logged average (``logging_nan
 log shows ``loss 0.0`` while every weight is NaN, checkpoints save those weights, and GRPO-style trainers fail later
 inside sampling (``probability tensor contains either inf, nan``). :class:`DivergenceCheckMixin` records, without a
 device sync, whether any micro-step's loss was non-finite, and checks it where the Trainer synchronises anyway: at
-each log, before each checkpoint and before each training generation batch.
+each log, before each checkpoint (where it also looks at the weights, which the last step may have made NaN from a
+finite loss) and before each training generation batch.
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ class DivergenceCheckMixin:
 
     def _save_checkpoint(self, model, trial):
         self.check_finite_loss("before saving a checkpoint")
+        # the step just taken can make the weights NaN while its loss was finite: look at them (a pass over the
+        # parameters, small beside writing them; collective, so that every rank raises together under ZeRO-3)
+        bad = torch.tensor(float(bool(self._nonfinite_parameters(limit=1))))
+        if getattr(self.accelerator, "num_processes", 1) > 1:
+            bad = self.accelerator.reduce(bad.to(self.accelerator.device), reduction="sum")
+        if float(bad) > 0:
+            raise self.diverged_error("so no checkpoint is saved")
         return super()._save_checkpoint(model, trial)
 
     def _generate(self, *args, **kwargs):
