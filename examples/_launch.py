@@ -112,6 +112,14 @@ def resume_checkpoint(args: argparse.Namespace) -> str | None:
     return wanted
 
 
+#: The ``make_config`` flags of the TRL GRPO/RLOO fields the online examples all set from their command line.
+GRPO_FLAGS = {
+    "num_generations": "--num-generations",
+    "generation_batch_size": "--batch-size",  # TRL's: per-device batch x processes x steps_per_generation
+    "learning_rate": "--learning-rate",
+}
+
+
 def make_config(cls: Callable, flags: dict[str, str], *args, what: str | None = None, **kwargs):
     """``cls(*args, **kwargs)``, called before the model is loaded so that a bad option fails at once; its ValueError
     names the command-line flag of each config field it mentions (``flags`` maps field -> flag)."""

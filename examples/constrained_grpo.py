@@ -26,6 +26,7 @@ import os
 import time
 
 from _launch import (
+    GRPO_FLAGS,
     add_checkpoint_args,
     launch_state,
     make_config,
@@ -100,16 +101,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 FLAGS = {
+    **GRPO_FLAGS,
     "constraint_thresholds": "--format / --brevity",
     "constraint_types": "--type",
     "lagrange_lr": "--lagrange-lr",
     "lagrange_init": "--lagrange-init",
     "lagrange_parametrization": "--parametrization",
     "reward_weights": "--weights",
-    "num_generations": "--num-generations",
-    "generation_batch_size": "--batch-size",
     "beta": "--beta",
-    "learning_rate": "--learning-rate",
 }
 
 

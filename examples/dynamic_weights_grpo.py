@@ -23,6 +23,7 @@ import os
 import time
 
 from _launch import (
+    GRPO_FLAGS,
     add_checkpoint_args,
     launch_state,
     make_config,
@@ -79,11 +80,9 @@ def reward_funcs(target_tokens: int) -> list:
 
 
 FLAGS = {
+    **GRPO_FLAGS,
     "reward_weights": "--weights",
     "weight_regularization": "--weight-regularization",
-    "num_generations": "--num-generations",
-    "generation_batch_size": "--batch-size",
-    "learning_rate": "--learning-rate",
 }
 
 

@@ -22,6 +22,7 @@ import os
 import time
 
 from _launch import (
+    GRPO_FLAGS,
     add_checkpoint_args,
     launch_state,
     make_config,
@@ -65,14 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 FLAGS = {
+    **GRPO_FLAGS,
     "gvm_num_pilot": "--num-pilot",
     "gvm_budget": "--budget",
     "gvm_pool_size": "--pool-size",
     "gvm_refresh_steps": "--refresh-steps",
-    "num_generations": "--num-generations",
-    "generation_batch_size": "--batch-size",
     "beta": "--beta",
-    "learning_rate": "--learning-rate",
 }
 
 

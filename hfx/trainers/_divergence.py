@@ -33,19 +33,27 @@ class DivergenceCheckMixin:
         every rank raises together). ``grad_norm``: the logged norm, checked too unless fp16 loss scaling may skip
         steps with inf gradients on purpose."""
         flag = self._hfx_nonfinite
-        bad = torch.zeros((), dtype=torch.float32) if flag is None else flag.float()
+        bad = flag is not None and bool(flag)
         if grad_norm is not None and not getattr(self.args, "fp16", False):
-            norm = float(grad_norm)
-            bad = bad + (0.0 if math.isfinite(norm) else 1.0)
-        if getattr(self.accelerator, "num_processes", 1) > 1:
-            bad = self.accelerator.reduce(bad.to(self.accelerator.device), reduction="sum")
-        if float(bad) == 0:
+            bad = bad or not math.isfinite(float(grad_norm))
+        if not self._any_rank(bad):
             return
-        step = self.state.global_step
         raise FloatingPointError(
-            f"Training diverged: a non-finite loss (or gradient norm) by step {step}, noticed {when}. The weights are "
-            "no longer finite, so the run stops here instead of training on, logging the NaN as 0.0 and saving NaN "
-            f"weights. Lower learning_rate (now {self.args.learning_rate:g}), keep max_grad_norm set (now "
+            f"Training diverged: a non-finite loss (or gradient norm) by step {self.state.global_step}, noticed {when}. "
+            "The weights are no longer finite, so the run stops here instead of training on, logging the NaN as 0.0 "
+            f"and saving NaN weights. {self._advice()}"
+        )
+
+    def _any_rank(self, bad: bool) -> bool:
+        """``bad`` on any process (a sum over the processes; every rank must call it)."""
+        if getattr(self.accelerator, "num_processes", 1) <= 1:
+            return bad
+        flag = torch.tensor(float(bad), device=self.accelerator.device)
+        return float(self.accelerator.reduce(flag, reduction="sum")) > 0
+
+    def _advice(self) -> str:
+        return (
+            f"Lower learning_rate (now {self.args.learning_rate:g}), keep max_grad_norm set (now "
             f"{self.args.max_grad_norm}), check the data and reward functions for NaN/inf, and resume from the last "
             "checkpoint saved before this step."
         )
@@ -59,10 +67,7 @@ class DivergenceCheckMixin:
         self.check_finite_loss("before saving a checkpoint")
         # the step just taken can make the weights NaN while its loss was finite: look at them (a pass over the
         # parameters, small beside writing them; collective, so that every rank raises together under ZeRO-3)
-        bad = torch.tensor(float(bool(self._nonfinite_parameters(limit=1))))
-        if getattr(self.accelerator, "num_processes", 1) > 1:
-            bad = self.accelerator.reduce(bad.to(self.accelerator.device), reduction="sum")
-        if float(bad) > 0:
+        if self._any_rank(bool(self._nonfinite_parameters(limit=1))):
             raise self.diverged_error("so no checkpoint is saved")
         return super()._save_checkpoint(model, trial)
 
@@ -96,9 +101,7 @@ class DivergenceCheckMixin:
             state = f"the largest trainable weight is {largest:.3g}"
         return FloatingPointError(
             f"Training diverged: after step {self.state.global_step} {state}, {consequence}"
-            f"{f' ({cause})' if cause is not None else ''}. Lower learning_rate (now {self.args.learning_rate:g}), keep "
-            f"max_grad_norm set (now {self.args.max_grad_norm}), check the data and reward functions for NaN/inf, and "
-            "resume from the last checkpoint saved before this step."
+            f"{f' ({cause})' if cause is not None else ''}. {self._advice()}"
         )
 
     def _nonfinite_parameters(self, limit: int = 3) -> list[str]:

@@ -76,13 +76,12 @@ def test_grpo_style_trainers_stop_before_sampling_from_nan_weights(make, model_p
 
 
 def _fake(flag, fp16=False, processes=1):
-    fake = SimpleNamespace(
-        _hfx_nonfinite=flag,
-        args=SimpleNamespace(fp16=fp16, learning_rate=1e-3, max_grad_norm=1.0),
-        accelerator=SimpleNamespace(num_processes=processes),
-        state=SimpleNamespace(global_step=3),
-    )
-    return lambda **kw: DivergenceCheckMixin.check_finite_loss(fake, "in a test", **kw)
+    fake = DivergenceCheckMixin()
+    fake._hfx_nonfinite = flag
+    fake.args = SimpleNamespace(fp16=fp16, learning_rate=1e-3, max_grad_norm=1.0)
+    fake.accelerator = SimpleNamespace(num_processes=processes)
+    fake.state = SimpleNamespace(global_step=3)
+    return lambda **kw: fake.check_finite_loss("in a test", **kw)
 
 
 def test_check_finite_loss_rules():
