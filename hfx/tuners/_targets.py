@@ -3,6 +3,8 @@ as it was when it fails."""
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
 
@@ -48,9 +50,13 @@ class TargetHintMixin:
             _roll_back(model, children, adapter_name, had_adapter)
             if not isinstance(err, ValueError) or "not found in the base model" not in str(err):
                 raise
+            config = self.peft_config.get(adapter_name)
+            layers_hint = _layers_hint(model, config)
+            if layers_hint:
+                raise type(err)(f"{err} {layers_hint}") from err
             names = linear_layer_names(model)
             shown = ", ".join(repr(n) for n in names[:24]) + (", ..." if len(names) > 24 else "")
-            targets = getattr(self.peft_config.get(adapter_name), "target_modules", None)
+            targets = getattr(config, "target_modules", None)
             regex = ""
             if isinstance(targets, str) and targets in names:  # PEFT full-matches a string against the whole name
                 regex = f" A string is a regex matched against the full module name; did you mean [{targets!r}]?"
@@ -58,6 +64,51 @@ class TargetHintMixin:
                 f"{err} The linear layers of this model are named {shown}: list some of them in `target_modules` "
                 f"(or use 'all-linear').{regex}"
             ) from err
+
+
+def _layers_hint(model: nn.Module, config) -> str:
+    """When ``target_modules`` does match but ``layers_to_transform`` keeps none of those modules, say which layer
+    indices they sit in (the generic 'the linear layers are named ...' would send the user after the wrong field)."""
+    if getattr(config, "layers_to_transform", None) is None:
+        return ""
+    import copy
+
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    unrestricted = copy.copy(config)
+    unrestricted.layers_to_transform = None
+    matched = [n for n, _ in model.named_modules() if n and check_target_module_exists(unrestricted, n)]
+    if not matched:
+        return ""
+    patterns = config.layers_pattern or []
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    regexes = [rf"(?:^|.*?\.){p}\.(\d+)\." for p in patterns] or [r".*?\.[^.]*\.(\d+)\."]  # PEFT's own
+    indices = set()
+    for name in matched:
+        found = (re.match(rx, name) for rx in regexes)
+        match = next((m for m in found if m), None)
+        if match:
+            indices.add(int(match.group(1)))
+    where = (
+        f"they sit in layers {_ranges(sorted(indices))}"
+        if indices
+        else "no layer index could be read from their names" + (" with that `layers_pattern`" if patterns else "")
+    )
+    return (
+        f"The `target_modules` match {len(matched)} modules, but `layers_to_transform`="
+        f"{config.layers_to_transform!r} keeps none of them: {where}."
+    )
+
+
+def _ranges(values: list[int]) -> str:
+    """``[0, 1, 2, 5]`` → ``'0-2, 5'``."""
+    spans: list[list[int]] = []
+    for v in values:
+        if spans and v == spans[-1][1] + 1:
+            spans[-1][1] = v
+        else:
+            spans.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _roll_back(model: nn.Module, children: dict, adapter_name: str, had_adapter: set[int]) -> None:

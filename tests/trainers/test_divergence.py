@@ -1,6 +1,9 @@
 """hfx/trainers/_divergence.py: a run whose loss turns NaN stops with an error that says so, in every hfx trainer.
 Before, the Trainer logged the NaN as 0.0 and trained on with NaN weights (and saved them); the GRPO-style
-trainers failed later inside torch.multinomial, and GVM with "finite G_i ... got nan"."""
+trainers failed later inside torch.multinomial, and GVM with "finite G_i ... got nan".
+
+The runs diverge by a NaN written into one weight after the first optimizer step (``PoisonAfterFirstStep``). A huge
+learning rate did it until transformers 5.25, whose tiny Llama then settled on finite, all-zero logits instead."""
 
 from __future__ import annotations
 
@@ -10,13 +13,24 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 import hfx
 from hfx.data import preference_dataset, prompt_dataset, sft_dataset
 from hfx.testing import save_tiny_model
 from hfx.trainers._divergence import DivergenceCheckMixin
 
-DIVERGE = dict(use_cpu=True, report_to="none", learning_rate=1e6, max_grad_norm=0.0, per_device_train_batch_size=4)
+DIVERGE = dict(use_cpu=True, report_to="none", learning_rate=1e-3, per_device_train_batch_size=4)
+
+
+class PoisonAfterFirstStep(TrainerCallback):
+    """Write NaN into the first trainable weight right after the first optimizer step: what an overflow does."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:
+            param = next(p for p in model.parameters() if p.requires_grad)
+            with torch.no_grad():
+                param.view(-1)[0] = float("nan")
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +46,11 @@ def _assert_no_nan_checkpoint(out) -> None:
                 assert all(torch.isfinite(t).all() for t in load_file(path).values()), path
 
 
-def test_bvpo_stops_at_the_first_log(model_path, tmp_path):
+def test_bvpo_stops_before_saving_nan_weights(model_path, tmp_path):
     args = hfx.BVPOConfig(output_dir=str(tmp_path), max_steps=6, logging_steps=2, save_steps=1, **DIVERGE)
     trainer = hfx.BVPOTrainer(model_path, args=args, train_dataset=preference_dataset(32, think=True))
-    with pytest.raises(FloatingPointError, match=r"Training diverged.*learning_rate \(now 1e\+06\)"):
+    trainer.add_callback(PoisonAfterFirstStep())
+    with pytest.raises(FloatingPointError, match=r"Training diverged.*learning_rate \(now 0\.001\)"):
         trainer.train()
     assert trainer.state.global_step < 6
     _assert_no_nan_checkpoint(tmp_path)  # the checkpoint check runs before saving NaN weights
@@ -44,6 +59,7 @@ def test_bvpo_stops_at_the_first_log(model_path, tmp_path):
 def test_masked_thought_stops(model_path, tmp_path):
     args = hfx.MaskedThoughtConfig(output_dir=str(tmp_path), max_steps=8, logging_steps=4, **DIVERGE)
     trainer = hfx.MaskedThoughtTrainer(model_path, args=args, train_dataset=sft_dataset(64))
+    trainer.add_callback(PoisonAfterFirstStep())
     with pytest.raises(FloatingPointError, match="Training diverged"):
         trainer.train()
     assert trainer.state.global_step < 8
@@ -70,6 +86,7 @@ def test_grpo_style_trainers_stop_before_sampling_from_nan_weights(make, model_p
         return [float(len(c) % 2) for c in completions]
 
     trainer = cls(model_path, reward_funcs=[reward], args=args, train_dataset=prompt_dataset(32))
+    trainer.add_callback(PoisonAfterFirstStep())
     with pytest.raises(FloatingPointError, match=r"Training diverged: after step \d+ the (trainable weights|largest)"):
         trainer.train()
     assert trainer.state.global_step < 6

@@ -236,6 +236,19 @@ def test_num_sparse_larger_than_matrix_and_unknown_targets():
         get_peft_model(One(4, 3), hfx.DseeConfig(target_modules=["q_proj"]))
 
 
+def test_conv1d_target_names_conv1d_and_suggests_lora_not_all_linear():
+    """On GPT-2 (transformers' Conv1D) DSEE named BERT's layers as the fix; 'all-linear' selects the same Conv1D."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    for targets in (["c_attn"], "all-linear"):
+        gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16))
+        with pytest.raises(TypeError) as err:
+            get_peft_model(gpt2, hfx.DseeConfig(r=2, num_sparse=4, target_modules=targets))
+        msg = str(err.value)
+        assert "transformers' Conv1D (GPT-2 style" in msg and "Use LoRA instead (peft.LoraConfig" in msg, msg
+        assert not any(isinstance(m, DseeLinear) for m in gpt2.modules())  # rolled back
+
+
 # ---- a tiny BERT classifier ------------------------------------------------------------------------------------------
 def tiny_bert(seed: int = 0):
     from transformers import BertConfig, BertForSequenceClassification

@@ -95,3 +95,29 @@ def test_a_plain_string_target_gets_the_regex_hint():
     """PEFT full-matches a string against the whole module name, so 'q_proj' matches nothing; the error says so."""
     with pytest.raises(ValueError, match=r"A string is a regex .*did you mean \['q_proj'\]\?"):
         get_peft_model(tiny_causal_lm(hidden_size=32), hfx.BoneConfig(r=8, target_modules="q_proj"))
+
+
+@pytest.mark.parametrize("method", sorted(TUNERS))
+def test_layers_to_transform_selecting_no_layer_names_the_layer_indices(method):
+    """With the right names but layer indices the model lacks, the hint said 'the linear layers are named ...'
+    (the names were fine); it now names the indices the targets sit in."""
+    _, make = TUNERS[method]
+    config = make()
+    config.layers_to_transform = [5, 7]
+    model = tiny_causal_lm(num_layers=2)
+    with pytest.raises(ValueError) as err:
+        get_peft_model(model, config)
+    msg = str(err.value)
+    assert "keeps none of them: they sit in layers 0-1." in msg and "match 4 modules" in msg, msg
+    assert "linear layers of this model are named" not in msg
+
+    config = make()
+    config.layers_to_transform, config.layers_pattern = [0], "blocks"  # Llama's are "layers"
+    with pytest.raises(ValueError, match="no layer index could be read from their names with that `layers_pattern`"):
+        get_peft_model(tiny_causal_lm(num_layers=2), config)
+
+
+def test_layer_ranges_text():
+    from hfx.tuners._targets import _ranges
+
+    assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8" and _ranges([3]) == "3" and _ranges([]) == ""

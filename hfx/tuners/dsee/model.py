@@ -13,7 +13,7 @@ from peft.utils import (
 )
 
 from .._mixed_batch import MixedBatchTunerMixin
-from .._targets import TargetHintMixin
+from .._targets import TargetHintMixin, target_hint
 from .config import DseeConfig
 from .layer import DseeLayer, DseeLinear
 
@@ -50,8 +50,7 @@ class DseeModel(TargetHintMixin, MixedBatchTunerMixin, BaseTuner):
         if not _supports(base):
             raise TypeError(
                 f"DSEE cannot adapt {current_key!r} of type {type(base).__name__}: only torch.nn.Linear (optionally "
-                "quantized with bitsandbytes, ...) is supported. Choose linear layers in `target_modules` (e.g. "
-                "'q_proj', 'v_proj', or 'query', 'value' for BERT)."
+                "quantized with bitsandbytes, ...) is supported. " + target_hint(base, "DSEE")
             )
         in_features, out_features = _get_in_out_features(base)
         kwargs = {
