@@ -120,14 +120,16 @@ class _DynamicWeightMixin(MultiObjectiveMixin):
         else:
             self._gradient_step(rewards_per_func)
 
-    def _hv_update(self, rewards: torch.Tensor) -> None:
+    def _hv_update(self, rewards: torch.Tensor, mode: str = "train") -> None:
+        """Add the batch's mean objective rewards to the hypervolume buffer; its metrics are logged under ``mode``
+        (``"eval"`` with ``hv_source="eval"``: they come from evaluation rewards, so they log as ``eval_...``)."""
         chosen = rewards[:, self.objective_indices].float()
         v = torch.nanmean(chosen, dim=0).tolist()
         if any(math.isnan(x) for x in v):
             missing = [n for n, x in zip(self.objective_names, v) if math.isnan(x)]
             logger.warning(f"no sample was scored by {missing}: the hypervolume buffer is not updated")
         self.hv_buffer.update(v)
-        metrics = self._metrics["train"]
+        metrics = self._metrics[mode]
         metrics["dynamic_weights/delta_hv"].append(self.hv_buffer.last_delta)
         metrics["dynamic_weights/hypervolume"].append(self.hv_buffer.hypervolume())
         metrics["dynamic_weights/front_size"].append(float(len(self.hv_buffer.front)))
@@ -252,7 +254,7 @@ class _DynamicWeightMixin(MultiObjectiveMixin):
         finally:
             stash, self._eval_stash = self._eval_stash, None
         if stash:
-            self._hv_update(torch.cat(stash))
+            self._hv_update(torch.cat(stash), mode="eval")
             self._metrics["eval"]["dynamic_weights/next_r_pareto"].append(self.hv_buffer.r_pareto)
         return output
 

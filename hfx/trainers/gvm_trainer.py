@@ -232,7 +232,11 @@ class GVMGRPOTrainer(DivergenceCheckMixin, JsonCheckpointStateMixin, GRPOTrainer
     def _generate_and_score_completions(self, inputs):
         if not self.model.training:
             self._gvm_batch_ids = None
-            return super()._generate_and_score_completions(inputs)
+            output = super()._generate_and_score_completions(inputs)
+            if self.args.gvm_loss == "raft":  # evaluate the trained objective: accepted samples, advantage 1
+                lo = self.accelerator.process_index * len(inputs)
+                self._gvm_rewrite_advantages(output, lo, lo + len(inputs), mode="eval")
+            return output
         local = len(inputs)
         world = self.accelerator.num_processes
         if self._take_replay() and self._gvm_batch_start is not None:
@@ -265,12 +269,13 @@ class GVMGRPOTrainer(DivergenceCheckMixin, JsonCheckpointStateMixin, GRPOTrainer
         self._gvm_rewards = rewards_per_func  # gathered over processes, in rank order
         return rewards_per_func
 
-    def _gvm_rewrite_advantages(self, output: dict[str, Any], lo: int, hi: int) -> None:
+    def _gvm_rewrite_advantages(self, output: dict[str, Any], lo: int, hi: int, mode: str = "train") -> None:
+        """Replace TRL's advantages by RAFT++'s (1 on accepted samples, the rest masked out through ``tool_mask``)
+        or by GRPO's normalised within each prompt's samples (a prompt's ``n_i`` copies form its group)."""
         device = self.accelerator.device
         per_func = self._gvm_rewards
         rewards = (per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
         rewards[torch.isnan(per_func).all(dim=1)] = torch.nan
-        ids = torch.tensor(self._gvm_batch_ids, device=device)
         if self.args.gvm_loss == "raft":
             accepted = (rewards >= self.args.gvm_accept_threshold).float()  # NaN compares False: rejected
             advantages = accepted
@@ -280,8 +285,9 @@ class GVMGRPOTrainer(DivergenceCheckMixin, JsonCheckpointStateMixin, GRPOTrainer
             output["tool_mask"] = (mask * keep).to(output["completion_mask"].dtype)
             local_items = (output["completion_mask"] * output["tool_mask"]).sum()
             output["num_items_in_batch"] = self.accelerator.gather(local_items).sum()
-            self._metrics["train"]["gvm/accepted_fraction"].append(accepted.mean().item())
+            self._metrics[mode]["gvm/accepted_fraction"].append(accepted.mean().item())
         else:
+            ids = torch.tensor(self._gvm_batch_ids, device=device)
             mean = torch.empty_like(rewards)
             std = torch.empty_like(rewards)
             for prompt in torch.unique(ids):

@@ -168,9 +168,22 @@ def sparse_delta_linear(
 
 
 def add_sparse_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> None:
-    """In place ``weight.view(-1)[indices] += alpha * values`` (no-op for empty indices)."""
-    if indices.numel():
-        weight.view(-1).index_add_(0, indices.to(weight.device), values.to(weight.device, weight.dtype), alpha=alpha)
+    """In place ``weight.view(-1)[indices] += alpha * values`` (no-op for empty indices); any memory layout."""
+    if not indices.numel():
+        return
+    values = values.to(weight.device, weight.dtype)
+    if weight.is_contiguous():
+        weight.view(-1).index_add_(0, indices.to(weight.device), values, alpha=alpha)
+    else:
+        weight.index_put_(entry_index(weight, indices), values if alpha == 1 else alpha * values, accumulate=True)
+
+
+def entry_index(weight: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)`` of flat (row-major) ``indices`` into the 2-D ``weight``: indexes ``weight`` in place in any
+    memory layout, where ``weight.view(-1)`` needs a contiguous one (e.g. not a transposed checkpoint tensor)."""
+    idx = indices.to(weight.device).long()
+    n = weight.shape[-1]
+    return torch.div(idx, n, rounding_mode="floor"), idx % n
 
 
 def remap_positions(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

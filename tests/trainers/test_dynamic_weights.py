@@ -279,8 +279,13 @@ def test_hypervolume_from_evaluation(model_path, tmp_path):
     assert len(logged) == 1 and logged[0]["eval_dynamic_weights/next_r_pareto"] == 1.0  # logged, not only returned
     means = [first[f"eval_rewards/{name}/mean"] for name in REWARDS_NAMES]
     assert trainer.hv_buffer.reference == pytest.approx(means)
-    trainer.evaluate()
+    second = trainer.evaluate()
     assert trainer.hv_buffer.num_updates == 2 and 0.5 <= trainer.hv_buffer.r_pareto <= 2.0
+    # the buffer's metrics come from evaluation rewards: logged with it (they were filed as the next training log's)
+    for name in ("delta_hv", "hypervolume", "front_size"):
+        assert f"eval_dynamic_weights/{name}" in first and f"eval_dynamic_weights/{name}" in second
+    assert second["eval_dynamic_weights/hypervolume"] == pytest.approx(trainer.hv_buffer.hypervolume())
+    assert not any(key.startswith("dynamic_weights/") for key in trainer._metrics["train"])
 
 
 def test_resume_restores_state(model_path, tmp_path):

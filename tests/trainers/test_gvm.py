@@ -395,3 +395,21 @@ def test_pilot_samples_are_not_counted_as_tokens_seen(model_path, tmp_path):
     p, G, info = trainer._gvm_pilot([0, 1, 2])
     assert info["pilot_samples"] > 0 and len(p) == len(G) == 3
     assert trainer.state.num_input_tokens_seen == 7
+
+
+def test_evaluation_scores_the_raft_objective(model_path, tmp_path):
+    """Evaluation ran TRL's GRPO advantages (group-normalised, every sample kept), not the RAFT++ objective."""
+    args = config(tmp_path, gvm=False, per_device_eval_batch_size=4)
+    eval_set = prompt_dataset(4, split="test")
+    trainer = hfx.GVMRAFTTrainer(
+        model_path, reward_funcs=hash_reward, args=args, train_dataset=prompt_dataset(8), eval_dataset=eval_set
+    )
+    trainer.model.eval()
+    torch.manual_seed(0)
+    out = trainer._generate_and_score_completions([dict(eval_set[i]) for i in (0, 0, 1, 1)])
+    accepted = (trainer._gvm_rewards.sum(dim=1) >= args.gvm_accept_threshold).float()
+    assert out["advantages"].tolist() == accepted.tolist()
+    assert out["tool_mask"][:, 0].tolist() == accepted.tolist()
+    metrics = trainer.evaluate()
+    assert "eval_gvm/accepted_fraction" in metrics and np.isfinite(metrics["eval_loss"])
+    assert "gvm/accepted_fraction" not in trainer._metrics["train"]

@@ -16,6 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 import hfx
+from hfx.tuners.lift import refresh_lift_masks
 
 # (config class, kwargs with a random non-zero init, kwargs with the default init)
 CASES = [
@@ -102,6 +103,32 @@ class TestTunerMatrix:
         torch.testing.assert_close(model(X), y, atol=1e-5, rtol=1e-5)
         for n, w in _weights(model.get_base_model()).items():
             torch.testing.assert_close(w, base_weights[n], atol=1e-5, rtol=1e-5)
+
+    def test_non_contiguous_base_weight(self, cfg_cls, kw, default_kw):
+        """A base weight stored column-major (e.g. a transposed checkpoint tensor): LIFT and SaRA failed in
+        ``.view(-1)`` when selecting, merging and refreshing."""
+        base = make_base()
+        with torch.no_grad():
+            for lin in (base.lin0, base.lin1):
+                lin.weight = nn.Parameter(lin.weight.detach().t().contiguous().t())
+        assert not base.lin1.weight.is_contiguous()
+        ref_base = make_base()
+        torch.manual_seed(1)  # the same random init (DSEE's A) for both
+        ref = get_peft_model(ref_base, cfg_cls(target_modules=TARGETS, **default_kw))
+        torch.manual_seed(1)
+        model = get_peft_model(base, cfg_cls(target_modules=TARGETS, **default_kw))
+        randomise(ref), randomise(model)  # the same non-zero adapter
+        y = model(X)
+        torch.testing.assert_close(y, ref(X), rtol=0, atol=0)  # the same selection and output as a contiguous base
+        base_weights = _weights(model.get_base_model())
+        model.merge_adapter()
+        torch.testing.assert_close(model(X), y, atol=1e-5, rtol=1e-5)
+        model.unmerge_adapter()
+        for n, w in _weights(model.get_base_model()).items():
+            torch.testing.assert_close(w, base_weights[n], atol=1e-6, rtol=1e-6)
+        if cfg_cls is hfx.LiftConfig:
+            refresh_lift_masks(model)
+        torch.testing.assert_close(model(X), y, atol=1e-5, rtol=1e-5)
 
     def test_safe_merge(self, cfg_cls, kw, default_kw):
         model = make_peft(cfg_cls, kw)
@@ -263,6 +290,14 @@ class TestTunerMatrix:
         dtypes = {p.dtype for n, p in model.named_parameters() if p.requires_grad}
         assert dtypes == {torch.float32}
         assert model(X.to(torch.bfloat16)).dtype == torch.bfloat16
+        # autocast_adapter_dtype=False: the adapter follows the base, as LoRA's does (PaCA kept float32), and the
+        # model is still the base at init
+        base = make_base().to(torch.bfloat16)
+        y0 = base(X.to(torch.bfloat16))
+        model = get_peft_model(base, cfg_cls(target_modules=TARGETS, **default_kw), autocast_adapter_dtype=False)
+        dtypes = {p.dtype for n, p in model.named_parameters() if p.requires_grad}
+        assert dtypes == {torch.bfloat16}, dtypes
+        torch.testing.assert_close(model(X.to(torch.bfloat16)), y0, rtol=0, atol=0)
 
     def test_load_with_low_cpu_mem_usage(self, cfg_cls, kw, default_kw, tmp_path):
         model = make_peft(cfg_cls, kw)

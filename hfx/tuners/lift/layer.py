@@ -57,7 +57,7 @@ def lift_select(weight: torch.Tensor, k: int, filter_rank: int, svd: str = "lowr
     if k >= m * n:
         return torch.arange(m * n, dtype=dtype, device=weight.device)
     work = weight if weight.dtype == torch.float64 else weight.float()
-    score = low_rank_approximation(work, filter_rank, svd, niter).abs().view(-1)
+    score = low_rank_approximation(work, filter_rank, svd, niter).abs().reshape(-1)  # W itself at full rank
     idx = torch.topk(score, k, largest=True, sorted=False).indices
     return idx.sort().values.to(dtype)
 
@@ -276,7 +276,7 @@ class LiftLinear(nn.Module, LiftLayer):
         values = self.lift_values[adapter]
         old = self.lift_indices[adapter]
         delta = self.get_delta_weight(adapter).view(-1)
-        new = self.select(adapter, weight.detach().float().view(-1).add(delta).view(weight.shape))
+        new = self.select(adapter, weight.detach().float().reshape(-1).add(delta).view(weight.shape))
         new_long = new.long()
         values.copy_(delta[new_long].to(values.dtype))
         delta[new_long] = 0

@@ -58,6 +58,22 @@ class PacaModel(TargetHintMixin, MixedBatchTunerMixin, BaseTuner):
             new_module.requires_grad_(False)  # an added, inactive adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's rule for ``autocast_adapter_dtype``: ``True`` (default) keeps a half-precision base's adapter in
+        float32, ``False`` in the base's dtype. P is built in float32 (so ``True`` costs no rounding), so ``False``
+        casts it down here, as LoRA's weights follow the base. The init stays exact: ``_column_delta`` measures P
+        from ``W0[:, idx] / s`` computed in P's dtype, and rounding P0 from float32 gives that same value."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        if autocast_adapter_dtype:
+            return
+        for module in self.model.modules():
+            if not isinstance(module, PacaLayer) or adapter_name not in module.paca_w:
+                continue
+            dtype = module.get_base_layer().weight.dtype
+            weight = module.paca_w[adapter_name]
+            if dtype in (torch.float16, torch.bfloat16) and weight.dtype != dtype:
+                module.paca_w[adapter_name] = torch.nn.Parameter(weight.detach().to(dtype), weight.requires_grad)
+
     @staticmethod
     def _create_new_module(paca_config: PacaConfig, adapter_name: str, target: torch.nn.Module, **kwargs: Any):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target

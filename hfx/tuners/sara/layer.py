@@ -34,6 +34,7 @@ from .._sparse import (
     ResizableBufferDict,
     SparseValues,
     WeightShapes,
+    entry_index,
     index_dtype,
     scatter_dense,
     sparse_delta_linear,
@@ -225,7 +226,7 @@ class SaraLayer(IndexedTunerLayer):
         self.sara_frozen_values = ResizableBufferDict({})
         self.sara_threshold = SaraThresholds()
         self.sara_shape = WeightShapes()  # what sara_indices index into, checked on load
-        self._sara_merge_backup: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._sara_merge_backup: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.cast_input_dtype_enabled = True
@@ -350,15 +351,15 @@ class SaraLinear(nn.Module, SaraLayer):
                 continue
             idx = torch.cat([self.sara_indices[adapter], self.sara_frozen_indices[adapter]]).long().to(weight.device)
             delta = torch.cat([self.sara_values[adapter].detach(), self.sara_frozen_values[adapter].float()])
+            entries = entry_index(weight, idx)  # the weight may be non-contiguous (no flat view)
             with torch.no_grad():
-                flat = weight.data.view(-1)
-                old = flat[idx].clone()
+                old = weight.data[entries].clone()
                 work = torch.float64 if weight.dtype == torch.float64 else torch.float32
                 new = (old.to(work) + delta.to(weight.device, work)).to(weight.dtype)
                 if safe_merge and not torch.isfinite(new).all():
                     raise ValueError(f"Merging adapter {adapter!r} into {self._describe()} gives non-finite weights.")
-                flat[idx] = new
-            self._sara_merge_backup[adapter] = (idx, old)
+                weight.data[entries] = new
+            self._sara_merge_backup[adapter] = (entries, old)
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
@@ -372,7 +373,7 @@ class SaraLinear(nn.Module, SaraLayer):
             backup = self._sara_merge_backup.pop(adapter, None)
             if backup is not None:
                 with torch.no_grad():
-                    weight.data.view(-1)[backup[0]] = backup[1]
+                    weight.data[backup[0]] = backup[1]
 
     # ---- forward --------------------------------------------------------------------------------------------------
     def _sara_term(self, values: SparseValues, adapter: str, x: torch.Tensor) -> torch.Tensor:
