@@ -24,13 +24,20 @@ whose config has an initializer, it adds to the model
 
 Adapters loaded with ``PeftModel.from_pretrained`` get a plain ``LoraConfig`` (that is what hfx saves), so none of
 this applies to them.
+
+One config object, one adapter. PEFT keeps the user's config object itself in ``peft_config``, and this state lives
+on it, as do LoRA-GA's init factors and EVA's rewritten ``rank_pattern``. A config passed again (a second model, or
+a second adapter) therefore gets a fresh copy of the config as the user made it, instead of carrying the first
+adapter's run into it (a refused ``initialize``, a wrong LoRA-GA export).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -45,6 +52,8 @@ _STATE = "_hfx_initialized"  # attribute on the adapter's config: True once init
 _WARNED = "_hfx_init_warned"  # attribute on the adapter's config: the forgotten-initialize warning was given
 _HOOK = "_hfx_init_forward_hook"  # attribute on the model: handle of the one-shot forward pre-hook
 _LOAD_HOOK = "_hfx_init_load_hook"  # attribute on the model: handle of the load_state_dict pre-hook
+_OWNER = "_hfx_owner"  # attribute on the adapter's config: (weakref to its tuner, adapter name)
+_PRISTINE = "_hfx_pristine"  # attribute on the adapter's config: a copy as it was before its first injection
 
 
 def register_initializer(
@@ -112,6 +121,7 @@ def initialize(
             raise ValueError(f"hfx.initialize: no adapter named {name!r}; the model has {list(configs)}.")
         fn = _INITIALIZERS.get(type(configs[name]))
         if fn is not None:
+            _materialize_meta_adapter(peft_model, name)
             accepted = _keywords(fn)  # another tuner's option (e.g. for a second adapter) is not passed to this one
             summaries[name] = fn(peft_model, batches, name, **{k: v for k, v in kwargs.items() if k in accepted})
             mark_initialized(configs[name])
@@ -229,6 +239,8 @@ def _install_lora_inject_hook() -> None:
 
     @functools.wraps(original)
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        if type(self.peft_config.get(adapter_name)) in _INITIALIZERS:
+            self.peft_config[adapter_name] = _owned_config(self.peft_config[adapter_name], self, adapter_name)
         out = original(self, model, adapter_name, *args, **kwargs)
         config = self.peft_config.get(adapter_name)
         if type(config) in _INITIALIZERS:
@@ -239,3 +251,36 @@ def _install_lora_inject_hook() -> None:
 
     inject_adapter._hfx_tracks_initialization = True
     LoraModel.inject_adapter = inject_adapter
+
+
+def _owned_config(config: Any, tuner: Any, adapter_name: str) -> Any:
+    """``config`` for adapter ``adapter_name`` of ``tuner``: the object itself the first time it is injected, a fresh
+    copy of it as first passed when it already belongs to another adapter (see the module docstring)."""
+    owner = getattr(config, _OWNER, None)
+    if owner is not None and owner[0]() is tuner and owner[1] == adapter_name:
+        return config
+    if owner is None:
+        pristine = copy.deepcopy(config)
+    else:
+        pristine = getattr(config, _PRISTINE)
+        config = copy.deepcopy(pristine)
+    setattr(config, _PRISTINE, pristine)
+    setattr(config, _OWNER, (weakref.ref(tuner), adapter_name))
+    return config
+
+
+def _materialize_meta_adapter(peft_model: torch.nn.Module, adapter_name: str) -> None:
+    """Put LoRA weights still on the meta device (``get_peft_model(..., low_cpu_mem_usage=True)``) on their base
+    layer's device, zero-filled, so that the initialiser can write them (a copy onto meta does nothing)."""
+    from peft.tuners.lora import LoraLayer
+
+    for layer in peft_model.modules():
+        if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A:
+            continue
+        device = layer.get_base_layer().weight.device
+        for part in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
+            if any(p.is_meta for p in part.parameters()):
+                part.to_empty(device=device)
+                with torch.no_grad():
+                    for p in part.parameters():
+                        p.zero_()

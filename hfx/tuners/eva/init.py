@@ -627,7 +627,7 @@ def apply_eva(peft_model: nn.Module, result: Mapping[str, Any], adapter_name: st
     """Resize each LoRA layer to its EVA rank, set A to the components and B to 0 (rank 0: remove the adapter);
     rewrite ``rank_pattern``/``alpha_pattern`` (and ``exclude_modules`` for removed layers) so the saved config
     rebuilds exactly these shapes."""
-    from peft.utils.other import _get_submodules, get_pattern_key
+    from peft.utils.other import get_pattern_key
 
     config = peft_model.peft_config[adapter_name]
     layers = target_layers(peft_model, adapter_name)
@@ -657,8 +657,7 @@ def apply_eva(peft_model: nn.Module, result: Mapping[str, Any], adapter_name: st
         r_conf = result["configured"][name]
         alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), base_name), config.lora_alpha)
         if rank == 0:
-            parent, _, target_name = _get_submodules(peft_model, name)
-            setattr(parent, target_name, layer.get_base_layer())
+            _remove_adapter_from_layer(peft_model, name, layer, adapter_name)
             removed.append(base_name)
             continue
         if config.adjust_scaling_factors and rank != r_conf:
@@ -690,6 +689,23 @@ def apply_eva(peft_model: nn.Module, result: Mapping[str, Any], adapter_name: st
         for _, layer in target_layers(peft_model, adapter_name):
             _broadcast(layer.lora_A[adapter_name].weight.data)
     mark_initialized(config)
+
+
+def _remove_adapter_from_layer(peft_model: nn.Module, name: str, layer: nn.Module, adapter_name: str) -> None:
+    """EVA gave this layer rank 0: put the base layer back, or, where other adapters live on the layer too, remove
+    only this adapter's weights (swapping the layer out dropped theirs silently), keeping their active state."""
+    from peft.utils.other import _get_submodules
+
+    others = [a for a in layer.lora_A if a != adapter_name]
+    if not others:
+        parent, _, target_name = _get_submodules(peft_model, name)
+        setattr(parent, target_name, layer.get_base_layer())
+        return
+    still_active = [a for a in layer.active_adapters if a != adapter_name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's "setting active adapter to ..." (restored right below)
+        layer.delete_adapter(adapter_name)
+    layer.set_adapter(still_active)
 
 
 def read_saved_eva(path: str, peft_model: nn.Module, adapter_name: str = "default") -> dict[str, Any]:

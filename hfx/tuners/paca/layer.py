@@ -203,7 +203,8 @@ class PacaLayer(IndexedTunerLayer):
         with gather_params_ctx(base.weight, modifier_rank=None):  # ZeRO-3: W0 is partitioned at init
             weight = self.get_base_weight()
             orig = weight.index_select(1, indices.to(weight.device)).detach().clone()
-        # P in float32 (float64 on a float64 base), whatever the base dtype; s * P = W0[:, idx]: the base model
+        # P built in float32 (float64 on a float64 base); PacaModel._cast_adapter_dtype casts it to a half-precision
+        # base's dtype under autocast_adapter_dtype=False. s * P = W0[:, idx]: the base model
         p = _reference_p(orig, scaling, torch.promote_types(orig.dtype, torch.float32)).clone()
         if init_weights is False:
             # Random non-identity columns (deterministic per layer), to test merging and saving; not for training.
