@@ -149,6 +149,24 @@ def test_half_inputs_accumulate_in_fp32(dtype):
         torch.testing.assert_close(g.double(), r, atol=2e-3, rtol=2e-2)
 
 
+def test_autocast_does_not_change_the_arithmetic():
+    """Under bfloat16 autocast the forward's tile GEMMs ran in bfloat16 and the rest in float32: lse then came from
+    other logits than the backward's softmax, and the bias gradient (Σ softmax − onehot = 0 per token) was 1e-2
+    off. The reference computes in its compute dtype under autocast too: the same loss and gradients as without."""
+    hidden, weight, b, labels = make(n=(4, 16), h=64, v=500, dtype=torch.float32, ignore=False)
+    with torch.no_grad():
+        hidden.mul_(4.0)
+    plain = hfx.linear_cross_entropy(hidden, weight, labels, b, impl="reference")
+    want = torch.autograd.grad(plain, (hidden, weight, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = hfx.linear_cross_entropy(hidden, weight, labels, b, impl="reference")
+    got = torch.autograd.grad(loss, (hidden, weight, b))
+    torch.testing.assert_close(loss, plain, rtol=1e-6, atol=1e-6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert abs(float(got[2].sum())) < 1e-5
+
+
 def test_frozen_weight_gets_no_gradient_work():
     hidden, weight, b, labels = make()
     weight.requires_grad_(False)

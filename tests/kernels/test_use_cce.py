@@ -147,6 +147,97 @@ def test_softcap_from_config(tokenizer):
     assert model.config.final_logit_softcapping == 2.0
 
 
+def _gemma3n(vocab):
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+
+    return Gemma3nForCausalLM, Gemma3nTextConfig(
+        vocab_size=vocab, vocab_size_per_layer_input=vocab, hidden_size=32, hidden_size_per_layer_input=8,
+        intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        num_kv_shared_layers=0, laurel_rank=4, sliding_window=8, final_logit_softcapping=2.0,
+    )  # fmt: skip
+
+
+def _mistral_large4(vocab):
+    from transformers import MistralLarge4Config, MistralLarge4ForConditionalGeneration
+
+    text = dict(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16,
+        qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=8, index_topk=8, index_head_dim=16, index_n_heads=2,
+        max_position_embeddings=64, pad_token_id=0, final_logit_softcapping=2.0,
+    )  # fmt: skip
+    vision = dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, patch_size=4, image_size=16, head_dim=8)  # fmt: skip
+    return MistralLarge4ForConditionalGeneration, MistralLarge4Config(text_config=text, vision_config=vision)
+
+
+def test_softcap_in_a_strict_config(tokenizer):
+    """Gemma-3n types the cap as a float in a strict dataclass: setting it to None raised at the first forward."""
+    try:
+        cls, config = _gemma3n(len(tokenizer))
+    except ImportError:
+        pytest.skip("this transformers release has no Gemma-3n")
+    torch.manual_seed(0)
+    ref = cls(config).train()
+    model = hfx.use_cce(cls(config)).train()
+    model.load_state_dict(ref.state_dict())
+    inputs = batch(tokenizer)
+    torch.testing.assert_close(model(**inputs).loss, ref(**inputs).loss, atol=1e-5, rtol=1e-5)
+    assert model.config.get_text_config().final_logit_softcapping == 2.0
+
+
+def test_a_softcap_or_transform_it_cannot_switch_off_is_refused(tokenizer):
+    """RecurrentGemma / xLSTM cap their logits under other config names, and a model (or hook) can transform
+    lm_head's output: CCE's loss then came back changed (2·tanh(CE/2)), silently. Now: an error."""
+    from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+
+    config = RecurrentGemmaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, lru_width=32, attention_window_size=8, logits_soft_cap=2.0,
+        block_types=["recurrent", "attention"],
+    )  # fmt: skip
+    with pytest.raises(NotImplementedError, match=r"logits_soft_cap=2\.0"):
+        hfx.use_cce(RecurrentGemmaForCausalLM(config))
+    try:
+        cls, config = _mistral_large4(len(tokenizer))
+    except ImportError:
+        pass  # this transformers release has no Mistral-Large-4
+    else:
+        with pytest.raises(NotImplementedError, match="keeps its logit softcap on the model"):
+            hfx.use_cce(cls(config))
+    model = hfx.use_cce(tiny_causal_lm(hidden_size=32).train())
+    model.lm_head.register_forward_hook(lambda module, args, out: out * 2.0)  # e.g. a logit scale in a hook
+    with pytest.raises(RuntimeError, match="transforms lm_head's output"):
+        model(**batch(tokenizer))
+
+
+def test_accelerate_hooked_head(tokenizer):
+    """accelerate's hook (offload, device_map) was skipped by the CCE path (meta weights: an error), and
+    use_cce(enabled=False) deleted it (the model then returned NaN)."""
+    from accelerate import cpu_offload
+
+    inputs = batch(tokenizer)
+    ref = tiny_causal_lm(hidden_size=32, tie_word_embeddings=False).train()
+    want = ref(**inputs).loss
+    model = tiny_causal_lm(hidden_size=32, tie_word_embeddings=False)
+    model.load_state_dict(ref.state_dict())
+    cpu_offload(model, execution_device="cpu")
+    model.train()
+    hfx.use_cce(model)
+    torch.testing.assert_close(model(**inputs).loss, want, atol=1e-6, rtol=1e-6)
+    hfx.use_cce(model, enabled=False)
+    torch.testing.assert_close(model(**inputs).loss, want, atol=1e-6, rtol=1e-6)
+
+
+def test_trainable_tokens_on_a_tied_head_is_a_clear_error(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [3, 4]})
+    model = get_peft_model(tiny_causal_lm(hidden_size=32, tie_word_embeddings=True), config)
+    with pytest.raises(NotImplementedError, match="trainable_token_indices"):
+        hfx.use_cce(model)
+
+
 def test_peft_lora_backbone_and_modules_to_save(tokenizer):
     from peft import LoraConfig, get_peft_model
 

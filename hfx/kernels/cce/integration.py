@@ -13,7 +13,9 @@ for tied embeddings, where the head's weight is the embedding's).
 Everything else is left to the model's forward: the backbone call and its kwargs (padding-free / packing
 ``position_ids``, ``cu_seq_lens``), gradient checkpointing, PEFT adapters inside the backbone. Gemma-2 style
 ``final_logit_softcapping`` is passed to CCE (and switched off in the config for the duration of the call so the
-model does not softcap the loss). Loss normalisation follows transformers' ``ForCausalLMLoss``: labels shifted by
+model does not softcap the loss); a softcap the model keeps elsewhere is refused, and the first CCE forward of each
+model checks that the model handed lm_head's output back unchanged (else: an error, not a silently changed loss).
+accelerate's hook on ``lm_head`` (offload, ``device_map``) runs around the CCE call as around the head's forward. Loss normalisation follows transformers' ``ForCausalLMLoss``: labels shifted by
 one (or ``shift_labels`` used as given), ``ignore_index=-100``, mean over non-ignored tokens, or sum divided by
 ``num_items_in_batch`` when the Trainer passes it (gradient accumulation). MoE models add
 ``router_aux_loss_coef · aux_loss`` like their own forward does.
@@ -69,6 +71,7 @@ class _State:
     heads: list[nn.Module] = field(default_factory=list)
     patched_func: Any = None
     defer: bool = False  # the wrapped forward computes its own logits-free loss (TRL's chunked NLL): pass through
+    checked: bool = False  # the first CCE forward found the loss returned unchanged by the model's forward
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -113,6 +116,12 @@ def _head_linears(head: nn.Module) -> tuple[nn.Module, ...]:
                 "out of `target_modules`."
             )
         return _head_linears(head.get_base_layer())
+    if type(head).__name__ == "TrainableTokensWrapper":  # its token rows live outside the weight CCE reads
+        raise NotImplementedError(
+            "use_cce: lm_head is wrapped by PEFT's trainable_token_indices (a tied lm_head shares the embedding's "
+            "trainable tokens), whose rows CCE would not see. Untie the embeddings, train them with "
+            "`modules_to_save=['embed_tokens', 'lm_head']`, or train without use_cce."
+        )
     if isinstance(head, AuxiliaryTrainingWrapper):
         mods: list[nn.Module] = []
         if hasattr(head, "modules_to_save"):
@@ -134,55 +143,80 @@ def _install_head(mod: nn.Module) -> None:
     if getattr(mod, _HEAD_ATTR, None) is not None:
         return
     original = mod.forward
+    own_forward = "forward" in vars(mod)  # an instance forward already (accelerate's hook), restored on uninstall
 
     def head_forward(self: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         call = _ACTIVE.get()
         if call is None or call.loss is not None or not any(self is h for h in call.heads):
             return original(hidden)
-        from . import linear_cross_entropy
-
-        labels = call.shift_labels if call.shift_labels is not None else call.labels
-        labels = labels.to(hidden.device)
-        if labels.shape != hidden.shape[:-1]:
-            raise ValueError(
-                f"use_cce: labels {tuple(labels.shape)} do not match the hidden states {tuple(hidden.shape[:-1])} "
-                "reaching lm_head (prompt-learning PEFT methods that add virtual tokens are not supported)"
-            )
-        call.loss = linear_cross_entropy(
-            hidden,
-            self.weight,
-            labels,
-            self.bias,
-            shift=call.shift_labels is None,
-            softcap=call.softcap,
-            reduction="mean",
-            num_items_in_batch=call.num_items_in_batch,
-            **call.options,
-        )
-        return call.loss
+        hook = getattr(self, "_hf_hook", None)  # accelerate (offload, device_map): load the weights, move inputs
+        if hook is not None:
+            (hidden,), _ = hook.pre_forward(self, hidden)
+        loss = _head_loss(self, hidden, call)
+        return loss if hook is None else hook.post_forward(self, loss)
 
     mod.forward = types.MethodType(head_forward, mod)
-    setattr(mod, _HEAD_ATTR, original)
+    setattr(mod, _HEAD_ATTR, (original, own_forward))
+
+
+def _head_loss(head: nn.Module, hidden: torch.Tensor, call: _Call) -> torch.Tensor:
+    """The CCE loss of the hidden states reaching ``head`` (recorded in ``call.loss``)."""
+    from . import linear_cross_entropy
+
+    labels = call.shift_labels if call.shift_labels is not None else call.labels
+    labels = labels.to(hidden.device)
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"use_cce: labels {tuple(labels.shape)} do not match the hidden states {tuple(hidden.shape[:-1])} "
+            "reaching lm_head (prompt-learning PEFT methods that add virtual tokens are not supported)"
+        )
+    call.loss = linear_cross_entropy(
+        hidden,
+        head.weight,
+        labels,
+        head.bias,
+        shift=call.shift_labels is None,
+        softcap=call.softcap,
+        reduction="mean",
+        num_items_in_batch=call.num_items_in_batch,
+        **call.options,
+    )
+    return call.loss
 
 
 def _uninstall_head(mod: nn.Module) -> None:
-    if getattr(mod, _HEAD_ATTR, None) is not None:
-        del mod.forward  # back to the class's forward
+    saved = getattr(mod, _HEAD_ATTR, None)
+    if saved is not None:
+        original, own_forward = saved
+        if own_forward:
+            mod.forward = original  # e.g. accelerate's hooked forward (deleting it left the module unhooked)
+        else:
+            del mod.forward  # back to the class's forward
         delattr(mod, _HEAD_ATTR)
 
 
 @contextlib.contextmanager
-def _softcap_off(config: Any):
+def _softcap_off(model: nn.Module):
     """Switch the model's own final-logit softcapping off for one call (CCE applies it instead)."""
+    config = _text_config(model)
     value = getattr(config, "final_logit_softcapping", None)
     if value is None:
         yield None
         return
-    config.final_logit_softcapping = None
+    _set_field(config, "final_logit_softcapping", None)
     try:
         yield float(value)
     finally:
-        config.final_logit_softcapping = value
+        _set_field(config, "final_logit_softcapping", value)
+
+
+def _set_field(config: Any, name: str, value: Any) -> None:
+    """``setattr`` that also writes ``None`` into a strict-dataclass config field typed ``float`` (Gemma-3n), whose
+    validation would refuse it."""
+    try:
+        setattr(config, name, value)
+    except Exception:  # huggingface_hub's StrictDataclassFieldValidationError
+        vars(config)[name] = value
 
 
 def _text_config(model: nn.Module) -> Any:
@@ -211,6 +245,18 @@ def _check_supported(model: nn.Module) -> None:
                 f"use_cce: {type(model).__name__} rescales its logits ({name}={getattr(config, name)}), "
                 "which the CCE path does not reproduce yet"
             )
+    for name in ("logits_soft_cap", "output_logit_soft_cap"):  # RecurrentGemma, xLSTM
+        if getattr(config, name, None) is not None:
+            raise NotImplementedError(
+                f"use_cce: {type(model).__name__} softcaps its logits ({name}={getattr(config, name)}) under a name "
+                "the CCE path does not switch off (only `final_logit_softcapping`); it would softcap the loss instead"
+            )
+    if getattr(model, "final_logit_softcapping", None) is not None:  # Mistral-Large-4: read from the model, always
+        raise NotImplementedError(
+            f"use_cce: {type(model).__name__} keeps its logit softcap on the model (final_logit_softcapping="
+            f"{model.final_logit_softcapping}, read at init and applied unconditionally), which the CCE path cannot "
+            "switch off; it would softcap the loss instead. Train it without use_cce."
+        )
 
 
 def _make_forward(model: nn.Module, state: _State):
@@ -238,7 +284,7 @@ def _make_forward(model: nn.Module, state: _State):
                 _install_head(head)
                 state.heads.append(head)
         shift_labels = kwargs.pop("shift_labels", None)
-        with _softcap_off(_text_config(self)) as softcap:
+        with _softcap_off(self) as softcap:
             call = _Call(
                 labels=labels,
                 shift_labels=shift_labels,
@@ -265,6 +311,16 @@ def _make_forward(model: nn.Module, state: _State):
                 f"use_cce: {type(self).__name__}.forward post-processes lm_head's output in a way the CCE path does "
                 "not support"
             )
+        if not state.checked:  # once per model: its forward hands lm_head's output back unchanged
+            came_back = loss.detach().to(call.loss.device, call.loss.dtype)
+            if not torch.allclose(came_back, call.loss.detach(), rtol=0.0, atol=0.0, equal_nan=True):
+                raise RuntimeError(
+                    f"use_cce: {type(self).__name__}.forward transforms lm_head's output (a logit softcap or scale "
+                    "kept outside `final_logit_softcapping`, e.g. in a module or cached at init), so it changed the "
+                    f"CCE loss ({float(call.loss.detach()):.6g} -> {float(loss.detach()):.6g}); this architecture is not supported by "
+                    "the CCE path: train it without use_cce."
+                )
+            state.checked = True
         aux_loss = getattr(outputs, "aux_loss", None)
         if aux_loss is not None and getattr(self, "router_aux_loss_coef", None):
             loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)

@@ -21,6 +21,7 @@ which is ``F.cross_entropy(z, y, label_smoothing=ε)`` per token plus the z-loss
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -105,10 +106,24 @@ def _tile_logits(
     return z, t
 
 
+def _without_autocast(fn):
+    """Run an autograd ``forward``/``backward`` with autocast off: the arithmetic is in the compute dtype by design,
+    and under autocast the forward's tile GEMMs ran in bfloat16 while the target logit and the backward stayed in
+    float32, so ``softmax - onehot`` no longer summed to zero (a biased gradient)."""
+
+    @functools.wraps(fn)
+    def run(ctx, tensor, *args):
+        with torch.autocast(tensor.device.type, enabled=False):
+            return fn(ctx, tensor, *args)
+
+    return run
+
+
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     """Per-token losses (M,) of the M valid tokens; see the module docstring for the formula."""
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, hidden, weight, bias, labels, softcap, temperature, label_smoothing, z_loss, plan):
         cdtype = _compute_dtype(hidden.dtype)
         m, v = hidden.shape[0], weight.shape[0]
@@ -147,6 +162,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad_loss):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         softcap, temperature, eps, z_loss, plan = ctx.options
