@@ -38,6 +38,53 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (where 0 switches something off)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a learning rate of -1 failed in torch's optimizer after the model loaded)."""
+    value = float(text)
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    value = float(text)
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def model_ref(text: str) -> str:
+    """argparse type for ``--model``: a saved model folder, or a hub id (``org/name``). A value written as a path
+    (``/...``, ``./...``, ``~/...`` or several ``/``) must be a folder with a ``config.json``; transformers took a
+    missing folder for a malformed hub id ("Repo id must be in the form ...")."""
+    path = os.path.expanduser(text)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise argparse.ArgumentTypeError(f"{text!r} is a folder but not a saved model (no config.json in it)")
+        return path
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or os.sep in text.replace("/", ""):
+        raise argparse.ArgumentTypeError(f"no such model folder: {text!r}")
+    return text
+
+
+def difficulty(text: str) -> str:
+    """argparse type: a difficulty preset of the built-in task."""
+    from hfx.data import DIFFICULTIES
+
+    if text not in DIFFICULTIES:
+        raise argparse.ArgumentTypeError(f"unknown difficulty {text!r}; choose one of {', '.join(DIFFICULTIES)}")
+    return text
+
+
 def refuse_unused(
     parser: argparse.ArgumentParser,
     args: argparse.Namespace,

@@ -24,9 +24,12 @@ import time
 import torch
 from _launch import (
     add_checkpoint_args,
+    difficulty,
     launch_state,
     make_config,
+    model_ref,
     per_device_batch,
+    positive_float,
     positive_int,
     refuse_unused,
     resume_checkpoint,
@@ -43,16 +46,18 @@ from hfx.testing.pretrained import BaseRecipe, pretrained_base
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--alpha", default="0.5", help="weight of the trace loss in [0, 1], or 'auto'")
-    p.add_argument("--model", default=None, help="model path or id; default: the cached tiny base (built-in task)")
+    p.add_argument(
+        "--model", type=model_ref, default=None, help="model path or id; default: the cached tiny base (built-in task)"
+    )
     p.add_argument("--format", default="standard", choices=["standard", "conversational"])
-    p.add_argument("--difficulty", default="easy")
+    p.add_argument("--difficulty", type=difficulty, default="easy")
     p.add_argument("--peft", default="none", choices=["none", "lora"], help="'none' = full fine-tuning")
     p.add_argument("--r", "--rank", dest="r", type=int, default=16, help="LoRA rank (--rank under torchrun)")
     p.add_argument("--n-train", type=positive_int, default=1000)
     p.add_argument("--n-eval", type=positive_int, default=128)
     p.add_argument("--max-steps", type=positive_int, default=60)
     p.add_argument("--batch-size", type=positive_int, default=16, help="global batch size")
-    p.add_argument("--learning-rate", type=float, default=5e-4)
+    p.add_argument("--learning-rate", type=positive_float, default=5e-4)
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature β")
     p.add_argument("--output-dir", default="outputs/bvpo")
     p.add_argument("--seed", type=int, default=0)

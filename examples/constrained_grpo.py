@@ -28,9 +28,12 @@ import time
 from _launch import (
     GRPO_FLAGS,
     add_checkpoint_args,
+    difficulty,
     launch_state,
     make_config,
+    model_ref,
     per_device_batch,
+    positive_float,
     positive_int,
     refuse_unused,
     resume_checkpoint,
@@ -50,8 +53,10 @@ def brevity_reward(completion_ids, **kwargs) -> list[float]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="model path or id; default: the cached tiny base (built-in task)")
-    p.add_argument("--difficulty", default="medium")
+    p.add_argument(
+        "--model", type=model_ref, default=None, help="model path or id; default: the cached tiny base (built-in task)"
+    )
+    p.add_argument("--difficulty", type=difficulty, default="medium")
     p.add_argument("--fixed", action="store_true", help="fixed reward weights (plain GRPO) instead of constraints")
     p.add_argument(
         "--weights",
@@ -77,15 +82,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="NM-PPO: search the thresholds with Nelder-Mead on held-out accuracy (phases of --phase-steps)",
     )
-    p.add_argument("--phase-steps", type=int, default=15, help="optimizer steps per threshold-search phase")
+    p.add_argument("--phase-steps", type=positive_int, default=15, help="optimizer steps per threshold-search phase")
     p.add_argument("--n-train", type=positive_int, default=512)
     p.add_argument("--n-eval", type=positive_int, default=128)
     p.add_argument("--num-generations", type=positive_int, default=8)
     p.add_argument("--max-steps", type=positive_int, default=120)
     p.add_argument("--batch-size", type=positive_int, default=32, help="completions per optimizer step (global)")
-    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--learning-rate", type=positive_float, default=1e-4)
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (scaled by the task weight)")
-    p.add_argument("--max-completion-length", type=int, default=48)
+    p.add_argument("--max-completion-length", type=positive_int, default=48)
     p.add_argument("--output-dir", default="outputs/constrained_grpo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true")

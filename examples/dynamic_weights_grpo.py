@@ -25,9 +25,13 @@ import time
 from _launch import (
     GRPO_FLAGS,
     add_checkpoint_args,
+    difficulty,
     launch_state,
     make_config,
+    model_ref,
+    non_negative_int,
     per_device_batch,
+    positive_float,
     positive_int,
     refuse_unused,
     resume_checkpoint,
@@ -45,27 +49,37 @@ OBJECTIVES = ("correctness", "format", "length")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="model path or id; default: the cached tiny base (built-in task)")
+    p.add_argument(
+        "--model", type=model_ref, default=None, help="model path or id; default: the cached tiny base (built-in task)"
+    )
     p.add_argument("--weighting", default="gradient", choices=["gradient", "hypervolume", "fixed"])
     p.add_argument("--estimator", default="grpo", choices=["grpo", "rloo"])
     p.add_argument("--weights", type=float, nargs=3, default=None, help="initial / fixed weights (default 1/3 each)")
     p.add_argument("--weight-regularization", type=float, default=2e-3, help="mu: mirror step = lr / mu")
     p.add_argument("--target-tokens", type=int, default=12, help="length penalty beyond this many tokens")
-    p.add_argument("--difficulty", default="medium")
+    p.add_argument("--difficulty", type=difficulty, default="medium")
     p.add_argument("--n-train", type=positive_int, default=512)
     p.add_argument("--n-eval", type=positive_int, default=128)
     p.add_argument("--num-generations", type=positive_int, default=4)
     p.add_argument("--max-steps", type=positive_int, default=32)
     p.add_argument("--batch-size", type=positive_int, default=32, help="completions per optimizer step (global)")
-    p.add_argument("--learning-rate", type=float, default=5e-5)
-    p.add_argument("--max-completion-length", type=int, default=32)
-    p.add_argument("--eval-every", type=int, default=0, help="print the held-out objectives every N steps (0: off)")
+    p.add_argument("--learning-rate", type=positive_float, default=5e-5)
+    p.add_argument("--max-completion-length", type=positive_int, default=32)
+    p.add_argument(
+        "--eval-every", type=non_negative_int, default=0, help="print the held-out objectives every N steps (0: off)"
+    )
     p.add_argument("--output-dir", default="outputs/dynamic_weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true")
     add_checkpoint_args(p)
     args = p.parse_args(argv)
-    refuse_unused(p, args, {"weight_regularization": (lambda a: a.weighting == "fixed", "with --weighting fixed")})
+    refuse_unused(
+        p,
+        args,
+        {  # the mirror step size is the gradient method's alone
+            "weight_regularization": (lambda a: a.weighting != "gradient", f"with --weighting {args.weighting}"),
+        },
+    )
     return args
 
 
@@ -190,8 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
     history = [h for h in trainer.state.log_history if "loss" in h]
     names = list(trainer.reward_func_names)
     if state.is_main_process:
+        fixed = [float(w) for w in trainer.reward_weights.tolist()]  # TRL logs no weights: they never change
         for h in history:
-            weights = [h.get(f"reward_weights/{n}", float("nan")) for n in names]
+            weights = [h.get(f"reward_weights/{n}", fixed[k]) for k, n in enumerate(names)]
             extra = f"r_pareto {h['dynamic_weights/r_pareto']:.3f}" if "dynamic_weights/r_pareto" in h else ""
             if f"dynamic_weights/influence/{names[0]}" in h:
                 extra = "influence " + str([float(f"{h[f'dynamic_weights/influence/{n}']:.3g}") for n in names])

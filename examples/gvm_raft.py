@@ -24,9 +24,12 @@ import time
 from _launch import (
     GRPO_FLAGS,
     add_checkpoint_args,
+    difficulty,
     launch_state,
     make_config,
+    model_ref,
     per_device_batch,
+    positive_float,
     positive_int,
     resume_checkpoint,
     run_args,
@@ -40,8 +43,10 @@ from hfx.testing.pretrained import pretrained_base
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="model path or id; default: the cached tiny base (built-in task)")
-    p.add_argument("--difficulty", default="medium")
+    p.add_argument(
+        "--model", type=model_ref, default=None, help="model path or id; default: the cached tiny base (built-in task)"
+    )
+    p.add_argument("--difficulty", type=difficulty, default="medium")
     p.add_argument("--loss", default="raft", choices=["raft", "grpo"])
     p.add_argument("--uniform", action="store_true", help="plain RAFT++/GRPO: uniform allocation, no pilot")
     p.add_argument("--n-train", type=positive_int, default=256)
@@ -55,9 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-steps", type=positive_int, default=8)
     p.add_argument("--batch-size", type=positive_int, default=32, help="completions per optimizer step (global)")
-    p.add_argument("--learning-rate", type=float, default=2e-4)
+    p.add_argument("--learning-rate", type=positive_float, default=2e-4)
     p.add_argument("--beta", type=float, default=0.001, help="KL coefficient")
-    p.add_argument("--max-completion-length", type=int, default=48)
+    p.add_argument("--max-completion-length", type=positive_int, default=48)
     p.add_argument("--output-dir", default="outputs/gvm_raft")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true")

@@ -25,9 +25,13 @@ import time
 import torch
 from _launch import (
     add_checkpoint_args,
+    difficulty,
     launch_state,
     make_config,
+    model_ref,
+    non_negative_float,
     per_device_batch,
+    positive_float,
     positive_int,
     refuse_unused,
     resume_checkpoint,
@@ -45,7 +49,9 @@ from hfx.trainers import add_mask_token
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="model path or id; default: the cached tiny base (built-in task)")
+    p.add_argument(
+        "--model", type=model_ref, default=None, help="model path or id; default: the cached tiny base (built-in task)"
+    )
     p.add_argument("--mask-rate", type=float, default=0.2, help="p_max, the final mask probability")
     p.add_argument("--mask-warmup-ratio", type=float, default=2 / 3, help="fraction of training p rises over")
     p.add_argument("--mask-token", default="<mask>", help="a token (added if missing), 'pad' or 'random'")
@@ -55,12 +61,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--r", "--rank", dest="r", type=int, default=16, help="adapter rank / block size (--rank under torchrun)"
     )
-    p.add_argument("--difficulty", default="hard", help="difficulty to fine-tune on: easy, medium, hard, expert")
-    p.add_argument("--replay", type=float, default=1.0, help="base-difficulty problems mixed in, per new one")
+    p.add_argument(
+        "--difficulty", type=difficulty, default="hard", help="difficulty to fine-tune on: easy, medium, hard, expert"
+    )
+    p.add_argument(
+        "--replay", type=non_negative_float, default=1.0, help="base-difficulty problems mixed in, per new one"
+    )
     p.add_argument("--n-train", type=positive_int, default=4000)
     p.add_argument("--n-eval", type=positive_int, default=200, help="held-out problems per difficulty")
     p.add_argument("--max-steps", type=positive_int, default=300)
-    p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--learning-rate", type=positive_float, default=2e-3)
     p.add_argument("--batch-size", type=positive_int, default=32, help="global batch size")
     p.add_argument("--output-dir", default="outputs/masked_thought")
     p.add_argument("--seed", type=int, default=0)

@@ -25,9 +25,13 @@ from collections.abc import Callable
 import torch
 from _launch import (
     add_checkpoint_args,
+    difficulty,
     launch_state,
     make_config,
+    model_ref,
+    non_negative_float,
     per_device_batch,
+    positive_float,
     positive_int,
     resume_checkpoint,
     run_args,
@@ -64,6 +68,7 @@ PEFT_METHODS: dict[str, Callable[[argparse.Namespace], PeftConfig | None]] = {
 # The methods each adapter option reaches; giving it to another method is an error, not silently ignored.
 OPTION_METHODS: dict[str, set[str]] = {
     "r": set(PEFT_METHODS) - {"sara", "none"},
+    "target_modules": set(PEFT_METHODS) - {"none"},
     "lora_alpha": {"dsee", "paca", "lora"},
     "dropout": {"bone", "bat", "dsee", "lora"},
 }
@@ -83,16 +88,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA / PaCA alpha (default 2*r)")
     p.add_argument("--dropout", type=float, default=None, help="adapter dropout (bone, bat, dsee, lora; default 0)")
-    p.add_argument("--target-modules", default="all-linear", help="comma-separated module names or 'all-linear'")
-    p.add_argument("--model", default=None, help="model path or id; default: the cached tiny base (built-in task)")
-    p.add_argument("--difficulty", default="hard", help="difficulty to adapt to: easy, medium, hard, expert")
-    p.add_argument("--replay", type=float, default=1.0, help="base-difficulty problems mixed in, per new one")
+    p.add_argument("--target-modules", default=None, help="comma-separated module names or 'all-linear' (the default)")
+    p.add_argument(
+        "--model", type=model_ref, default=None, help="model path or id; default: the cached tiny base (built-in task)"
+    )
+    p.add_argument(
+        "--difficulty", type=difficulty, default="hard", help="difficulty to adapt to: easy, medium, hard, expert"
+    )
+    p.add_argument(
+        "--replay", type=non_negative_float, default=1.0, help="base-difficulty problems mixed in, per new one"
+    )
     p.add_argument("--n-train", type=positive_int, default=4000)
     p.add_argument("--n-eval", type=positive_int, default=200, help="held-out problems per difficulty")
     p.add_argument("--max-steps", type=positive_int, default=350)
-    p.add_argument("--learning-rate", type=float, default=5e-3)
+    p.add_argument("--learning-rate", type=positive_float, default=5e-3)
     p.add_argument("--batch-size", type=positive_int, default=32, help="global batch size")
-    p.add_argument("--base-steps", type=int, default=BaseRecipe.max_steps, help="steps to pre-train the tiny base")
+    p.add_argument(
+        "--base-steps", type=positive_int, default=BaseRecipe.max_steps, help="steps to pre-train the tiny base"
+    )
     p.add_argument("--output-dir", default="outputs/sft")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
@@ -103,7 +116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, option) is not None and args.peft not in methods:
             flag = "--" + option.replace("_", "-")
             p.error(f"{flag} does not apply to --peft {args.peft}; it is used by: {', '.join(sorted(methods))}")
+    if args.model is not None and args.base_steps != p.get_default("base_steps"):
+        p.error("--base-steps does nothing with --model: it sets the pre-training of the built-in tiny base")
     args.r = DEFAULT_R if args.r is None else args.r
+    args.target_modules = args.target_modules or "all-linear"
     args.dropout = 0.0 if args.dropout is None else args.dropout
     return args
 

@@ -10,3 +10,10 @@
 
 Each run writes ``<out>/runs/<name>.json`` and is skipped when that file exists (``--force`` redoes it).
 """
+
+
+def help_description(doc: str) -> str:
+    """A sub-command's ``--help`` description: its module docstring's first paragraph as plain text (the first
+    line alone cut sentences off, and the reST double backquotes showed)."""
+    first = doc.strip().split("\n\n")[0]
+    return " ".join(first.split()).replace("``", "")

@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from . import help_description
+
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab
     "tiny": (64, 128, 2, 4, 2, 512),  # for tests
@@ -126,7 +128,7 @@ def run_one(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="hfx bench speed", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="hfx bench speed", description=help_description(__doc__))
     p.add_argument("--device", default="cpu")
     p.add_argument("--shape", choices=list(SHAPES), default="small")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -147,6 +149,15 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--{option} must be >= 1, got {getattr(args, option)}")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.device != "cpu":
+        import torch
+
+        if not args.device.startswith("cuda"):
+            p.error(f"--device must be 'cpu' or 'cuda' (or 'cuda:N'), got {args.device!r}")
+        if not torch.cuda.is_available():
+            p.error(
+                f"--device {args.device}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu"
+            )
     known = list(method_configs(args.r)) + ["paca_fused", "bone_fused"]
     unknown = [m for m in (args.methods or "").split(",") if args.methods and m not in known]
     if unknown:

@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import help_description
 from .report import environment, finished, load_runs, markdown_table, plot, save_run, summarize
 
 __all__ = ["PAIRS", "Pair", "main"]
@@ -102,7 +103,8 @@ def run_one(pair: str, arm: str, seed: int, quick: bool, model: str | None) -> d
             cmd += ["--model", model]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"hfx bench trainers: {pair}/{arm} failed:\n{proc.stdout[-4000:]}")
+            raise SystemExit(f"{proc.stdout[-4000:]}\nhfx bench trainers: run {pair}/{arm} failed (exit code "
+                             f"{proc.returncode}; the end of its output is above)")  # fmt: skip
         with open(os.path.join(out_dir, "hfx_result.json"), encoding="utf-8") as f:
             result = json.load(f)
     metrics: dict[str, float] = {}
@@ -180,7 +182,7 @@ def write_report(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="hfx bench trainers", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="hfx bench trainers", description=help_description(__doc__))
     p.add_argument("--pairs", default=",".join(PAIRS), help="comma-separated, of: " + ", ".join(PAIRS))
     p.add_argument("--quick", action="store_true", help="short runs (the pair's quick flags)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ..compat import activation_checkpointing
+from . import help_description
 from .report import environment, finished, load_runs, markdown_table, plot, save_run, summarize
 
 __all__ = ["METHODS", "QUICK", "FULL", "TunerRecipe", "main", "run_one"]
@@ -265,7 +266,7 @@ def write_report(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="hfx bench tuners", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="hfx bench tuners", description=help_description(__doc__))
     p.add_argument("--quick", action="store_true", help=f"short recipe ({QUICK.max_steps} steps, fewer eval problems)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of: " + ", ".join(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from hfx.bench import report
 from hfx.bench.trainers import _flatten
@@ -158,6 +159,7 @@ def test_trainers_plot_has_every_pair():
         ("trainers", ["--model", "/nonexistent"], "--model '/nonexistent' is not a saved model folder"),
         ("speed", ["--methods", "lora,nope"], "--methods: unknown method(s) ['nope']"),
         ("speed", ["--steps", "0"], "--steps must be >= 1, got 0"),
+        ("speed", ["--device", "tpu"], "--device must be 'cpu' or 'cuda' (or 'cuda:N'), got 'tpu'"),
     ],
 )
 def test_bad_options_are_named_before_any_run(module, argv, message, capsys):
@@ -200,3 +202,25 @@ def test_pretrained_base_cache_follows_hfx_cache_then_xdg(monkeypatch, tmp_path)
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache_dir() == str(tmp_path / "home" / ".cache" / "hfx")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_speed_on_cuda_without_cuda_is_named_before_any_run(capsys):
+    """Every method's subprocess failed with a traceback, then the driver crashed in torch.cuda.get_device_name."""
+    from hfx.bench.speed import main
+
+    with pytest.raises(SystemExit):
+        main(["--device", "cuda", "--shape", "tiny"])
+    assert "--device cuda: this machine has no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["tuners", "trainers", "speed"])
+def test_help_describes_the_sub_command_in_full_sentences(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"hfx.bench.{module}").main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "``" not in text and f"hfx bench {module}:" in text
+    description = text.split(f"hfx bench {module}:", 2)[-1].split(" options:")[0]
+    assert description.rstrip().endswith("."), description

@@ -32,6 +32,9 @@ def test_counts_below_one_are_refused(name, flag, capsys, load_example):
         ("constrained_grpo", ["--phase-steps", "3"], "--phase-steps does nothing without --search"),
         ("dynamic_weights_grpo", ["--weighting", "fixed", "--weight-regularization", "0.1"],
          "--weight-regularization does nothing with --weighting fixed"),
+        ("dynamic_weights_grpo", ["--weighting", "hypervolume", "--weight-regularization", "0.1"],
+         "--weight-regularization does nothing with --weighting hypervolume"),
+        ("sft", ["--peft", "none", "--target-modules", "q_proj"], "--target-modules does not apply to --peft none"),
     ],
 )  # fmt: skip
 def test_options_the_mode_ignores_are_refused(name, argv, message, capsys, load_example):
@@ -39,6 +42,59 @@ def test_options_the_mode_ignores_are_refused(name, argv, message, capsys, load_
     with pytest.raises(SystemExit):
         load_example(name).parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+EXAMPLES = ["sft", "bvpo", "masked_thought", "gvm_raft", "constrained_grpo", "dynamic_weights_grpo"]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--learning-rate", "-1"], "argument --learning-rate: must be a number > 0, got -1"),
+        (["--learning-rate", "0"], "argument --learning-rate: must be a number > 0, got 0"),
+        (["--difficulty", "bogus"], "argument --difficulty: unknown difficulty 'bogus'; choose one of easy, medium"),
+        (["--model", "/no/such/model"], "argument --model: no such model folder: '/no/such/model'"),
+    ],
+)
+def test_values_checked_before_the_model_loads(name, argv, message, capsys, load_example):
+    """A negative learning rate, an unknown difficulty or a missing --model folder failed only after the model
+    loaded (and after pre-training the tiny base), in torch's optimizer, the task generator or as a "Repo id must be
+    in the form ..." error from transformers."""
+    with pytest.raises(SystemExit):
+        load_example(name).parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, argv, message",
+    [
+        ("gvm_raft", ["--max-completion-length", "0"], "--max-completion-length: must be an integer >= 1"),
+        ("constrained_grpo", ["--max-completion-length", "0"], "--max-completion-length: must be an integer >= 1"),
+        ("constrained_grpo", ["--search", "--phase-steps", "0"], "--phase-steps: must be an integer >= 1"),
+        ("dynamic_weights_grpo", ["--eval-every", "-1"], "--eval-every: must be an integer >= 0"),
+        ("sft", ["--replay", "-1"], "--replay: must be a number >= 0"),
+        ("masked_thought", ["--replay", "-1"], "--replay: must be a number >= 0"),
+        ("sft", ["--base-steps", "0"], "--base-steps: must be an integer >= 1"),
+    ],
+)  # fmt: skip
+def test_out_of_range_values_are_refused(name, argv, message, capsys, load_example):
+    with pytest.raises(SystemExit):
+        load_example(name).parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_model_folders_and_hub_ids(tmp_path, capsys, load_example):
+    sft = load_example("sft")
+    (tmp_path / "config.json").write_text("{}")
+    assert sft.parse_args(["--model", str(tmp_path)]).model == str(tmp_path)
+    assert sft.parse_args(["--model", "org/name"]).model == "org/name"  # a hub id goes to transformers as before
+    with pytest.raises(SystemExit):
+        sft.parse_args(["--model", str(tmp_path.parent)])
+    assert "is a folder but not a saved model (no config.json in it)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the tiny base's recipe is not used with --model
+        sft.parse_args(["--model", str(tmp_path), "--base-steps", "5"])
+    assert "--base-steps does nothing with --model" in capsys.readouterr().err
 
 
 def test_options_the_mode_uses_are_accepted(load_example):
