@@ -14,7 +14,9 @@ and the Nelder–Mead threshold search (:class:`hfx.ThresholdSearchCallback`) ar
 
 Differences from the paper, by construction of GRPO/RLOO: sequence-level rewards and Monte-Carlo batch means
 instead of per-token returns and value heads; the KL "task reward" of μ-/ξ-PPO is the scaled KL term of the
-estimator (GRPO: loss, RLOO: reward), not a normalised advantage.
+estimator (GRPO: loss, RLOO: reward), not a normalised advantage. Without a task reward, the advantages are
+scaled by the mean |weight| of the constraint rewards where the estimator's standardisation would cancel it
+(:meth:`_ConstrainedMixin.advantage_scale`), so that a met constraint's push fades as in Eq. 4.4.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class _ConstrainedMixin(MultiObjectiveMixin):
         self.base_reward_weights = self.reward_weights.tolist()  # α (TRL's reward_weights, default 1)
         self.base_beta = float(self.beta)
         task = [i for i in range(len(names)) if i not in self.constraint_indices]
+        self._has_task_reward = bool(task)
         if not task and self.base_beta == 0.0 and any(k in ("ge", "eq") for k in kinds):
             logger.warning(
                 "constrained training with no task reward and beta=0: the policy only follows the constraint "
@@ -88,6 +91,37 @@ class _ConstrainedMixin(MultiObjectiveMixin):
         if self.args.lagrange_scale_beta and self.base_beta != 0.0:
             # floor: GRPO decides whether to compute reference log-probs from beta != 0 before the update
             self.beta = self.base_beta * max(self.multipliers.task_weight(), 1e-8)
+
+    def advantage_scale(self) -> float:
+        """The factor the advantages get: 1, except with constraint rewards only (μ-/ξ-PPO, the KL as the task)
+        under an estimator that standardises the weighted reward (GRPO, or RLOO with ``normalize_advantages``).
+        There ``w·z / std(w·z) = ±z``: the standardisation cancels the multipliers' size, so a met constraint
+        (σ(μ) → 0) kept pushing its reward at full strength (Eq. 4.4 fades it). The mean |weight| of the
+        constraint rewards puts that size back; with a task reward the weights sum to N and nothing changes."""
+        if self._has_task_reward:
+            return 1.0
+        if isinstance(self, RLOOTrainer):
+            renormalised = bool(getattr(self, "normalize_advantages", False))
+        else:
+            aggregation = getattr(self, "multi_objective_aggregation", "sum_then_normalize")
+            renormalised = aggregation == "normalize_then_sum" or self.scale_rewards != "none"
+        if not renormalised:
+            return 1.0
+        weights = self.reward_weights.tolist()
+        return sum(abs(weights[i]) for i in self.constraint_indices) / len(self.constraint_indices)
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        scale = self.advantage_scale()
+        if self.model.training:
+            self._metrics["train"]["constraint/advantage_scale"].append(scale)
+        if scale != 1.0:
+            output["advantages"] = output["advantages"] * scale
+            logged = self._logs["advantages"]
+            n = len(inputs) * self.accelerator.num_processes
+            for k in range(max(0, len(logged) - n), len(logged)):
+                logged[k] = logged[k] * scale
+        return output
 
     def set_constraint_thresholds(self, thresholds: Sequence[float]) -> None:
         """Replace the thresholds θ (e.g. from a threshold search); the multipliers keep their values."""

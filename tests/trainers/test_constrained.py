@@ -232,6 +232,30 @@ def test_advantages_use_the_updated_multipliers(model_path, tmp_path, estimator)
     assert hist["reward_weights/hash3"] == pytest.approx(weights[0], abs=1e-4)
 
 
+@pytest.mark.parametrize("init", [-4.0, 0.0, 4.0])
+def test_constraints_only_the_multiplier_size_reaches_the_advantages(model_path, tmp_path, init):
+    """μ-PPO (one ge constraint, the KL as the task): GRPO's final standardisation made the advantages the same
+    for σ(μ) = 0.018 and 0.982 (only beta moved), so a met constraint kept its full push. Eq. 4.4: σ(μ)·A."""
+    args = config(
+        tmp_path, max_steps=1, beta=0.05, constraint_rewards=["hash_graded"], constraint_thresholds=[0.5],
+        constraint_types=["ge"], lagrange_lr=1e-9, lagrange_init=[init],
+    )  # fmt: skip
+    trainer = hfx.ConstrainedGRPOTrainer(
+        model_path, reward_funcs=[hash_graded], args=args, train_dataset=prompt_dataset(8)
+    )
+    trainer.train()
+    rewards = torch.tensor(trainer._logs["rewards"]["hash_graded"]).unsqueeze(1)
+    m = sig(init)
+    expected = m * expected_advantages(rewards, [m], "grpo")
+    assert torch.tensor(trainer._logs["advantages"], dtype=torch.float64).tolist() == pytest.approx(
+        expected.tolist(), abs=1e-4
+    )
+    assert trainer.advantage_scale() == pytest.approx(m, abs=1e-6)
+    hist = [h for h in trainer.state.log_history if "loss" in h][0]
+    assert hist["constraint/advantage_scale"] == pytest.approx(m, abs=1e-4)
+    assert trainer.beta == pytest.approx(0.05 * (1 - m), abs=1e-6)
+
+
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
 def test_train_runs_and_scales_beta(model_path, tmp_path, estimator):
     cls, tcls = {

@@ -81,7 +81,10 @@ def test_activation_gradient_equals_autograd_weight_gradient_float64():
     }
 
 
-@pytest.mark.parametrize("direction", ["ArB2r", "A2rBr", "ArBr"])
+PERM = torch.randperm(6, generator=torch.Generator().manual_seed(hfx.LoraGAConfig().seed))  # 2r for r = 3
+
+
+@pytest.mark.parametrize("direction", ["ArB2r", "A2rBr", "ArBr", "random"])
 def test_factors_are_the_papers_formula_float64(direction):
     """A/B equal the paper's Algorithm 1 (stable scale) on the SVD of the dense autograd gradient."""
     r, gamma = 3, 16.0
@@ -93,6 +96,8 @@ def test_factors_are_the_papers_formula_float64(direction):
         "ArB2r": (list(range(r)), list(range(r, 2 * r))),
         "A2rBr": (list(range(r, 2 * r)), list(range(r))),
         "ArBr": (list(range(1, 2 * r, 2)), list(range(0, 2 * r, 2))),
+        # the original code's random split of the 2r (A and B each took the same r before, as PEFT's do)
+        "random": (PERM[:r].tolist(), PERM[r:].tolist()),
     }[direction]
     layers = target_layers(model, "default")
     ref = dense_gradients(base, batches, [base_name(name) for name, _ in layers])
@@ -104,7 +109,7 @@ def test_factors_are_the_papers_formula_float64(direction):
         A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
         torch.testing.assert_close(align_signs(A_ref, A, 0), A_ref, rtol=1e-7, atol=1e-9)
         torch.testing.assert_close(align_signs(B_ref, B, 1), B_ref, rtol=1e-7, atol=1e-9)
-        if direction == "ArB2r":
+        if direction in ("ArB2r", "random"):
             # the paper's reason: one SGD step of (B, A) moves BA by B B^T G + G A^T A = f^2 * rank-2r SVD of G
             step = B @ B.T @ G + G @ A.T @ A
             best = U[:, : 2 * r] @ torch.diag(S[: 2 * r]) @ Vh[: 2 * r]
@@ -145,6 +150,10 @@ def test_iters_limits_batches():
     model = get_peft_model(copy.deepcopy(base), hfx.LoraGAConfig(r=2, target_modules=TARGETS, iters=2))
     s = hfx.initialize(model, iter(make_batches(base.config.vocab_size, n=5)), show_progress=False)["default"]
     assert s["batches"] == 2
+    # the default takes a sample (64 batches), not the whole dataloader: that was an epoch of passes before training
+    model = get_peft_model(copy.deepcopy(base), hfx.LoraGAConfig(r=2, target_modules=TARGETS))
+    s = hfx.initialize(model, make_batches(base.config.vocab_size, n=70, bsz=1, seq=5), show_progress=False)
+    assert s["default"]["batches"] == 64
 
 
 # ---------------------------------------------------------------- PEFT's LoRA-GA

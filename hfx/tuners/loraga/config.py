@@ -39,11 +39,14 @@ class LoraGAConfig(LoraConfig):
     target layers (their outputs move with the offset).
 
     Args:
-        iters (`int`, *optional*): how many batches to use for the gradient estimate; ``None``: all of them.
+        iters (`int`, *optional*): at most how many batches the gradient estimate uses (default 64: the original
+            code's example runs 64, PEFT suggests 64-128); ``None``: all of them, which with
+            ``trainer.get_train_dataloader()`` is a whole epoch of forward and backward passes before training.
         direction (`str`): which singular vectors go to A and B. ``"ArB2r"`` (paper default): A = V[:, :r]^T,
             B = U[:, r:2r]; ``"A2rBr"``: A = V[:, r:2r]^T, B = U[:, :r]; ``"ArBr"``: A takes the odd, B the even
-            indices of the first 2r; ``"random"``: A and B take the same random r of the first 2r (seeded by
-            ``seed``, identical on every rank).
+            indices of the first 2r; ``"random"``: a random split of the first 2r between A and B (the original
+            code's; PEFT's ``"random"`` gives A and B the same r indices, which covers only r of the 2r directions);
+            seeded by ``seed``, identical on every rank.
         scale (`str`): ``"stable"`` (default, the paper's Algorithm 1): A and B both times d_out^(1/4)/sqrt(gamma),
             no singular values, meant for rsLoRA scaling (``use_rslora=True``, the default here). ``"peft"``: PEFT's
             ``scale="stable"``: B = U diag(S) d_out^(1/4)/sqrt(gamma), A unscaled. ``"gd"``: A/s, B/s with s the
@@ -61,7 +64,7 @@ class LoraGAConfig(LoraConfig):
     """
 
     use_rslora: bool = field(default=True, metadata={"help": "rsLoRA scaling alpha/sqrt(r), as in the paper."})
-    iters: int | None = field(default=None, metadata={"help": "Batches for the gradient estimate (None: all)."})
+    iters: int | None = field(default=64, metadata={"help": "Batches for the gradient estimate (None: all)."})
     direction: str = field(default="ArB2r", metadata={"help": f"One of {DIRECTIONS}."})
     scale: str = field(default="stable", metadata={"help": f"One of {SCALES}; 'stable' is the paper's."})
     stable_gamma: float = field(default=16.0, metadata={"help": "gamma of the stable scale."})

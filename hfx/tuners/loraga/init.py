@@ -285,8 +285,8 @@ def _direction_indices(direction: str, r: int, seed: int) -> tuple[torch.Tensor,
         return torch.arange(r, 2 * r), torch.arange(r)
     if direction == "ArBr":
         return torch.arange(1, 2 * r, 2), torch.arange(0, 2 * r, 2)
-    perm = torch.randperm(2 * r, generator=torch.Generator().manual_seed(seed))[:r]
-    return perm, perm
+    perm = torch.randperm(2 * r, generator=torch.Generator().manual_seed(seed))  # the original's random split
+    return perm[:r], perm[r:]
 
 
 def loraga_factors(
