@@ -53,7 +53,9 @@ class _ConstraintArguments:
         lagrange_max (`float`, defaults to `10.0`):
             Upper bound of projected multipliers.
         lagrange_max_grad_norm (`float` or `None`, defaults to `None`):
-            Clip the multiplier gradient to this norm before the step.
+            Clip the multiplier gradient to this norm before the step. The authors clip it at the policy's
+            ``max_grad_norm``; ``None`` does not clip (with sigmoid multipliers the gradient σ'(μ)·(J − θ) is at
+            most |J − θ|/4 per constraint), ``1.0`` matches their setting with TrainingArguments' default.
         lagrange_scale_beta (`bool`, defaults to `True`):
             Scale ``beta`` by the task weight (see above). Has no effect when ``beta`` is 0.
     """

@@ -103,6 +103,8 @@ class GVMRAFTConfig(GVMGRPOConfig):
     (``epsilon`` = ε_low = 0.2, ``epsilon_high`` = 0.3 as in the authors' script; the paper reports 0.28–0.4) and a
     k3 ("low-var") KL penalty to the initial model with ``beta = 0.001``; ``loss_type="dapo"`` averages over all
     accepted tokens of the generation batch (verl's token-mean). ``gvm=False`` is plain RAFT++ (uniform allocation).
+    The learning-rate schedule stays TRL's (``lr_scheduler_type="linear"``); the paper trains at a constant 1e-6:
+    pass ``lr_scheduler_type="constant"`` to match.
     """
 
     gvm_loss: str = field(default="raft", metadata={"help": "'raft' (RAFT++) or 'grpo'."})

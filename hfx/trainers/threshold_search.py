@@ -10,6 +10,10 @@ its threshold or ``phase_max_steps`` steps have passed, then scores the phase wi
 better; rank 0's value is broadcast) and tells Nelder–Mead ``−score``. Thresholds already scored (within
 ``cache_tolerance``) are not re-run. When the simplex values' standard deviation falls below ``tol`` (or
 ``max_phases`` is reached) the best thresholds are kept for the rest of training.
+
+Differences from the authors' code: the initial simplex is deterministic (the configured thresholds plus one axis
+step each), where they draw its points uniformly between the initial policy's and the best seen reward values; and
+a phase is capped at ``phase_max_steps`` optimizer steps, where theirs run at most a tenth of the run.
 """
 
 from __future__ import annotations

@@ -56,13 +56,17 @@ class SaraConfig(PeftConfig):
         nuclear_norm_layers (`int`, *optional*):
             How many adapted layers (drawn at random each optimizer step, identically on every rank) the regulariser
             covers; the reference code regularises one random matrix per step, which keeps the cost to one SVD per
-            step. ``None``: every layer, the full sum (one SVD per layer and step).
+            step. ``None``: every layer, the full sum (one SVD per layer and step). hfx draws from every adapted
+            layer; the reference only from matrices with min(shape) > 64 (its UNet's smaller ones are skipped),
+            which on small models would leave none.
         progressive_fraction (`float`, *optional*):
             Fraction of the run's optimizer steps after which the progressive adjustment happens (the reference's
             2500 of 5005 steps: one half). ``None`` keeps the mask fixed (required under DeepSpeed ZeRO and FSDP).
         target_modules (`list[str]` or `str`, *optional*):
             Names (suffix match) or a regex of the ``nn.Linear`` modules to adapt, or ``"all-linear"``. Defaults to
-            the architecture's LoRA targets.
+            the architecture's LoRA targets (PEFT's q/v projections for Llama); the paper adapts every weight of its
+            diffusion UNet, closest to ``"all-linear"`` here. ``nn.Conv2d`` (the UNet's conv kernels) is not
+            supported yet.
         exclude_modules (`list[str]` or `str`, *optional*):
             Names or a regex of modules to leave alone.
         layers_to_transform (`list[int]` or `int`, *optional*):
