@@ -178,12 +178,11 @@ def add_sparse_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tenso
         weight.index_put_(entry_index(weight, indices), values if alpha == 1 else alpha * values, accumulate=True)
 
 
-def entry_index(weight: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows, cols)`` of flat (row-major) ``indices`` into the 2-D ``weight``: indexes ``weight`` in place in any
-    memory layout, where ``weight.view(-1)`` needs a contiguous one (e.g. not a transposed checkpoint tensor)."""
-    idx = indices.to(weight.device).long()
-    n = weight.shape[-1]
-    return torch.div(idx, n, rounding_mode="floor"), idx % n
+def entry_index(weight: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The per-dimension indices of flat (row-major) ``indices`` into ``weight`` (2-D, or a conv kernel): index
+    ``weight`` in place in any memory layout, where ``weight.view(-1)`` needs a contiguous one (e.g. not a transposed
+    checkpoint tensor)."""
+    return torch.unravel_index(indices.to(weight.device).long(), weight.shape)
 
 
 def remap_positions(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -211,6 +211,25 @@ def test_a_softcap_or_transform_it_cannot_switch_off_is_refused(tokenizer):
         model(**batch(tokenizer))
 
 
+def test_a_forward_that_post_processes_the_logits_is_named(tokenizer):
+    """Inkling and Chameleon slice or mask the logits after lm_head: the 0-dim loss failed there with a bare
+    'IndexError: tuple index out of range'."""
+    model = tiny_causal_lm(hidden_size=32).train()
+    head_forward = model.lm_head.forward
+
+    def slicing_forward(self, *args, labels=None, **kwargs):  # what such a model does after its head
+        hidden = self.model(*args, **kwargs).last_hidden_state
+        logits = self.lm_head(hidden)
+        return types.SimpleNamespace(logits=logits[..., : logits.shape[-1] - 1], loss=None)
+
+    model.forward = types.MethodType(slicing_forward, model)
+    hfx.use_cce(model)
+    with pytest.raises(RuntimeError, match="forward failed after lm_head") as err:
+        model(**batch(tokenizer))
+    assert isinstance(err.value.__cause__, IndexError)
+    assert model.lm_head.forward != head_forward  # still installed; the error is per call
+
+
 def test_accelerate_hooked_head(tokenizer):
     """accelerate's hook (offload, device_map) was skipped by the CCE path (meta weights: an error), and
     use_cce(enabled=False) deleted it (the model then returned NaN)."""

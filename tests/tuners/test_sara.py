@@ -739,3 +739,128 @@ def test_defaults_are_the_papers():
     assert (cfg.threshold, cfg.ratio, cfg.nuclear_norm_weight, cfg.progressive_fraction) == (2e-3, None, 5e-4, 0.5)
     assert default_learning_rate() == pytest.approx(1e-3 * 2.718281828459045 ** (-0.7))
     assert default_learning_rate() == pytest.approx(4.966e-4, rel=1e-3)
+
+
+# ---- nn.Conv2d (the paper's UNet kernels) ---------------------------------------------------------------------------
+CONV_NET = '''
+import torch
+from torch import nn
+
+
+class ConvNet(nn.Module):
+    """Two convs (one grouped, one strided) and a linear head: what SaRA adapts in a UNet, in small."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2, bias=False)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.conv2(torch.tanh(self.conv1(x))).mean((2, 3)))
+'''
+_conv_namespace: dict = {}
+exec(CONV_NET, _conv_namespace)
+ConvNet = _conv_namespace["ConvNet"]
+CONV_TARGETS = ["conv1", "conv2", "head"]
+
+
+def conv_model(seed: int = 0, dtype=TORCH64, ratio: float = 0.25):
+    torch.manual_seed(seed)
+    model = get_peft_model(ConvNet().to(dtype), hfx.SaraConfig(ratio=ratio, target_modules=CONV_TARGETS))
+    for layer in model.modules():
+        if isinstance(layer, SaraLinear):
+            randomise_values(layer, seed=seed + 1, std=0.1)
+    return model
+
+
+def dense_conv_reference(model, x):
+    """The formula by hand: every adapted kernel/matrix is W0 + D, D dense from the indices and values."""
+    net = model.base_model.model
+    w = {n: getattr(net, n).base_layer.weight + getattr(net, n).get_delta_weight("default").to(x.dtype)
+         for n in CONV_TARGETS}  # fmt: skip
+    h = torch.tanh(torch.nn.functional.conv2d(x, w["conv1"], net.conv1.base_layer.bias, padding=1))
+    h = torch.nn.functional.conv2d(h, w["conv2"], None, stride=2, padding=1, groups=2)
+    return torch.nn.functional.linear(h.mean((2, 3)), w["head"], net.head.base_layer.bias)
+
+
+def test_conv2d_forward_and_merge_match_the_dense_float64_reference():
+    model = conv_model()
+    layer = model.base_model.model.conv2
+    assert type(layer).__name__ == "SaraConv2d" and layer.shape == (8, 4 * 3 * 3)
+    assert layer.sara_values["default"].numel() == round(0.25 * 8 * 36)
+    x = torch.randn(2, 3, 8, 8, dtype=TORCH64, generator=torch.Generator().manual_seed(3))
+    y = model(x)
+    torch.testing.assert_close(y, dense_conv_reference(model, x), rtol=0, atol=1e-12)
+    kernels = {n: getattr(model.base_model.model, n).base_layer.weight.clone() for n in CONV_TARGETS}
+    model.merge_adapter()
+    torch.testing.assert_close(model(x), y, rtol=0, atol=1e-12)
+    model.unmerge_adapter()
+    for n, w in kernels.items():
+        assert torch.equal(getattr(model.base_model.model, n).base_layer.weight, w), n
+
+
+def test_conv2d_value_gradient_is_the_dense_kernel_gradient_at_the_indices():
+    model = conv_model()
+    layer = model.base_model.model.conv1
+    x = torch.randn(2, 3, 8, 8, dtype=TORCH64, generator=torch.Generator().manual_seed(4))
+    model(x).square().sum().backward()
+    got = layer.sara_values["default"].grad
+    kernel = (layer.base_layer.weight + layer.get_delta_weight("default").double()).requires_grad_()
+    h = torch.tanh(torch.nn.functional.conv2d(x, kernel, layer.base_layer.bias, padding=1))
+    net = model.base_model.model
+    out = net.head(net.conv2(h).mean((2, 3)))
+    (dense,) = torch.autograd.grad(out.square().sum(), kernel)
+    torch.testing.assert_close(got, dense.reshape(-1)[layer.sara_indices["default"].long()], rtol=1e-10, atol=1e-12)
+    assert layer.base_layer.weight.grad is None
+
+
+def test_conv2d_training_adjustment_and_nuclear_norm():
+    model = conv_model(dtype=torch.float32)
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    target = torch.randn(16, 4, generator=torch.Generator().manual_seed(6))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    losses = []
+    for step in range(30):
+        loss = torch.nn.functional.mse_loss(model(x), target) + 5e-4 * sara_nuclear_norm(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        del loss  # no graph of an earlier step may be alive when the adjustment shrinks the values
+        if step == 15:
+            with torch.no_grad():
+                before = model(x)
+            adjust_sara_masks(model, opt)  # the frozen deltas keep the function
+            with torch.no_grad():
+                torch.testing.assert_close(model(x), before, rtol=1e-6, atol=1e-6)
+    assert losses[-1] < 0.7 * losses[0], losses
+    layer = model.base_model.model.conv1
+    assert torch.isfinite(layer.nuclear_norm("default")) and layer.nuclear_norm("default").requires_grad
+
+
+def test_conv2d_save_then_load_in_a_fresh_process_gives_identical_outputs(tmp_path):
+    model = conv_model(dtype=torch.float32).eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = model(x)
+    model.save_pretrained(tmp_path / "adapter")
+    torch.save(x, tmp_path / "x.pt")
+    (tmp_path / "convnet.py").write_text(CONV_NET)
+    script = tmp_path / "load.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(tmp_path)!r})
+        import hfx  # registers SaRA with PEFT
+        from peft import PeftModel
+        from convnet import ConvNet
+        torch.manual_seed(0)
+        base = ConvNet()
+        model = PeftModel.from_pretrained(base, {str(tmp_path / "adapter")!r}).eval()
+        with torch.no_grad():
+            torch.save(model(torch.load({str(tmp_path / "x.pt")!r}, weights_only=True)), {str(tmp_path / "y.pt")!r})
+    """)
+    )
+    subprocess.run([sys.executable, str(script)], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert torch.equal(torch.load(tmp_path / "y.pt", weights_only=True), expected)

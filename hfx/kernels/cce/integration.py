@@ -296,6 +296,15 @@ def _make_forward(model: nn.Module, state: _State):
             token = _ACTIVE.set(call)
             try:
                 outputs = original(*args, **kwargs)
+            except (IndexError, TypeError, RuntimeError) as err:
+                if call.loss is None:  # failed before lm_head: not ours to explain
+                    raise
+                raise RuntimeError(
+                    f"use_cce: {type(self).__name__}.forward failed after lm_head, treating its output (here the "
+                    f"0-dim CCE loss) as logits ({type(err).__name__}: {err}); this architecture post-processes the "
+                    "logits (e.g. slices the vocabulary or masks tokens), which the CCE path does not support: train "
+                    "it without use_cce."
+                ) from err
             finally:
                 _ACTIVE.reset(token)
         if call.loss is None:

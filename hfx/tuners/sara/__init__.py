@@ -4,12 +4,13 @@ from hfx._registry import register
 
 from .callback import SaraCallback
 from .config import SaraConfig, default_learning_rate
-from .layer import SaraLayer, SaraLinear, sara_select
+from .layer import SaraConv2d, SaraLayer, SaraLinear, sara_select
 from .model import SaraModel, adjust_sara_masks, sara_nuclear_norm
 
 __all__ = [
     "SaraCallback",
     "SaraConfig",
+    "SaraConv2d",
     "SaraLayer",
     "SaraLinear",
     "SaraModel",

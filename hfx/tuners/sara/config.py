@@ -57,16 +57,16 @@ class SaraConfig(PeftConfig):
             How many adapted layers (drawn at random each optimizer step, identically on every rank) the regulariser
             covers; the reference code regularises one random matrix per step, which keeps the cost to one SVD per
             step. ``None``: every layer, the full sum (one SVD per layer and step). hfx draws from every adapted
-            layer; the reference only from matrices with min(shape) > 64 (its UNet's smaller ones are skipped),
-            which on small models would leave none.
+            layer (a conv kernel through its out x in*k*k matrix); the reference only from 2-D matrices with
+            min(shape) > 64 (its UNet's conv kernels and smaller matrices are skipped), which on small models would
+            leave none.
         progressive_fraction (`float`, *optional*):
             Fraction of the run's optimizer steps after which the progressive adjustment happens (the reference's
             2500 of 5005 steps: one half). ``None`` keeps the mask fixed (required under DeepSpeed ZeRO and FSDP).
         target_modules (`list[str]` or `str`, *optional*):
-            Names (suffix match) or a regex of the ``nn.Linear`` modules to adapt, or ``"all-linear"``. Defaults to
-            the architecture's LoRA targets (PEFT's q/v projections for Llama); the paper adapts every weight of its
-            diffusion UNet, closest to ``"all-linear"`` here. ``nn.Conv2d`` (the UNet's conv kernels) is not
-            supported yet.
+            Names (suffix match) or a regex of the ``nn.Linear`` / ``nn.Conv2d`` modules to adapt, or
+            ``"all-linear"``. Defaults to the architecture's LoRA targets (PEFT's q/v projections for Llama); the
+            paper adapts every weight of its diffusion UNet, conv kernels included: name them.
         exclude_modules (`list[str]` or `str`, *optional*):
             Names or a regex of modules to leave alone.
         layers_to_transform (`list[int]` or `int`, *optional*):
@@ -97,7 +97,9 @@ class SaraConfig(PeftConfig):
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
-        metadata={"help": "Module names (suffix match) or a regex of the nn.Linear layers to adapt, or 'all-linear'."},
+        metadata={
+            "help": "Module names (suffix match) or a regex of the nn.Linear / nn.Conv2d layers to adapt, or 'all-linear'."
+        },
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Module names or a regex of modules not to adapt."}

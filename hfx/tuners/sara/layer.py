@@ -18,6 +18,7 @@ That is what the paper's "unstructural backpropagation" (Sec. 3.4) achieves, her
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Optional
 
@@ -198,10 +199,10 @@ def check_sara_base(base: nn.Module, layer_name: str) -> None:
             "that mostly selects entries rounded to exactly 0, and deltas that small vanish when merged back "
             "(spec section 4e). Load the base model unquantized (bf16/fp32), or use LoRA-style adapters for QLoRA."
         )
-    if not isinstance(base, nn.Linear):
+    if not isinstance(base, (nn.Linear, nn.Conv2d)):
         raise TypeError(
-            f"SaRA cannot adapt {layer_name!r} of type {type(base).__name__}: only torch.nn.Linear is supported. "
-            + target_hint(base, "SaRA")
+            f"SaRA cannot adapt {layer_name!r} of type {type(base).__name__}: only torch.nn.Linear and "
+            "torch.nn.Conv2d are supported. " + target_hint(base, "SaRA")
         )
 
 
@@ -226,7 +227,7 @@ class SaraLayer(IndexedTunerLayer):
         self.sara_frozen_values = ResizableBufferDict({})
         self.sara_threshold = SaraThresholds()
         self.sara_shape = WeightShapes()  # what sara_indices index into, checked on load
-        self._sara_merge_backup: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+        self._sara_merge_backup: dict[str, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.cast_input_dtype_enabled = True
@@ -258,7 +259,7 @@ class SaraLayer(IndexedTunerLayer):
         weight, zero delta. Selection is deterministic, so every rank of a distributed run selects the same set."""
         idx, thr = sara_select(self.dense_base_weight(), threshold, ratio, layer_name=f"layer {self.layer_name!r}")
         self.sara_threshold.set(adapter_name, thr, device=idx.device)
-        self.sara_shape.set(adapter_name, (self.out_features, self.in_features), device=idx.device)
+        self.sara_shape.set(adapter_name, self.shape, device=idx.device)
         self.sara_indices[adapter_name] = idx
         self.sara_frozen_indices[adapter_name] = idx.new_zeros(0)
         self.sara_frozen_values[adapter_name] = torch.zeros(0, device=idx.device)
@@ -433,3 +434,27 @@ class SaraLinear(nn.Module, SaraLayer):
 
     def __repr__(self) -> str:
         return "sara." + super().__repr__()
+
+
+class SaraConv2d(SaraLinear):
+    """SaRA on an ``nn.Conv2d`` (the paper's UNet conv kernels): the same selection, training, merge and
+    adjustment on the kernel seen as the ``out x (in/groups · kh · kw)`` matrix (its flat indices are the kernel's
+    own). Forward adds ``conv2d(x, D)`` with the dense delta kernel ``D`` (built per call, like the kernel itself);
+    the nuclear-norm regulariser acts on that matrix view."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        weight = self.get_base_layer().weight
+        return (weight.shape[0], math.prod(weight.shape[1:]))
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """Dense ``dW`` (the kernel's shape, fp32) of one adapter: its trainable and frozen sparse deltas."""
+        return super().get_delta_weight(adapter).view(self.get_base_layer().weight.shape)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return False  # PEFT's convert_to_lora takes 2-D deltas
+
+    def _sara_term(self, values: SparseValues, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        delta = scatter_dense(self.shape, self.sara_indices[adapter], values[adapter], self._frozen(adapter))
+        return base._conv_forward(x, delta.view(base.weight.shape).to(x.dtype), None)

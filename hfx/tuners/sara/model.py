@@ -1,4 +1,4 @@
-"""SaRA tuner model: injects [`SaraLinear`] layers (PEFT ``BaseTuner``); the regulariser and the adjustment."""
+"""SaRA tuner model: injects [`SaraLinear`] / [`SaraConv2d`] layers (PEFT ``BaseTuner``); regulariser, adjustment."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from .._mixed_batch import MixedBatchTunerMixin
 from .._targets import TargetHintMixin
 from .config import SaraConfig
-from .layer import SaraLayer, SaraLinear, check_sara_base
+from .layer import SaraConv2d, SaraLayer, SaraLinear, check_sara_base
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class SaraModel(TargetHintMixin, MixedBatchTunerMixin, BaseTuner):
             self._sara_threshold_hook = self.register_load_state_dict_post_hook(_warn_threshold_mismatch)
         layers = [m for m in model.modules() if isinstance(m, SaraLinear) and adapter_name in m.sara_values]
         selected = sum(m.sara_values[adapter_name].numel() for m in layers)
-        total = sum(m.in_features * m.out_features for m in layers)
+        total = sum(m.shape[0] * m.shape[1] for m in layers)
         config = self.peft_config[adapter_name]
         rule = f"|w| < {config.threshold:g}" if config.ratio is None else f"ratio {config.ratio:g}"
         logger.info(
@@ -67,7 +67,8 @@ class SaraModel(TargetHintMixin, MixedBatchTunerMixin, BaseTuner):
         if isinstance(target, SaraLayer):
             target.update_layer(adapter_name, **kwargs)
         else:
-            new_module = SaraLinear(target, adapter_name, layer_name=current_key, **kwargs)
+            cls = SaraConv2d if isinstance(base, torch.nn.Conv2d) else SaraLinear
+            new_module = cls(target, adapter_name, layer_name=current_key, **kwargs)
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)  # an added, inactive adapter is not trainable until set_adapter
             self._replace_module(parent, target_name, new_module, target)
@@ -161,6 +162,11 @@ def adjust_sara_masks(
     vector: ``reset_optimizer_state=True`` (default, as the reference code does) drops it, so the optimizer starts
     the remaining entries afresh (zero moments, ``step`` 0); ``False`` keeps the moments of the kept entries.
     Returns the fraction of trainable entries kept and the number of frozen entries.
+
+    The value vectors shrink in place (the optimizer keeps the same parameters), so in a custom loop call it when no
+    autograd graph of an earlier step is alive (``del loss`` first): autograd reuses a leaf's gradient node while a
+    graph holds it, with the old size, and the next backward then fails ("invalid gradient ... expected shape
+    compatible with [n]"). [`hfx.SaraCallback`] runs it where the Trainer holds none.
     """
     optimizer = _unwrap_optimizer(optimizer)
     layers, adapter_name = sara_layers(model, adapter_name)
