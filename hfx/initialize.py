@@ -36,8 +36,8 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import itertools
 import warnings
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -52,7 +52,8 @@ _STATE = "_hfx_initialized"  # attribute on the adapter's config: True once init
 _WARNED = "_hfx_init_warned"  # attribute on the adapter's config: the forgotten-initialize warning was given
 _HOOK = "_hfx_init_forward_hook"  # attribute on the model: handle of the one-shot forward pre-hook
 _LOAD_HOOK = "_hfx_init_load_hook"  # attribute on the model: handle of the load_state_dict pre-hook
-_OWNER = "_hfx_owner"  # attribute on the adapter's config: (weakref to its tuner, adapter name)
+_OWNER = "_hfx_owner"  # attribute on the adapter's config: (its tuner's _TUNER_ID, adapter name); picklable
+_TUNER_ID = "_hfx_tuner_id"  # attribute on a LoraModel: a number of its own (owner above)
 _PRISTINE = "_hfx_pristine"  # attribute on the adapter's config: a copy as it was before its first injection
 
 
@@ -253,11 +254,17 @@ def _install_lora_inject_hook() -> None:
     LoraModel.inject_adapter = inject_adapter
 
 
+_TUNER_IDS = itertools.count()
+
+
 def _owned_config(config: Any, tuner: Any, adapter_name: str) -> Any:
     """``config`` for adapter ``adapter_name`` of ``tuner``: the object itself the first time it is injected, a fresh
     copy of it as first passed when it already belongs to another adapter (see the module docstring)."""
+    if getattr(tuner, _TUNER_ID, None) is None:
+        setattr(tuner, _TUNER_ID, next(_TUNER_IDS))
+    me = (getattr(tuner, _TUNER_ID), adapter_name)
     owner = getattr(config, _OWNER, None)
-    if owner is not None and owner[0]() is tuner and owner[1] == adapter_name:
+    if owner == me:
         return config
     if owner is None:
         pristine = copy.deepcopy(config)
@@ -265,7 +272,7 @@ def _owned_config(config: Any, tuner: Any, adapter_name: str) -> Any:
         pristine = getattr(config, _PRISTINE)
         config = copy.deepcopy(pristine)
     setattr(config, _PRISTINE, pristine)
-    setattr(config, _OWNER, (weakref.ref(tuner), adapter_name))
+    setattr(config, _OWNER, me)
     return config
 
 

@@ -4,6 +4,7 @@ The formulas are tested in tests/tuners/test_eva.py and test_loraga.py."""
 
 from __future__ import annotations
 
+import pickle
 import warnings
 
 import pytest
@@ -77,6 +78,7 @@ def test_one_config_for_two_models(method, tmp_path):
     second.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_causal_lm(num_layers=2, seed=1), tmp_path).eval()
     torch.testing.assert_close(loaded(input_ids=x).logits, expected, rtol=1e-4, atol=1e-4)
+    pickle.loads(pickle.dumps(own))  # the ownership record pickles (torch.save of a whole model, spawn)
     # and a second adapter on the first model from the same object is its own adapter too
     first.add_adapter("again", config)
     assert first.peft_config["again"] is not config and hfx.needs_initialization(first)
