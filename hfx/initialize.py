@@ -27,8 +27,9 @@ this applies to them.
 
 One config object, one adapter. PEFT keeps the user's config object itself in ``peft_config``, and this state lives
 on it, as do LoRA-GA's init factors and EVA's rewritten ``rank_pattern``. A config passed again (a second model, or
-a second adapter) therefore gets a fresh copy of the config as the user made it, instead of carrying the first
-adapter's run into it (a refused ``initialize``, a wrong LoRA-GA export).
+a second adapter, the same adapter added again after ``delete_adapter``, a config unpickled elsewhere) therefore
+gets a fresh copy of the config as the user made it, instead of carrying the first adapter's run into it (a refused
+``initialize``, a wrong LoRA-GA export).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import itertools
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -52,8 +52,7 @@ _STATE = "_hfx_initialized"  # attribute on the adapter's config: True once init
 _WARNED = "_hfx_init_warned"  # attribute on the adapter's config: the forgotten-initialize warning was given
 _HOOK = "_hfx_init_forward_hook"  # attribute on the model: handle of the one-shot forward pre-hook
 _LOAD_HOOK = "_hfx_init_load_hook"  # attribute on the model: handle of the load_state_dict pre-hook
-_OWNER = "_hfx_owner"  # attribute on the adapter's config: (its tuner's _TUNER_ID, adapter name); picklable
-_TUNER_ID = "_hfx_tuner_id"  # attribute on a LoraModel: a number of its own (owner above)
+_OWNER = "_hfx_owner"  # attribute on the adapter's config: set at its first injection (the model it was made for)
 _PRISTINE = "_hfx_pristine"  # attribute on the adapter's config: a copy as it was before its first injection
 
 
@@ -241,7 +240,7 @@ def _install_lora_inject_hook() -> None:
     @functools.wraps(original)
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
         if type(self.peft_config.get(adapter_name)) in _INITIALIZERS:
-            self.peft_config[adapter_name] = _owned_config(self.peft_config[adapter_name], self, adapter_name)
+            self.peft_config[adapter_name] = _owned_config(self.peft_config[adapter_name])
         out = original(self, model, adapter_name, *args, **kwargs)
         config = self.peft_config.get(adapter_name)
         if type(config) in _INITIALIZERS:
@@ -254,26 +253,29 @@ def _install_lora_inject_hook() -> None:
     LoraModel.inject_adapter = inject_adapter
 
 
-_TUNER_IDS = itertools.count()
-
-
-def _owned_config(config: Any, tuner: Any, adapter_name: str) -> Any:
-    """``config`` for adapter ``adapter_name`` of ``tuner``: the object itself the first time it is injected, a fresh
-    copy of it as first passed when it already belongs to another adapter (see the module docstring)."""
-    if getattr(tuner, _TUNER_ID, None) is None:
-        setattr(tuner, _TUNER_ID, next(_TUNER_IDS))
-    me = (getattr(tuner, _TUNER_ID), adapter_name)
-    owner = getattr(config, _OWNER, None)
-    if owner == me:
+def _owned_config(config: Any) -> Any:
+    """The config an adapter being injected gets: the user's object itself the first time it is injected, else a
+    fresh copy of it as first passed (see the module docstring). ``get_peft_model`` has just written this model's
+    ``base_model_name_or_path`` / ``revision`` onto the shared object: they go to the copy, and the first adapter's
+    are put back."""
+    first = getattr(config, _OWNER, None)
+    if first is None:
+        setattr(config, _PRISTINE, copy.deepcopy(config))
+        setattr(config, _OWNER, _origin(config))
         return config
-    if owner is None:
-        pristine = copy.deepcopy(config)
-    else:
-        pristine = getattr(config, _PRISTINE)
-        config = copy.deepcopy(pristine)
-    setattr(config, _PRISTINE, pristine)
-    setattr(config, _OWNER, me)
-    return config
+    fresh = copy.deepcopy(getattr(config, _PRISTINE))
+    for name, value in _origin(config).items():
+        setattr(fresh, name, value)
+    for name, value in first.items():
+        setattr(config, name, value)
+    setattr(fresh, _PRISTINE, getattr(config, _PRISTINE))
+    setattr(fresh, _OWNER, _origin(fresh))
+    return fresh
+
+
+def _origin(config: Any) -> dict[str, Any]:
+    """What ``get_peft_model`` writes onto a config about the model it wraps."""
+    return {name: getattr(config, name, None) for name in ("base_model_name_or_path", "revision")}
 
 
 def _materialize_meta_adapter(peft_model: torch.nn.Module, adapter_name: str) -> None:

@@ -78,10 +78,42 @@ def test_one_config_for_two_models(method, tmp_path):
     second.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_causal_lm(num_layers=2, seed=1), tmp_path).eval()
     torch.testing.assert_close(loaded(input_ids=x).logits, expected, rtol=1e-4, atol=1e-4)
-    pickle.loads(pickle.dumps(own))  # the ownership record pickles (torch.save of a whole model, spawn)
-    # and a second adapter on the first model from the same object is its own adapter too
+    # a second adapter on the first model from the same object is its own adapter too, and so is one added again
+    # under a deleted adapter's name, or an unpickled config (another process)
     first.add_adapter("again", config)
     assert first.peft_config["again"] is not config and hfx.needs_initialization(first)
+    first.delete_adapter("again")
+    if method == "eva":  # an adapter added again under its own name after delete_adapter (one LoRA-GA per model)
+        own_config = CONFIGS[method]()
+        first.add_adapter("again", own_config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hfx.initialize(first, batches(first.config.vocab_size), adapter_names=["again"], show_progress=False)
+        assert not hfx.needs_initialization(first) and own_config.rank_pattern
+        first.delete_adapter("again")
+        first.add_adapter("again", own_config)
+        assert first.peft_config["again"] is not own_config and hfx.needs_initialization(first)
+        assert first.peft_config["again"].rank_pattern == {}
+    third = get_peft_model(tiny_causal_lm(num_layers=2), pickle.loads(pickle.dumps(config)))
+    assert hfx.needs_initialization(third) and third.peft_config["default"].rank_pattern == {}
+
+
+def test_each_model_keeps_its_own_base_model_name():
+    """get_peft_model writes the base's name and revision onto the config object: the second model's went onto the
+    first model's config (saved into its adapter_config.json) and the second got the first's."""
+    config = CONFIGS["eva"]()
+    a, b = tiny_causal_lm(num_layers=2), tiny_causal_lm(num_layers=2)
+    a.name_or_path, b.name_or_path = "org/model-A", "org/model-B"
+    first = get_peft_model(a, config)
+    second = get_peft_model(b, config, revision="v2")
+    assert (first.peft_config["default"].base_model_name_or_path, first.peft_config["default"].revision) == (
+        "org/model-A",
+        None,
+    )
+    assert (second.peft_config["default"].base_model_name_or_path, second.peft_config["default"].revision) == (
+        "org/model-B",
+        "v2",
+    )
 
 
 def test_eva_rank_zero_layer_keeps_another_adapters_weights():

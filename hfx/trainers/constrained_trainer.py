@@ -94,14 +94,17 @@ class _ConstrainedMixin(MultiObjectiveMixin):
 
     def advantage_scale(self) -> float:
         """The factor the advantages get: 1, except with constraint rewards only (μ-/ξ-PPO, the KL as the task)
-        under an estimator that standardises the weighted reward (GRPO, or RLOO with ``normalize_advantages``).
+        under an estimator that standardises the weighted reward (GRPO, or RLOO with ``normalize_advantages`` and
+        ``beta=0``).
         There ``w·z / std(w·z) = ±z``: the standardisation cancels the multipliers' size, so a met constraint
         (σ(μ) → 0) kept pushing its reward at full strength (Eq. 4.4 fades it). The mean |weight| of the
         constraint rewards puts that size back; with a task reward the weights sum to N and nothing changes."""
         if self._has_task_reward:
             return 1.0
         if isinstance(self, RLOOTrainer):
-            renormalised = bool(getattr(self, "normalize_advantages", False))
+            # RLOO's KL is in the reward: with beta != 0 the standardised quantity is w·z − β·kl, whose sizes already
+            # keep their ratio (scaling it would damp the KL task too)
+            renormalised = bool(getattr(self, "normalize_advantages", False)) and float(self.beta) == 0.0
         else:
             aggregation = getattr(self, "multi_objective_aggregation", "sum_then_normalize")
             renormalised = aggregation == "normalize_then_sum" or self.scale_rewards != "none"

@@ -256,6 +256,21 @@ def test_constraints_only_the_multiplier_size_reaches_the_advantages(model_path,
     assert trainer.beta == pytest.approx(0.05 * (1 - m), abs=1e-6)
 
 
+@pytest.mark.parametrize("beta, scaled", [(0.0, True), (0.05, False)])
+def test_rloo_advantage_scale_only_without_a_kl_in_the_reward(model_path, tmp_path, beta, scaled):
+    """RLOO standardises w·z − β·kl (its KL is in the reward): those keep their ratio, and scaling by σ(μ) would damp
+    the KL task along with the met constraint, so only beta=0 is scaled."""
+    args = config(
+        tmp_path, cls=hfx.ConstrainedRLOOConfig, max_steps=1, beta=beta, normalize_advantages=True,
+        constraint_rewards=["hash_graded"], constraint_thresholds=[0.5], constraint_types=["ge"],
+        lagrange_init=[-4.0],
+    )  # fmt: skip
+    trainer = hfx.ConstrainedRLOOTrainer(
+        model_path, reward_funcs=[hash_graded], args=args, train_dataset=prompt_dataset(8)
+    )
+    assert trainer.advantage_scale() == pytest.approx(sig(-4.0) if scaled else 1.0)
+
+
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
 def test_train_runs_and_scales_beta(model_path, tmp_path, estimator):
     cls, tcls = {
