@@ -98,6 +98,15 @@ class MultiObjectiveMixin(DivergenceCheckMixin, JsonCheckpointStateMixin):
         return rewards_per_func
 
     # ------------------------------------------------------------------------------------------------ helpers
+    def _scale_advantages(self, output: dict[str, Any], local_samples: int, factor: float) -> None:
+        """Multiply this generation batch's advantages by ``factor``, and its entries in TRL's completions log (the
+        last ``local_samples × processes`` logged values, gathered over processes)."""
+        output["advantages"] = output["advantages"] * factor
+        logged = self._logs["advantages"]
+        n = local_samples * self.accelerator.num_processes
+        for k in range(max(0, len(logged) - n), len(logged)):
+            logged[k] = logged[k] * factor
+
     def _set_reward_weights(self, weights: Sequence[float] | torch.Tensor) -> None:
         self.reward_weights = torch.as_tensor(weights, dtype=torch.float32).detach().cpu().clone()
 

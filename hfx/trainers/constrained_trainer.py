@@ -119,11 +119,7 @@ class _ConstrainedMixin(MultiObjectiveMixin):
         if self.model.training:
             self._metrics["train"]["constraint/advantage_scale"].append(scale)
         if scale != 1.0:
-            output["advantages"] = output["advantages"] * scale
-            logged = self._logs["advantages"]
-            n = len(inputs) * self.accelerator.num_processes
-            for k in range(max(0, len(logged) - n), len(logged)):
-                logged[k] = logged[k] * scale
+            self._scale_advantages(output, len(inputs), scale)
         return output
 
     def set_constraint_thresholds(self, thresholds: Sequence[float]) -> None:

@@ -230,12 +230,7 @@ class _DynamicWeightMixin(MultiObjectiveMixin):
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         if self.weighting == "hypervolume" and self.model.training and self._batch_r_pareto != 1.0:
-            r = self._batch_r_pareto
-            output["advantages"] = output["advantages"] * r
-            logged = self._logs["advantages"]
-            n = len(inputs) * self.accelerator.num_processes
-            for k in range(max(0, len(logged) - n), len(logged)):
-                logged[k] = logged[k] * r
+            self._scale_advantages(output, len(inputs), self._batch_r_pareto)
         return output
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):

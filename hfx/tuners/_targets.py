@@ -3,6 +3,7 @@ as it was when it fails."""
 
 from __future__ import annotations
 
+import copy
 import re
 
 from torch import nn
@@ -71,8 +72,6 @@ def _layers_hint(model: nn.Module, config) -> str:
     indices they sit in (the generic 'the linear layers are named ...' would send the user after the wrong field)."""
     if getattr(config, "layers_to_transform", None) is None:
         return ""
-    import copy
-
     from peft.tuners.tuners_utils import check_target_module_exists
 
     unrestricted = copy.copy(config)

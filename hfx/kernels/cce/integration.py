@@ -15,7 +15,8 @@ Everything else is left to the model's forward: the backbone call and its kwargs
 ``final_logit_softcapping`` is passed to CCE (and switched off in the config for the duration of the call so the
 model does not softcap the loss); a softcap the model keeps elsewhere is refused, and the first CCE forward of each
 model checks that the model handed lm_head's output back unchanged (else: an error, not a silently changed loss).
-accelerate's hook on ``lm_head`` (offload, ``device_map``) runs around the CCE call as around the head's forward. Loss normalisation follows transformers' ``ForCausalLMLoss``: labels shifted by
+accelerate's hook on ``lm_head`` (offload, ``device_map``) runs around the CCE call as around the head's forward.
+Loss normalisation follows transformers' ``ForCausalLMLoss``: labels shifted by
 one (or ``shift_labels`` used as given), ``ignore_index=-100``, mean over non-ignored tokens, or sum divided by
 ``num_items_in_batch`` when the Trainer passes it (gradient accumulation). MoE models add
 ``router_aux_loss_coef · aux_loss`` like their own forward does.
@@ -326,8 +327,8 @@ def _make_forward(model: nn.Module, state: _State):
                 raise RuntimeError(
                     f"use_cce: {type(self).__name__}.forward transforms lm_head's output (a logit softcap or scale "
                     "kept outside `final_logit_softcapping`, e.g. in a module or cached at init), so it changed the "
-                    f"CCE loss ({float(call.loss.detach()):.6g} -> {float(loss.detach()):.6g}); this architecture is not supported by "
-                    "the CCE path: train it without use_cce."
+                    f"CCE loss ({float(call.loss.detach()):.6g} -> {float(loss.detach()):.6g}); this architecture "
+                    "is not supported by the CCE path: train it without use_cce."
                 )
             state.checked = True
         aux_loss = getattr(outputs, "aux_loss", None)
