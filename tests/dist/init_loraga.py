@@ -24,8 +24,8 @@ from hfx.testing.dist import deepspeed_cpu_state, zero3_test_config
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
-def config() -> hfx.LoraGAConfig:
-    return hfx.LoraGAConfig(r=2, lora_alpha=4, target_modules=TARGETS)
+def config(**kwargs) -> hfx.LoraGAConfig:
+    return hfx.LoraGAConfig(r=2, lora_alpha=4, target_modules=TARGETS, **kwargs)
 
 
 def batches(vocab: int, n: int = 4) -> list[dict[str, torch.Tensor]]:
@@ -92,7 +92,8 @@ def run_zero3(args: argparse.Namespace) -> None:
     base = AutoModelForCausalLM.from_pretrained(args.base)  # partitioned at load time (zero.Init)
     vocab = base.config.vocab_size
     rows = [{k: v[i] for k, v in b.items()} for b in batches(vocab, n=8) for i in range(2)]
-    model = get_peft_model(base, config())
+    # weightS and norm_clip read the partitioned base weight itself (gathered for the SVD and the clip)
+    model = get_peft_model(base, config(scale="weightS", norm_clip=True))
     trainer = Trainer(
         model=model,
         args=training_args,

@@ -239,6 +239,65 @@ def test_stable_scale_differs_from_peft_on_purpose():
         torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=0, atol=1e-6)
 
 
+def test_weights_scale_is_the_original_codes_formula_float64():
+    """scale="weightS": the orthonormal A/B of the gradient times mean_i sqrt(sigma_i(W0) / s), i < r, with sigma_i the
+    base weight's singular values (independent SVDs of the dense weight and the dense autograd gradient)."""
+    r, alpha = 2, 4
+    base = make_base(torch.float64)
+    batches = make_batches(base.config.vocab_size)
+    config = hfx.LoraGAConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, scale="weightS")
+    model = get_peft_model(copy.deepcopy(base), config)
+    hfx.initialize(model, batches, show_progress=False)
+    layers = target_layers(model, "default")
+    grads = dense_gradients(base, batches, [base_name(n) for n, _ in layers])
+    s = alpha / r**0.5
+    for name, layer in layers:
+        W0 = base.get_submodule(base_name(name)).weight.detach()
+        factor = (torch.linalg.svdvals(W0)[:r] / s).sqrt().mean()
+        U, _, Vh = torch.linalg.svd(grads[base_name(name)], full_matrices=False)
+        A_ref, B_ref = Vh[:r] * factor, U[:, r : 2 * r] * factor
+        A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+        torch.testing.assert_close(align_signs(A_ref, A, 0), A_ref, rtol=1e-7, atol=1e-10)
+        torch.testing.assert_close(align_signs(B_ref, B, 1), B_ref, rtol=1e-7, atol=1e-10)
+        # and the offset keeps the function: W0' + s*B*A == W0
+        W = layer.get_base_layer().weight.detach()
+        torch.testing.assert_close(W + s * B @ A, W0, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale,alpha,clipped", [("unit", 8, True), ("stable", 0.25, False)])
+def test_norm_clip_bounds_the_offset_by_the_weight(scale, alpha, clipped):
+    """norm_clip: where max|s*B*A| > max|W0| (every layer with scale="unit" and s = 8/sqrt(2)), A and B shrink by
+    sqrt(max|W0| / max|s*B*A|), so the offset's largest entry equals W0's; where it is below (the stable scale with
+    s = 0.25/sqrt(2): 4-6x below on every layer), nothing changes. The output is unchanged at init either way."""
+    r = 2
+    base = make_base(torch.float64)
+    batches = make_batches(base.config.vocab_size)
+    x = probe(base.config.vocab_size)
+    with torch.no_grad():
+        y0 = base(x).logits
+    s = alpha / r**0.5
+    models = {}
+    for clip in (False, True):
+        config = hfx.LoraGAConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, scale=scale, norm_clip=clip)
+        models[clip] = get_peft_model(copy.deepcopy(base), config)
+        hfx.initialize(models[clip], batches, show_progress=False)
+    pairs = zip(target_layers(models[False], "default"), target_layers(models[True], "default"))
+    for (name, plain), (_, layer) in pairs:
+        W0 = base.get_submodule(base_name(name)).weight.detach()
+        A0, B0 = plain.lora_A["default"].weight.detach(), plain.lora_B["default"].weight.detach()
+        A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+        ratio = W0.abs().max() / (s * B0 @ A0).abs().max()
+        assert bool(ratio < 1) == clipped, (name, float(ratio))
+        if clipped:
+            torch.testing.assert_close(A, A0 * ratio.sqrt(), rtol=1e-12, atol=0)
+            torch.testing.assert_close(B, B0 * ratio.sqrt(), rtol=1e-12, atol=0)
+            torch.testing.assert_close((s * B @ A).abs().max(), W0.abs().max(), rtol=1e-12, atol=0)
+        else:
+            assert torch.equal(A, A0) and torch.equal(B, B0)
+    with torch.no_grad():
+        torch.testing.assert_close(models[True](x).logits, y0, rtol=0, atol=1e-12)
+
+
 # ---------------------------------------------------------------- saving, loading, resuming
 
 
@@ -507,6 +566,8 @@ def test_config_validation():
         hfx.LoraGAConfig(stable_gamma="16")
     with pytest.raises(ValueError, match=r"LoraGAConfig\.seed must be an int"):
         hfx.LoraGAConfig(seed="0")
+    with pytest.raises(ValueError, match=r"LoraGAConfig\.norm_clip must be True or False, got 'yes'"):
+        hfx.LoraGAConfig(norm_clip="yes")
     assert hfx.LoraGAConfig(iters=4, max_layers_per_pass=1, stable_gamma=64).iters == 4
     assert hfx.LoraGAConfig().peft_type.value == "LORA" and hfx.LoraGAConfig().use_rslora
 

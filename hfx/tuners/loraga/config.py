@@ -9,7 +9,7 @@ from typing import Any
 from peft import LoraConfig
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
-SCALES = ("stable", "peft", "gd", "unit")
+SCALES = ("stable", "peft", "gd", "unit", "weightS")
 EXPORTS = ("relative_to_base", "mutated_base")
 
 
@@ -50,8 +50,11 @@ class LoraGAConfig(LoraConfig):
         scale (`str`): ``"stable"`` (default, the paper's Algorithm 1): A and B both times d_out^(1/4)/sqrt(gamma),
             no singular values, meant for rsLoRA scaling (``use_rslora=True``, the default here). ``"peft"``: PEFT's
             ``scale="stable"``: B = U diag(S) d_out^(1/4)/sqrt(gamma), A unscaled. ``"gd"``: A/s, B/s with s the
-            LoRA scaling. ``"unit"``: orthonormal A, B unchanged.
+            LoRA scaling. ``"unit"``: orthonormal A, B unchanged. ``"weightS"`` (the original code's option): A and B
+            both times mean_i sqrt(sigma_i(W) / s) over the r largest singular values of the base weight W.
         stable_gamma (`float`): gamma of the stable scale (paper: 16; its scripts also use 64).
+        norm_clip (`bool`): the original code's guard: where the offset s*B*A would exceed the base weight in its
+            largest entry (max|s*B*A| > max|W|), shrink A and B by sqrt(max|W| / max|s*B*A|) so it does not.
         export (`str`): what ``save_pretrained`` writes. ``"relative_to_base"`` (default): the rank-2r LoRA for the
             original, un-offset base weights. ``"mutated_base"``: the rank-r adapter as trained, valid only together
             with the offset base weights (save those yourself).
@@ -68,6 +71,7 @@ class LoraGAConfig(LoraConfig):
     direction: str = field(default="ArB2r", metadata={"help": f"One of {DIRECTIONS}."})
     scale: str = field(default="stable", metadata={"help": f"One of {SCALES}; 'stable' is the paper's."})
     stable_gamma: float = field(default=16.0, metadata={"help": "gamma of the stable scale."})
+    norm_clip: bool = field(default=False, metadata={"help": "Shrink A, B where max|s*B*A| > max|W|."})
     export: str = field(default="relative_to_base", metadata={"help": f"One of {EXPORTS}."})
     max_layers_per_pass: int | None = field(default=None, metadata={"help": "Layers per estimation pass."})
     svd: str = field(default="auto", metadata={"help": "'full', 'lowrank' or 'auto'."})
@@ -90,6 +94,8 @@ class LoraGAConfig(LoraConfig):
             raise ValueError(f"LoraGAConfig.svd must be 'auto', 'full' or 'lowrank', got {self.svd!r}.")
         if not _is_real(self.stable_gamma) or not 0 < self.stable_gamma < math.inf:  # NaN fails too
             raise ValueError(f"LoraGAConfig.stable_gamma must be a finite number > 0, got {self.stable_gamma!r}.")
+        if not isinstance(self.norm_clip, bool):
+            raise ValueError(f"LoraGAConfig.norm_clip must be True or False, got {self.norm_clip!r}.")
         if self.iters is not None and not _is_positive_int(self.iters):
             raise ValueError(f"LoraGAConfig.iters must be an int >= 1 or None (all batches), got {self.iters!r}.")
         if self.max_layers_per_pass is not None and not _is_positive_int(self.max_layers_per_pass):

@@ -289,22 +289,39 @@ def _direction_indices(direction: str, r: int, seed: int) -> tuple[torch.Tensor,
     return perm[:r], perm[r:]
 
 
+def _svd_method(config: LoraGAConfig, shape: torch.Size) -> str:
+    if config.svd == "auto":
+        return "full" if min(shape) <= 4096 else "lowrank"
+    return config.svd
+
+
+def _top_singular_values(weight: torch.Tensor, r: int, config: LoraGAConfig) -> torch.Tensor:
+    """The r largest singular values of ``weight`` (exact, or ``svd_lowrank`` as the original's ``weightS``)."""
+    w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    if _svd_method(config, w.shape) == "full":
+        return torch.linalg.svdvals(w)[:r]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return torch.svd_lowrank(w, q=min(4 * r, *w.shape), niter=4)[1][:r]
+
+
 def loraga_factors(
-    grad: torch.Tensor, r: int, scaling: float, config: LoraGAConfig
+    grad: torch.Tensor, r: int, scaling: float, config: LoraGAConfig, weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(B (out x r), A (r x in), S)`` from the gradient ``grad`` (out x in) as in the paper (Algorithm 1).
 
     A and B are singular vectors of ``grad`` (split by ``config.direction``) times the ``config.scale`` factor; S are
-    the singular values (descending). Each singular pair's sign is fixed (largest entry of u_i positive).
+    the singular values (descending). Each singular pair's sign is fixed (largest entry of u_i positive). ``weight``
+    (the base weight, either orientation) is needed by ``scale="weightS"`` and ``norm_clip``.
     """
     m, n = grad.shape
     if 2 * r > min(m, n):
         raise ValueError(
             f"LoRA-GA needs 2r <= min(out, in) to take 2r singular vectors; r={r} for a {m}x{n} weight. Lower r."
         )
-    method = config.svd
-    if method == "auto":
-        method = "full" if min(m, n) <= 4096 else "lowrank"
+    if weight is None and (config.scale == "weightS" or config.norm_clip):
+        raise ValueError("LoRA-GA: scale='weightS' and norm_clip need the base weight; pass weight=.")
+    method = _svd_method(config, grad.shape)
     if method == "full":
         U, S, Vh = torch.linalg.svd(grad, full_matrices=False)
     else:
@@ -327,6 +344,13 @@ def loraga_factors(
         B = B * S[b_idx] * factor
     elif config.scale == "gd":
         A, B = A / scaling, B / scaling
+    elif config.scale == "weightS":
+        factor = float((_top_singular_values(weight, r, config) / scaling).sqrt().mean())
+        A, B = A * factor, B * factor
+    if config.norm_clip:
+        ratio = float(weight.detach().abs().max()) / float((scaling * (B @ A)).abs().max())
+        if ratio < 1:
+            A, B = A * math.sqrt(ratio), B * math.sqrt(ratio)
     return B, A, S
 
 
@@ -444,6 +468,7 @@ def initialize_loraga(
             )
         captured = []
         n_batches = 0
+        needs_weight = config.scale == "weightS" or config.norm_clip
         for i, group in enumerate(groups):
             desc = "LoRA-GA gradient" + (f" (pass {i + 1}/{len(groups)})" if len(groups) > 1 else "")
             grads, n_batches = estimate_gradients(
@@ -452,7 +477,9 @@ def initialize_loraga(
             for name, layer in group:
                 g = grads.pop(name)
                 check_gradient(name, g, n_batches)
-                B, A, S = loraga_factors(g, layer.r[adapter_name], layer.scaling[adapter_name], config)
+                weight = layer.get_base_layer().weight if needs_weight else None
+                with _gathered([weight], modifier_rank=None) if needs_weight else nullcontext():
+                    B, A, S = loraga_factors(g, layer.r[adapter_name], layer.scaling[adapter_name], config, weight)
                 if _is_distributed():  # identical inputs give identical SVDs, but make sure: rank 0's wins
                     B, A = B.contiguous(), A.contiguous()
                     torch.distributed.broadcast(B, 0)
