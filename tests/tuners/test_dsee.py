@@ -3,6 +3,7 @@ weights (unstructured and heads), save/load (fresh process), a tiny LM and a tin
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import subprocess
@@ -701,6 +702,43 @@ def test_pruned_adapter_without_its_masks_is_an_error(tmp_path):
     unpruned.save_pretrained(tmp_path / "plain")  # an unpruned adapter writes no masks and loads as before
     assert not (tmp_path / "plain" / "dsee_pruning.safetensors").exists()
     PeftModel.from_pretrained(tiny_bert(), tmp_path / "plain")
+
+
+def test_pruned_adapter_loads_with_its_masks_through_transformers(tmp_path):
+    """transformers' own entry points (``model.load_adapter``, ``AutoModelForCausalLM.from_pretrained(<adapter>)``)
+    re-apply the masks as PeftModel.from_pretrained does; they used to load the adapter onto the unpruned base."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from hfx.testing import save_tiny_model
+
+    base_dir = save_tiny_model(tmp_path / "base")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), hfx.DseeConfig(r=2, num_sparse=8))
+    randomise(model, std=0.1)
+    prune(model, ratio=0.5)
+    ids = torch.arange(1, 30, 4)[None]
+    with torch.no_grad():
+        ref = model.eval()(ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    for how in ("load_adapter", "from_pretrained"):
+        if how == "load_adapter":
+            loaded = AutoModelForCausalLM.from_pretrained(base_dir)
+            loaded.load_adapter(str(tmp_path / "adapter"))
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter")
+        k_proj = loaded.get_submodule("model.layers.0.self_attn.k_proj")
+        assert (k_proj.weight == 0).float().mean() > 0.3, how  # pruned (k_proj has no adapter; its zeros are masks)
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(ids).logits, ref), how
+    # a state dict carries no masks: said, not silently unpruned
+    loaded = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = copy.deepcopy(model.peft_config["default"])
+    state = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    with pytest.warns(UserWarning, match="carries no pruning masks"):
+        loaded.load_adapter(peft_config=config, adapter_state_dict=state)
+    os.remove(tmp_path / "adapter" / "dsee_pruning.safetensors")
+    with pytest.raises(FileNotFoundError, match="saved from a pruned model"):
+        AutoModelForCausalLM.from_pretrained(base_dir).load_adapter(str(tmp_path / "adapter"))
 
 
 def test_pruned_config_pickles_and_copies_without_the_model():
