@@ -493,6 +493,8 @@ def test_errors():
         hfx.initialize(make(), [{"labels": torch.zeros(3)}], show_progress=False)
     with pytest.raises(TypeError, match="dicts of model inputs"):
         hfx.initialize(make(), [torch.zeros(3, 12)], show_progress=False)
+    with pytest.raises(TypeError, match=r"got list\. A GRPO/RLOO trainer's dataloader yields raw prompt rows"):
+        hfx.initialize(make(), [[{"prompt": "2+2="}]], show_progress=False)
     with pytest.raises(ValueError, match="rank budget 1 is smaller than min_rank=1 times the number of target layers"):
         hfx.initialize(make(min_rank=1, rank_budget=1), batches, show_progress=False)
     with pytest.raises(ValueError, match="too few valid tokens"):

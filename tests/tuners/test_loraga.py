@@ -504,6 +504,31 @@ def test_error_batches_without_model_inputs():
         hfx.initialize(model, [{"labels": torch.zeros(2, 3, dtype=torch.long)}], show_progress=False)
     with pytest.raises(TypeError, match="dicts of model inputs"):
         hfx.initialize(model, [torch.zeros(2, 3, dtype=torch.long)], show_progress=False)
+    # a GRPO/RLOO dataloader yields lists of prompt rows: the error says how to build batches instead
+    with pytest.raises(TypeError, match=r"got list\. A GRPO/RLOO trainer's dataloader yields raw prompt rows"):
+        hfx.initialize(model, [[{"prompt": "2+2="}]], show_progress=False)
+
+
+def test_error_preference_batches_say_how_to_build_labelled_ones():
+    """A DPO collator's batch (input_ids, completion_mask, no labels): the error names that trainer kind and the fix
+    (it said to use the training collator's batches, which is what the user had passed)."""
+    base, model = fresh()
+    ids = make_batches(base.config.vocab_size, n=1)[0]["input_ids"]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": torch.ones_like(ids)}
+    with pytest.raises(ValueError, match=r"carry no 'labels'.*a DPO one has no language-model labels.*set to -100"):
+        hfx.initialize(model, [batch], show_progress=False)
+
+
+def test_error_model_that_is_not_a_peft_model():
+    """Adapters injected without a PeftModel (inject_adapter_in_model; transformers' add_adapter) save through
+    transformers, which writes the config before the weights: the rank-2r export could not be written (a reload on
+    the original base was 0.83 off), so LoRA-GA refuses at initialize."""
+    from peft import inject_adapter_in_model
+
+    base = make_base()
+    model = inject_adapter_in_model(hfx.LoraGAConfig(r=2, target_modules=TARGETS), base)
+    with pytest.raises(TypeError, match=r"LoRA-GA needs the PeftModel from peft\.get_peft_model"):
+        hfx.initialize(model, make_batches(base.config.vocab_size), show_progress=False)
 
 
 def test_error_quantised_target_names_layer_type():

@@ -395,6 +395,16 @@ def test_unmatched_target_modules_error_lists_the_linear_layers(cfg_cls, kw, def
         get_peft_model(make_base(), cfg_cls(target_modules=["lin_0"], **default_kw))
 
 
+@pytest.mark.parametrize("cfg_cls,kw,default_kw", CASES)
+def test_add_weighted_adapter_names_the_method_and_the_conversion(cfg_cls, kw, default_kw):
+    """PEFT's add_weighted_adapter is LoRA-only; on an hfx adapter the lookup used to fall through to the base model
+    ("'MLP' object has no attribute 'add_weighted_adapter'"). The error names the method and the way round it."""
+    model = make_peft(cfg_cls, kw)
+    method = cfg_cls.__name__.removesuffix("Config")
+    with pytest.raises(NotImplementedError, match=rf"{method} adapters have no add_weighted_adapter.*convert_to_lora"):
+        model.add_weighted_adapter(["default"], [1.0], "merged")
+
+
 def test_convert_to_lora_refuses_pruned_dsee():
     import peft
 

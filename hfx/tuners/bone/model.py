@@ -12,6 +12,7 @@ from peft.utils import (
     resolve_quantization_backend,
 )
 
+from .._lora_only import LoraOnlyMethodsMixin
 from .._mixed_batch import MixedBatchTunerMixin
 from .._targets import TargetHintMixin, target_hint
 from .config import BoneConfig
@@ -25,7 +26,7 @@ def _supports(base: torch.nn.Module) -> bool:
     return backend is not None and backend.layer_type == "linear"
 
 
-class BoneModel(TargetHintMixin, MixedBatchTunerMixin, BaseTuner):
+class BoneModel(TargetHintMixin, LoraOnlyMethodsMixin, MixedBatchTunerMixin, BaseTuner):
     """Bone / BAT adapters (arXiv 2409.15371) as a PEFT tuner; build it with ``get_peft_model(model, BoneConfig())``."""
 
     prefix: str = "bone_"

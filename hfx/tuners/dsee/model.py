@@ -12,6 +12,7 @@ from peft.utils import (
     resolve_quantization_backend,
 )
 
+from .._lora_only import LoraOnlyMethodsMixin
 from .._mixed_batch import MixedBatchTunerMixin
 from .._targets import TargetHintMixin, target_hint
 from .config import DseeConfig
@@ -25,7 +26,7 @@ def _supports(base: torch.nn.Module) -> bool:
     return backend is not None and backend.layer_type == "linear"
 
 
-class DseeModel(TargetHintMixin, MixedBatchTunerMixin, BaseTuner):
+class DseeModel(TargetHintMixin, LoraOnlyMethodsMixin, MixedBatchTunerMixin, BaseTuner):
     """DSEE adapters (arXiv 2111.00160) as a PEFT tuner; build it with ``get_peft_model(model, DseeConfig())``.
 
     The default targets are PEFT's LoRA targets for the architecture, i.e. the query and value projections, which is

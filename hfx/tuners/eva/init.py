@@ -48,10 +48,10 @@ import torch
 from torch import nn
 
 from hfx.initialize import mark_initialized
+from hfx.tuners._batches import check_batch
 
 from .config import EvaConfig
 
-MODEL_INPUT_NAMES = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features", "x")
 _EIGH_MAX_DIM = 2048
 
 
@@ -280,18 +280,9 @@ def _forward_params(peft_model: nn.Module) -> set[str] | None:
 
 
 def _check_batch(batch: Any, forward_params: set[str] | None) -> Mapping[str, Any]:
-    if not isinstance(batch, Mapping):
-        raise TypeError(
-            "EVA expects batches that are dicts of model inputs (input_ids, attention_mask, labels, ...); got "
-            f"{type(batch).__name__}."
-        )
-    inputs = set(batch) & (forward_params or set(MODEL_INPUT_NAMES)) - {"labels", "attention_mask"}
-    if not inputs:
-        raise ValueError(
-            f"EVA: a batch has no model inputs (keys {sorted(batch)}); expected e.g. 'input_ids' (with "
-            "'attention_mask', and 'labels' for the label mask)."
-        )
-    return batch
+    return check_batch(
+        batch, forward_params, "EVA", "'input_ids' (with 'attention_mask', and 'labels' for the label mask)"
+    )
 
 
 def token_mask(batch: Mapping[str, Any], config: EvaConfig) -> torch.Tensor | None:

@@ -13,6 +13,7 @@ from peft.utils import (
 )
 from tqdm.auto import tqdm
 
+from .._lora_only import LoraOnlyMethodsMixin
 from .._mixed_batch import MixedBatchTunerMixin
 from .._sparse import remap_optimizer_state
 from .._targets import TargetHintMixin, target_hint
@@ -33,7 +34,7 @@ def _is_rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-class LiftModel(TargetHintMixin, MixedBatchTunerMixin, BaseTuner):
+class LiftModel(TargetHintMixin, LoraOnlyMethodsMixin, MixedBatchTunerMixin, BaseTuner):
     """LIFT adapters (arXiv 2506.00772) as a PEFT tuner; build it with ``get_peft_model(model, LiftConfig())``."""
 
     prefix: str = "lift_"

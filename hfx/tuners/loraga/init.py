@@ -31,10 +31,9 @@ import torch
 from torch import nn
 
 from hfx.initialize import mark_initialized
+from hfx.tuners._batches import BUILD_BATCHES, check_batch
 
 from .config import LoraGAConfig
-
-MODEL_INPUT_NAMES = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features", "x")
 
 
 def _conv1d_cls() -> type | None:
@@ -110,19 +109,7 @@ def target_layers(peft_model: nn.Module, adapter_name: str) -> list[tuple[str, n
 
 
 def _check_batch(batch: Any, forward_params: set[str] | None) -> Mapping[str, Any]:
-    if not isinstance(batch, Mapping):
-        raise TypeError(
-            f"LoRA-GA expects batches that are dicts of model inputs (input_ids, attention_mask, labels, ...); got "
-            f"{type(batch).__name__}."
-        )
-    keys = set(batch)
-    inputs = keys & (forward_params or set(MODEL_INPUT_NAMES)) - {"labels", "attention_mask"}
-    if not inputs:
-        raise ValueError(
-            f"LoRA-GA: a batch has no model inputs (keys {sorted(keys)}); expected e.g. 'input_ids' (and 'labels' "
-            "for the loss)."
-        )
-    return batch
+    return check_batch(batch, forward_params, "LoRA-GA", "'input_ids' (and 'labels' for the loss)")
 
 
 def _loss(peft_model: nn.Module, batch: Mapping[str, Any], device: torch.device) -> torch.Tensor:
@@ -132,7 +119,8 @@ def _loss(peft_model: nn.Module, batch: Mapping[str, Any], device: torch.device)
     if loss is None:
         raise ValueError(
             "LoRA-GA needs a loss from the model to estimate gradients, and the model returned none: the batches "
-            f"(keys {sorted(batch)}) carry no 'labels'. Use the training collator's batches (which add labels)."
+            f"(keys {sorted(batch)}) carry no 'labels'. Use an SFT/LM training collator's batches (which add "
+            f"labels). {BUILD_BATCHES}"
         )
     return loss
 
@@ -412,11 +400,21 @@ def initialize_loraga(
     initial A_0/B_0 from it instead of estimating (no batches needed): the way to rebuild the training state, e.g.
     before ``trainer.train(resume_from_checkpoint=...)``.
     """
+    from peft import PeftModel
+
     from .export import install_load_hook, read_export_init
 
     config = peft_model.peft_config[adapter_name]
     if not isinstance(config, LoraGAConfig):
         raise TypeError(f"adapter {adapter_name!r} is not a LoraGAConfig adapter.")
+    if not isinstance(peft_model, PeftModel):
+        raise TypeError(
+            f"LoRA-GA needs the PeftModel from peft.get_peft_model(base, LoraGAConfig(...)); got "
+            f"{type(peft_model).__name__} with adapters from transformers' add_adapter or "
+            "peft.inject_adapter_in_model. Such a model saves through transformers, which writes adapter_config.json "
+            "before the weights, so the adapter could not be exported relative to the original base weights and a "
+            "reload onto that base would give other outputs."
+        )
     if config._loraga_init:
         raise RuntimeError(
             f"LoRA-GA: adapter {adapter_name!r} is already initialised (its base weights carry the offset); build "

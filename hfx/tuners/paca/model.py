@@ -12,6 +12,7 @@ from peft.utils import (
     resolve_quantization_backend,
 )
 
+from .._lora_only import LoraOnlyMethodsMixin
 from .._mixed_batch import MixedBatchTunerMixin
 from .._targets import TargetHintMixin, target_hint
 from .config import PacaConfig
@@ -25,7 +26,7 @@ def _supports(base: torch.nn.Module) -> bool:
     return backend is not None and backend.layer_type == "linear"
 
 
-class PacaModel(TargetHintMixin, MixedBatchTunerMixin, BaseTuner):
+class PacaModel(TargetHintMixin, LoraOnlyMethodsMixin, MixedBatchTunerMixin, BaseTuner):
     """PaCA adapters (arXiv 2503.01905) as a PEFT tuner; build it with ``get_peft_model(model, PacaConfig())``."""
 
     prefix: str = "paca_"

@@ -11,6 +11,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+from .._lora_only import LoraOnlyMethodsMixin
 from .._mixed_batch import MixedBatchTunerMixin
 from .._targets import TargetHintMixin
 from .config import SaraConfig
@@ -19,7 +20,7 @@ from .layer import SaraConv2d, SaraLayer, SaraLinear, check_sara_base
 logger = logging.getLogger(__name__)
 
 
-class SaraModel(TargetHintMixin, MixedBatchTunerMixin, BaseTuner):
+class SaraModel(TargetHintMixin, LoraOnlyMethodsMixin, MixedBatchTunerMixin, BaseTuner):
     """SaRA adapters (arXiv 2409.06633) as a PEFT tuner; build it with ``get_peft_model(model, SaraConfig())``.
 
     Training-time parts (nuclear-norm regulariser, progressive adjustment) run in [`hfx.SaraCallback`]; in a custom
