@@ -28,6 +28,37 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
+def _damaged(path: str, err: Exception) -> ValueError:
+    return ValueError(
+        f"{path} is damaged ({type(err).__name__}: {err}), so the method state cannot be restored from it. Restore "
+        "the file from a copy of the checkpoint, resume from another checkpoint, or delete the file to resume with "
+        "the method state at its initial values (the model, optimizer and scheduler still resume)."
+    )
+
+
+def read_state_json(path: str) -> dict[str, Any]:
+    """The JSON method state at ``path``; a damaged file is a ``ValueError`` naming it and what to do."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _damaged(path, err) from err
+    if not isinstance(state, dict):
+        raise _damaged(path, TypeError(f"expected a JSON object, got {type(state).__name__}"))
+    return state
+
+
+def read_state_tensors(path: str) -> dict[str, Any]:
+    """The safetensors method state at ``path``; a damaged file is a ``ValueError`` naming it and what to do."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise _damaged(path, err) from err
+
+
 class JsonCheckpointStateMixin:
     """Mixin for a :class:`transformers.Trainer` subclass; set ``_state_json`` and implement the two methods."""
 
@@ -63,8 +94,7 @@ class JsonCheckpointStateMixin:
                 f"no {self._state_json} in {checkpoint}: {type(self).__name__} starts from its initial state"
             )
             return
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
+        state = read_state_json(path)
         self.load_method_state_dict(state)
         self._restore_generation_cycle(state.get("generation_cycle"), checkpoint)
 

@@ -43,6 +43,7 @@ from trl.data_utils import is_conversational
 
 from ._data import check_not_empty
 from ._divergence import DivergenceCheckMixin
+from ._state import read_state_json, read_state_tensors
 from .bvpo_config import BVPOConfig
 
 __all__ = [
@@ -738,18 +739,23 @@ class BVPOTrainer(DivergenceCheckMixin, DPOTrainer):
         if not os.path.isfile(path):
             logger.warning(f"no {STATE_JSON} in {folder}: the BVPO α state starts afresh")
             return
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
+        state = read_state_json(path)
         if self._estimator is None or "estimator" not in state:
             if state.get("bvpo_alpha") != self.args.bvpo_alpha:
                 logger.warning(f"checkpoint used bvpo_alpha={state.get('bvpo_alpha')!r}, now {self.args.bvpo_alpha!r}")
             return
         self._check_estimator_settings(state["estimator"])
         tensors = {}
-        if os.path.isfile(os.path.join(folder, STATE_TENSORS)):
-            from safetensors.torch import load_file
-
-            tensors = load_file(os.path.join(folder, STATE_TENSORS))
+        tensors_path = os.path.join(folder, STATE_TENSORS)
+        if os.path.isfile(tensors_path):
+            tensors = read_state_tensors(tensors_path)
+        elif int(state["estimator"].get("num_updates", 0)) > 0:
+            # without the gradient sums the estimator would restart them under the saved normaliser (a wrong α)
+            raise FileNotFoundError(
+                f"{tensors_path} is missing: {path} records {state['estimator']['num_updates']} α-estimator updates, "
+                f"whose gradient sums are in that file. Restore it from a copy of the checkpoint, or delete {path} "
+                "too to resume with the α state afresh."
+            )
         self._estimator.load_state_dict(state["estimator"], tensors)
 
     def _check_estimator_settings(self, saved: Mapping[str, Any]) -> None:

@@ -81,6 +81,10 @@ class _DynamicWeightMixin(MultiObjectiveMixin):
         self.hv_buffer = HypervolumeBuffer([bool(m) for m in maximize])
         self._batch_r_pareto = 1.0  # the r_pareto applied to the current generation batch
         self._eval_stash: list[torch.Tensor] | None = None
+        # (global step, how many evaluations fed the buffer at it): a resumed run re-evaluates at the checkpoint's
+        # step (eval_on_start), which the checkpoint's buffer already holds; _hv_eval_replay skips those again
+        self._hv_eval_at: tuple[int, int] | None = None
+        self._hv_eval_replay: tuple[int, int] | None = None
         if self.weighting == "hypervolume" and cfg.hv_source == "eval" and self.eval_dataset is None:
             logger.warning(
                 "hv_source='eval' without an eval_dataset: r_pareto changes only when trainer.evaluate() runs "
@@ -248,9 +252,21 @@ class _DynamicWeightMixin(MultiObjectiveMixin):
             output = super().evaluation_loop(*args, **kwargs)
         finally:
             stash, self._eval_stash = self._eval_stash, None
-        if stash:
-            self._hv_update(torch.cat(stash), mode="eval")
-            self._metrics["eval"]["dynamic_weights/next_r_pareto"].append(self.hv_buffer.r_pareto)
+        if not stash:
+            return output
+        step = self.state.global_step
+        replay = self._hv_eval_replay
+        if replay is not None and replay[0] == step and replay[1] > 0:
+            self._hv_eval_replay = (step, replay[1] - 1)
+            logger.info(
+                f"hv_source='eval': the checkpoint's hypervolume buffer already holds the evaluation at step {step} "
+                "(eval_on_start after a resume); it is not added again"
+            )
+            return output
+        self._hv_update(torch.cat(stash), mode="eval")
+        self._metrics["eval"]["dynamic_weights/next_r_pareto"].append(self.hv_buffer.r_pareto)
+        at = self._hv_eval_at
+        self._hv_eval_at = (step, at[1] + 1 if at is not None and at[0] == step else 1)
         return output
 
     # ------------------------------------------------------------------------------------------------ state
@@ -263,6 +279,7 @@ class _DynamicWeightMixin(MultiObjectiveMixin):
             objective_names=self.objective_names,
             batch_r_pareto=self._batch_r_pareto,
             last_influence=self.last_influence,
+            hv_eval_at=list(self._hv_eval_at) if self._hv_eval_at is not None else None,
         )
         return state
 
@@ -279,6 +296,8 @@ class _DynamicWeightMixin(MultiObjectiveMixin):
         self.hv_buffer.load_state_dict(state["hypervolume"])
         self._batch_r_pareto = float(state.get("batch_r_pareto", 1.0))
         self.last_influence = state.get("last_influence")
+        at = state.get("hv_eval_at")
+        self._hv_eval_at = self._hv_eval_replay = (int(at[0]), int(at[1])) if at else None
 
 
 class DynamicWeightGRPOTrainer(_DynamicWeightMixin, GRPOTrainer):

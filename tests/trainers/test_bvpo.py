@@ -336,6 +336,35 @@ def test_resume_with_changed_estimator_settings_warns(model_path, tokenizer, tmp
     assert changed.alpha == saved.alpha and changed.alpha_estimator.num_updates == 3  # the state still loads
 
 
+def test_missing_or_damaged_alpha_state_files_are_errors(model_path, tokenizer, tmp_path):
+    """Without bvpo_state.safetensors the estimator restarted its gradient sums under the saved normaliser (α went
+    0.457 -> 0.433, without a word); a damaged file was a bare JSONDecodeError / SafetensorError."""
+    ds = preference_dataset(4, think=True)
+    kw = dict(bvpo_alpha="auto")
+    saved = hfx.BVPOTrainer(model_path, args=config(tmp_path, **kw), train_dataset=ds, processing_class=tokenizer)
+    for _ in range(2):
+        saved.alpha_estimator.update(torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64))
+    ckpt = tmp_path / "ckpt"
+    saved.save_bvpo_state(str(ckpt))
+    fresh = lambda: hfx.BVPOTrainer(model_path, args=config(tmp_path, **kw), train_dataset=ds,  # noqa: E731
+                                    processing_class=tokenizer)  # fmt: skip
+    tensors = (ckpt / "bvpo_state.safetensors").read_bytes()
+    (ckpt / "bvpo_state.safetensors").write_bytes(tensors[:20])
+    with pytest.raises(ValueError, match=r"bvpo_state\.safetensors is damaged \(SafetensorError"):
+        fresh().load_bvpo_state(str(ckpt))
+    os.remove(ckpt / "bvpo_state.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"bvpo_state\.safetensors is missing: .* records 2 α-estimator"):
+        fresh().load_bvpo_state(str(ckpt))
+    (ckpt / "bvpo_state.json").write_text('{"bvpo_alpha": "au')
+    with pytest.raises(ValueError, match=r"bvpo_state\.json is damaged \(JSONDecodeError"):
+        fresh().load_bvpo_state(str(ckpt))
+    # the estimator's file is optional before its first update (nothing to restore), as before
+    unused = hfx.BVPOTrainer(model_path, args=config(tmp_path, **kw), train_dataset=ds, processing_class=tokenizer)
+    unused.save_bvpo_state(str(tmp_path / "early"))
+    assert not os.path.exists(tmp_path / "early" / "bvpo_state.safetensors")
+    fresh().load_bvpo_state(str(tmp_path / "early"))
+
+
 def test_make_bvpo_pairs_builds_trainable_data(model_path, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 

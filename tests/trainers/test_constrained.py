@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -332,6 +333,15 @@ def test_resume_restores_multipliers(model_path, tmp_path):
     assert resumed.multipliers.buffer == pytest.approx(full.multipliers.buffer, abs=1e-6)
     assert resumed.reward_weights.tolist() == pytest.approx(full.reward_weights.tolist(), abs=1e-6)
     assert resumed.beta == pytest.approx(full.beta)
+    # a damaged state file names itself and the way on (it was a bare JSONDecodeError)
+    damaged = os.path.join(tmp_path, "damaged")
+    shutil.copytree(ckpt, damaged)
+    with open(os.path.join(damaged, "constraint_state.json"), "r+") as f:
+        f.truncate(40)
+    again = hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=REWARDS, args=args, train_dataset=ds)
+    path = os.path.join(damaged, "constraint_state.json")
+    with pytest.raises(ValueError, match=rf"{re.escape(path)} is damaged \(JSONDecodeError.*delete the file"):
+        again.train(resume_from_checkpoint=damaged)
 
 
 def test_resume_under_changed_config(model_path, tmp_path, caplog):

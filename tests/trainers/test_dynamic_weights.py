@@ -342,6 +342,29 @@ def test_resume_inside_a_generation_batch_updates_once(model_path, tmp_path):
     assert resumed.hv_buffer == full.hv_buffer and resumed._batch_r_pareto == full._batch_r_pareto
 
 
+def test_resume_with_eval_on_start_does_not_add_the_checkpoints_evaluation_again(model_path, tmp_path):
+    """hv_source="eval" with eval_on_start (the README's advice): transformers evaluates again when a run resumes,
+    at the checkpoint's step, whose evaluation the checkpoint's buffer already holds. It used to be added a second
+    time (3 -> 4 updates, another r_pareto for the following batches)."""
+    ds, ev = prompt_dataset(16), prompt_dataset(4, seed=7)
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, weighting="hypervolume", hv_source="eval",
+              eval_strategy="steps", eval_steps=2, eval_on_start=True, per_device_eval_batch_size=4)  # fmt: skip
+    full = hfx.DynamicWeightGRPOTrainer(model_path, reward_funcs=REWARDS, args=config(tmp_path, **kw),
+                                        train_dataset=ds, eval_dataset=ev)  # fmt: skip
+    full.train()
+    assert full.hv_buffer.num_updates == 3  # steps 0, 2, 4
+    resumed = hfx.DynamicWeightGRPOTrainer(model_path, reward_funcs=REWARDS, args=config(tmp_path / "b", **kw),
+                                           train_dataset=ds, eval_dataset=ev)  # fmt: skip
+    resumed.train(resume_from_checkpoint=os.path.join(tmp_path, "out", "checkpoint-2"))
+    assert resumed.hv_buffer == full.hv_buffer and resumed._batch_r_pareto == full._batch_r_pareto
+    r_pareto = [[h["dynamic_weights/r_pareto"] for h in t.state.log_history if "dynamic_weights/r_pareto" in h][-2:]
+                for t in (full, resumed)]  # fmt: skip
+    assert r_pareto[0] == r_pareto[1]
+    # evaluations after the resume (at later steps, or a second one by hand) are added as before
+    resumed.evaluate()
+    assert resumed.hv_buffer.num_updates == 4
+
+
 def test_errors(model_path, tmp_path):
     with pytest.raises(ValueError, match="weighting must be one of"):
         config(tmp_path, weighting="pareto")
