@@ -283,6 +283,28 @@ class TestTunerMatrix:
         model.merge_adapter()
         torch.testing.assert_close(model(X.to(dtype)).float(), y, atol=5e-2, rtol=5e-2)
 
+    def test_output_dtype_under_autocast_is_the_base_layers(self, cfg_cls, kw, default_kw):
+        """Under autocast an adapted layer returns what its base layer returns (autocast's dtype), merged or not, as
+        LoRA does. It returned the input's dtype: float32 unmerged, bfloat16 merged on an fp32 model, and an fp16
+        model under bf16 autocast (Trainer(bf16=True) on a float16 model) failed in autocast's type promotion."""
+        model = make_peft(cfg_cls, kw)
+        layer = model.base_model.model.lin1
+        x = torch.randn(6, 32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            unmerged = layer(x)
+            model.merge_adapter()
+            merged = layer(x)
+            model.unmerge_adapter()
+        assert unmerged.dtype == merged.dtype == torch.bfloat16
+        torch.testing.assert_close(unmerged.float(), merged.float(), atol=5e-2, rtol=5e-2)
+        half = copy.deepcopy(model).half().train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = torch.tanh(half.base_model.model.lin1(x.half()))
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        grads = [p.grad for p in half.base_model.model.lin1.parameters() if p.requires_grad]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
     def test_autocast_adapter_dtype(self, cfg_cls, kw, default_kw):
         # PEFT's default: adapters on a bf16 base are kept in float32
         base = make_base().to(torch.bfloat16)

@@ -237,6 +237,22 @@ def test_nuclear_norm_is_of_the_selected_weights_hand_computed():
         torch.testing.assert_close(values.grad.double(), torch.tensor(grad_ref, dtype=TORCH64))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nuclear_norm_of_16_bit_values(dtype):
+    """With 16-bit SaRA values (a bf16/fp16 base with autocast_adapter_dtype=False, or model.to(bf16)), the
+    regulariser, on by default in SaraCallback, failed at the first step: torch's SVD takes no 16-bit input. It is
+    computed in float32 and its gradient comes back in the values' dtype."""
+    w = torch.tensor([[0.001, 0.9], [0.8, -0.002], [0.7, 0.6]], dtype=TORCH64)
+    model, layer = one_layer(in_f=2, out_f=3, weight=w, threshold=0.01)
+    model.to(dtype)
+    values = layer.sara_values["default"]
+    assert values.dtype == dtype
+    norm = sara_nuclear_norm(model)
+    assert norm.dtype == torch.float32 and norm.item() == pytest.approx(0.003, rel=1e-2)
+    norm.backward()
+    assert values.grad.dtype == dtype and values.grad.float().tolist() == [1.0, -1.0]
+
+
 def test_nuclear_norm_matches_a_dense_float64_reference_after_the_adjustment():
     """Against an independent dense construction: W = W0 + D (trainable and frozen deltas), masked by the entries
     still trained (frozen entries leave the mask, as in the reference's adaptive mask)."""

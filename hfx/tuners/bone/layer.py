@@ -335,7 +335,6 @@ class BoneLinear(nn.Module, BoneLayer):
             self.set_base_weight(restored.to(weight.dtype))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        previous_dtype = x.dtype
         adapter_names = pop_adapter_names(self, x, kwargs)
         if self.disable_adapters:
             if self.merged:
@@ -358,8 +357,9 @@ class BoneLinear(nn.Module, BoneLayer):
         ):
             # One Triton GEMM with B added to W0's tiles as they load (hfx.kernels.adapter).
             out = fused.fused_kernel().bone_linear(x, base.weight, base.bias, self.bone_block[active[0]])
-            return out.to(previous_dtype)
+            return out
         result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype  # what the base layer gives (autocast's dtype under autocast), as LoRA returns
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
         if any(self._is_bat(a) for a in active):
@@ -381,7 +381,7 @@ class BoneLinear(nn.Module, BoneLayer):
             for adapter in active:
                 xd = self.bone_dropout[adapter](x)
                 result = result + self.bone_block(self._bone_term, adapter, xd)
-        return result.to(previous_dtype)
+        return result.to(result_dtype)
 
     def __repr__(self) -> str:
         return "bone." + super().__repr__()

@@ -373,7 +373,6 @@ class DseeLinear(nn.Module, DseeLayer):
         return MaskedLowRankLinear.apply(x, lora_a.weight, lora_b.weight, self.dsee_prune_mask)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        previous_dtype = x.dtype
         adapter_names = pop_adapter_names(self, x, kwargs)
         if self.disable_adapters:
             if self.merged:
@@ -384,6 +383,7 @@ class DseeLinear(nn.Module, DseeLayer):
         if adapter_names is not None:
             return mixed_batch_forward(self, x, adapter_names, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype  # what the base layer gives (autocast's dtype under autocast), as LoRA returns
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
         for adapter in self.active_adapters:
@@ -392,7 +392,7 @@ class DseeLinear(nn.Module, DseeLayer):
             scaling = self.dsee_scaling[adapter]
             update = self._lora_term(adapter, x) + self.dsee_s_values(self._sparse_term, adapter, x)
             result = result + (scaling * update).to(result.dtype)
-        return result.to(previous_dtype)
+        return result.to(result_dtype)
 
     def __repr__(self) -> str:
         return "dsee." + super().__repr__()

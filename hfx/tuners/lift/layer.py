@@ -234,7 +234,6 @@ class LiftLinear(nn.Module, LiftLayer):
         return sparse_delta_linear(x, v, self.lift_indices[adapter], shape, self._past(adapter))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        previous_dtype = x.dtype
         adapter_names = pop_adapter_names(self, x, kwargs)
         if self.disable_adapters:
             if self.merged:
@@ -245,12 +244,13 @@ class LiftLinear(nn.Module, LiftLayer):
         if adapter_names is not None:
             return mixed_batch_forward(self, x, adapter_names, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype  # what the base layer gives (autocast's dtype under autocast), as LoRA returns
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
         for adapter in self.active_adapters:
             if adapter in self.lift_values:
                 result = result + self.lift_values(self._lift_term, adapter, x).to(result.dtype)
-        return result.to(previous_dtype)
+        return result.to(result_dtype)
 
     @torch.no_grad()
     def refresh(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:

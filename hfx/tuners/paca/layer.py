@@ -337,7 +337,6 @@ class PacaLinear(nn.Module, PacaLayer):
                 base.weight.data.index_copy_(1, indices, stash)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        previous_dtype = x.dtype
         adapter_names = pop_adapter_names(self, x, kwargs)
         if self.disable_adapters:
             if self.merged:
@@ -357,13 +356,14 @@ class PacaLinear(nn.Module, PacaLayer):
                 x, base.weight, base.bias, self.paca_w[a], self.paca_orig[a], self.paca_indices[a],
                 self.paca_scaling[a],
             )  # fmt: skip
-            return out.to(previous_dtype)
+            return out
         result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype  # what the base layer gives (autocast's dtype under autocast), as LoRA returns
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
         for adapter in active:
             result = result + self.paca_w(self._partial_term, adapter, x).to(result.dtype)
-        return result.to(previous_dtype)
+        return result.to(result_dtype)
 
     def __repr__(self) -> str:
         return "paca." + super().__repr__()

@@ -338,8 +338,11 @@ class SaraLinear(nn.Module, SaraLayer):
         """``||M * W||_*`` (sum of singular values) of the selected weights: the paper's low-rank loss on the sparse
         parameter matrix (Sec. 3.2; the reference's ``nuclear_norm(param * mask)``). It acts on the weights
         ``W0 + d``, not on the delta ``d`` alone: at init (``d = 0``) it is ``||M * W0||_*``, with gradient
-        ``(U V^T)[M]`` on ``sara_values``."""
-        return torch.linalg.matrix_norm(self.selected_weight_matrix(adapter), ord="nuc")
+        ``(U V^T)[M]`` on ``sara_values``. Computed in float32 at least (torch's SVD takes no 16-bit input)."""
+        matrix = self.selected_weight_matrix(adapter)
+        if matrix.dtype in (torch.float16, torch.bfloat16):
+            matrix = matrix.float()
+        return torch.linalg.matrix_norm(matrix, ord="nuc")
 
     # ---- merge (replacement of the selected entries) --------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -382,7 +385,6 @@ class SaraLinear(nn.Module, SaraLayer):
         return sparse_delta_linear(x, v, self.sara_indices[adapter], self.shape, self._frozen(adapter))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        previous_dtype = x.dtype
         adapter_names = pop_adapter_names(self, x, kwargs)
         if self.disable_adapters:
             if self.merged:
@@ -393,10 +395,11 @@ class SaraLinear(nn.Module, SaraLayer):
         if adapter_names is not None:
             return mixed_batch_forward(self, x, adapter_names, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype  # what the base layer gives (autocast's dtype under autocast), as LoRA returns
         for adapter in self.active_adapters:
             if adapter in self.sara_values:
                 result = result + self.sara_values(self._sara_term, adapter, x).to(result.dtype)
-        return result.to(previous_dtype)
+        return result.to(result_dtype)
 
     # ---- progressive parameter adjustment --------------------------------------------------------------------------
     @torch.no_grad()
