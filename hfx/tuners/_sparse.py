@@ -45,10 +45,14 @@ COMPACT_MAX_FRACTION = 1 / 8
 
 
 def _distinct(ids: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted distinct values of ``ids`` (all in ``[0, size)``) and each id's position among them, without a sort."""
+    """Sorted distinct values of ``ids`` (all in ``[0, size)``), padded with 0 to ``min(len(ids), size)`` entries, and
+    each id's position among them; without a sort. The padded length depends on shapes only, so nothing waits for
+    the GPU (``nonzero`` would) and ``torch.compile`` keeps the layer in one graph. Padded entries hold no id: the
+    block's rows / columns there are zero, and [`_Plan.put`] adds them (zeros) into position 0."""
     seen = torch.zeros(size, dtype=torch.bool, device=ids.device)
     seen[ids] = True
-    return seen.nonzero().view(-1), (seen.cumsum(0) - 1)[ids]
+    distinct = torch.nonzero_static(seen, size=min(ids.numel(), size), fill_value=0).view(-1)
+    return distinct, (seen.cumsum(0) - 1)[ids]
 
 
 class _Plan:
@@ -81,12 +85,12 @@ class _Plan:
         return t if sel is None else t.index_select(-1, sel.to(t.device))
 
     def put(self, part: torch.Tensor, which: str, size: int) -> torch.Tensor:
-        """Inverse of [`take`]: ``part`` written into zeros of last dimension ``size`` (distinct positions, so
-        deterministic on every device)."""
+        """Inverse of [`take`]: ``part`` added into zeros of last dimension ``size``. Each real position is hit
+        once; the padding of [`_distinct`] adds exact zeros into position 0, so the sum is exact in any order."""
         sel = self.rows if which == "rows" else self.cols
         if sel is None:
             return part
-        return part.new_zeros(*part.shape[:-1], size).index_copy_(-1, sel.to(part.device), part)
+        return part.new_zeros(*part.shape[:-1], size).index_add_(-1, sel.to(part.device), part)
 
 
 def compute_dtype(x: torch.Tensor, values: torch.Tensor) -> torch.dtype:

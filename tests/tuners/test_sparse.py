@@ -37,7 +37,7 @@ def dense(m: int, n: int, idx, values, f_idx, f_values) -> torch.Tensor:
     [
         (40, 48, 6, 0, None, True),  # DSEE's residual: a few entries
         (40, 48, 6, 5, None, True),  # with frozen entries (LIFT's past deltas, SaRA's frozen set)
-        (64, 64, 10, 4, 2, True),  # entries sharing rows: a 2 x <=14 block
+        (64, 64, 10, 4, 2, True),  # entries sharing rows: 2 distinct rows, padded to a 14 x 14 block
         (40, 48, 30, 0, None, False),  # 30**2 > 40 * 48 / 8: the full-size D
         (6, 5, 8, 4, None, False),  # dense enough for the full-size D
         (64, 64, 400, 100, None, False),
@@ -71,6 +71,26 @@ def test_compact_path_builds_only_the_touched_block(monkeypatch):
     x = torch.randn(4, 512, dtype=TORCH64, requires_grad=True)
     sparse_delta_linear(x, v.requires_grad_(True), idx, (512, 512), (f_idx, fv)).sum().backward()
     assert len(shapes) == 2 and all(r <= 64 and c <= 64 for r, c in shapes), shapes
+
+
+def test_compact_path_compiles_into_one_graph():
+    """The compact block's rows/columns have a length known from shapes alone (nonzero_static), so torch.compile
+    keeps a DSEE-like delta in one graph (fullgraph=True) and the GPU never waits on a nonzero per layer and step:
+    with nonzero, each adapted layer broke the graph (24 graphs for a tiny Llama with DSEE)."""
+    idx, f_idx, v, fv = random_delta(64, 48, 6, 2)
+    v = v.float().requires_grad_(True)
+    x = torch.randn(3, 48, requires_grad=True)
+
+    def f(a, b):
+        return sparse_delta_linear(a, b, idx, (64, 48), (f_idx, fv.float()))
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    y, y_ref = compiled(x, v), f(x, v)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    grads = torch.autograd.grad(y.square().sum(), (x, v))
+    refs = torch.autograd.grad(y_ref.square().sum(), (x, v))
+    for got, ref in zip(grads, refs):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
 
 
 def test_empty_delta():
