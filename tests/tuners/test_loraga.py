@@ -352,6 +352,30 @@ def test_export_reloads_on_original_base_in_stock_peft(tmp_path):
     assert err < 1e-4, err
 
 
+def test_convert_to_lora_is_refused_and_the_export_converts(tmp_path):
+    """PEFT's save_as_lora on a LoRA-GA model exported s*B*A against the offset base (0.69 off on logits of 0.70 on
+    the original base); it is refused with the way round, and the saved export (a plain LoRA) converts exactly."""
+    import peft
+    from peft import PeftModel
+
+    base = make_base()
+    model = get_peft_model(copy.deepcopy(base), hfx.LoraGAConfig(r=2, lora_alpha=4, target_modules=TARGETS))
+    hfx.initialize(model, make_batches(base.config.vocab_size), show_progress=False)
+    train_steps(model, make_batches(base.config.vocab_size, seed=1))
+    x = probe(base.config.vocab_size)
+    with torch.no_grad():
+        y = model.eval()(x).logits
+    with pytest.warns(UserWarning, match="init offset"), pytest.raises(TypeError, match="do not support LoRA"):
+        peft.save_as_lora(tmp_path / "converted", model, rank=1.0)
+    model.save_pretrained(tmp_path / "export")
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "export")
+    with pytest.warns(UserWarning, match="already a LoRA"):  # PEFT's own note; the conversion itself is exact
+        peft.save_as_lora(tmp_path / "converted", reloaded, rank=1.0)
+    converted = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "converted").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x).logits, y, rtol=0, atol=1e-4)
+
+
 def test_mutated_base_export_is_the_rank_r_adapter(tmp_path):
     base = make_base()
     batches = make_batches(base.config.vocab_size)

@@ -16,6 +16,7 @@ init's, so training continues from exactly the saved state.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -99,6 +100,23 @@ def install_load_hook(layer: nn.Module, name: str, adapter_name: str, config: Lo
     if adapter_name not in handles:
         handles[adapter_name] = layer._register_load_state_dict_pre_hook(hook, with_module=True)
         layer._hfx_loraga_hooks = handles
+
+
+def _no_lora_conversion(adapter_name: str = "default") -> bool:
+    warnings.warn(
+        "A LoRA-GA model cannot go through peft.convert_to_lora / save_as_lora: its base weights carry the init "
+        "offset (W - s*B_0*A_0), so the converted LoRA would be relative to the offset base and give other outputs on "
+        "the original one. LoRA-GA's save_pretrained already writes a plain LoRA (rank 2r) for the original base "
+        "weights; load that with PeftModel.from_pretrained, then convert or combine it if you need to.",
+        UserWarning,
+        stacklevel=2,
+    )
+    return False
+
+
+def refuse_lora_conversion(layer: nn.Module) -> None:
+    """Make PEFT's ``convert_to_lora`` refuse this offset layer (it would export s*B*A against the offset base)."""
+    layer.supports_lora_conversion = _no_lora_conversion
 
 
 def read_export_init(

@@ -402,7 +402,7 @@ def initialize_loraga(
     """
     from peft import PeftModel
 
-    from .export import install_load_hook, read_export_init
+    from .export import install_load_hook, read_export_init, refuse_lora_conversion
 
     config = peft_model.peft_config[adapter_name]
     if not isinstance(config, LoraGAConfig):
@@ -496,6 +496,7 @@ def initialize_loraga(
         B, A = apply_factors(layer, adapter_name, *factors[name])
         config._loraga_init[name] = (B.detach().cpu().clone(), A.detach().cpu().clone())
         install_load_hook(layer, name, adapter_name, config)
+        refuse_lora_conversion(layer)
     mark_initialized(config)
     summary.update(
         direction=config.direction,
