@@ -183,6 +183,29 @@ def test_auto_estimator_matches_closed_form_float64():
     assert closed_form_alpha(0.0, 0.0, 0.0) is None
 
 
+def test_closed_form_alpha_with_both_biases_minimises_the_mse():
+    """Thm 2 with a biased trace estimator too (the trainer passes b_t = 0; hfx.closed_form_alpha takes both): the
+    unclipped α* is the argmin over a fine grid of E||α g_t + (1-α) g_e - μ||² = α²(tr Σ_t + ||b_t||²) +
+    (1-α)²(tr Σ_e + ||b_e||²) + 2α(1-α)(tr Σ_te + b_t·b_e)."""
+    gen = torch.Generator().manual_seed(3)
+    alphas = torch.linspace(-4, 5, 900001, dtype=torch.float64)
+    for _ in range(4):
+        b_t, b_e = (
+            torch.randn(5, generator=gen, dtype=torch.float64),
+            torch.randn(5, generator=gen, dtype=torch.float64),
+        )
+        tr_t, tr_e = 0.5 + 2 * float(torch.rand((), generator=gen, dtype=torch.float64)), 0.8
+        tr_te = 0.3 * (tr_t * tr_e) ** 0.5
+        mse = (
+            alphas**2 * (tr_t + b_t @ b_t)
+            + (1 - alphas) ** 2 * (tr_e + b_e @ b_e)
+            + 2 * alphas * (1 - alphas) * (tr_te + b_t @ b_e)
+        )
+        best = float(alphas[int(mse.argmin())])
+        assert -3.9 < best < 4.9  # an interior minimum of the grid
+        assert closed_form_alpha(tr_t, tr_e, tr_te, b_t, b_e, clip=False) == pytest.approx(best, abs=2e-5)
+
+
 def test_auto_estimator_skips_non_finite_observations(caplog):
     """One NaN/inf probe gradient used to enter the running sums: every later moment was NaN, estimate() returned
     None and α froze for the rest of training, silently. Now such a pair is skipped with a warning and the state is

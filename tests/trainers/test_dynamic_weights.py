@@ -243,6 +243,43 @@ def test_train_runs_and_weights_move(model_path, tmp_path, kind, weighting):
         assert trainer.reward_weights.tolist() == pytest.approx([1 / 3] * 3)  # HV keeps the weights
 
 
+def test_objective_advantages_are_each_trainers_estimator_hand_computed(model_path, tmp_path):
+    """The per-objective advantages behind the gradient method's Gram matrix, by hand on G = 4, K = 2 with one
+    unscored (NaN) sample: RLOO's leave-one-out baseline over the other scored samples of the group, GRPO's group
+    centring with group / batch / no std scaling; NaN advantages are 0."""
+    nan = float("nan")
+    rewards = torch.tensor(
+        [[1.0, 0.0], [2.0, 1.0], [4.0, nan], [0.0, 3.0],  # group 0
+         [3.0, 2.0], [3.0, 2.0], [1.0, 0.0], [5.0, 4.0]]  # group 1
+    )  # fmt: skip
+    x = rewards.view(2, 4, 2)
+    kw = dict(num_generations=4, per_device_train_batch_size=8, max_steps=1, weighting="gradient")
+    rloo = hfx.DynamicWeightRLOOTrainer(
+        model_path, reward_funcs=REWARDS[:2], train_dataset=prompt_dataset(8),
+        args=config(tmp_path / "rloo", cls=hfx.DynamicWeightRLOOConfig, normalize_advantages=False, **kw),
+    )  # fmt: skip
+    want = torch.zeros(2, 4, 2)
+    for g in range(2):
+        for i in range(4):
+            for k in range(2):
+                others = [float(x[g, j, k]) for j in range(4) if j != i and not math.isnan(float(x[g, j, k]))]
+                if not math.isnan(float(x[g, i, k])):
+                    want[g, i, k] = float(x[g, i, k]) - sum(others) / len(others)
+    torch.testing.assert_close(rloo._objective_advantages(rewards), want.view(8, 2), rtol=1e-6, atol=1e-6)
+    grpo = hfx.DynamicWeightGRPOTrainer(
+        model_path, reward_funcs=REWARDS[:2], args=config(tmp_path / "grpo", **kw), train_dataset=prompt_dataset(8)
+    )
+    valid = ~torch.isnan(x)
+    mean = torch.stack([torch.stack([x[g, valid[g, :, k], k].mean() for k in range(2)]) for g in range(2)])
+    std = torch.stack([torch.stack([x[g, valid[g, :, k], k].std() for k in range(2)]) for g in range(2)])
+    batch_std = torch.stack([rewards[~torch.isnan(rewards[:, k]), k].std() for k in range(2)])
+    centred = torch.nan_to_num(x - mean[:, None, :], nan=0.0)
+    for scale, want in (("group", centred / (std[:, None, :] + 1e-4)), ("batch", centred / (batch_std + 1e-4)),
+                        ("none", centred)):  # fmt: skip
+        grpo.scale_rewards = scale
+        torch.testing.assert_close(grpo._objective_advantages(rewards), want.view(8, 2), rtol=1e-5, atol=1e-6)
+
+
 def test_hypervolume_scales_advantages(model_path, tmp_path):
     """r_pareto multiplies the advantages; the authors' reward scaling would be cancelled by GRPO's std scaling."""
     args = config(tmp_path, max_steps=1, weighting="hypervolume")

@@ -267,6 +267,22 @@ def test_grpo_advantages_normalised_over_all_copies(model_path, tmp_path):
     trainer._gvm_rewrite_advantages(out, 0, 4)
     r = torch.tensor([1.0, 0.0, 0.0, 0.0])
     assert out["advantages"] == pytest.approx(((r - r.mean()) / (r.std() + 1e-4)).tolist(), rel=1e-5)
+    # two prompts with different spreads: each is centred and scaled by its own mean and std (one NaN: unscored)
+    trainer._gvm_batch_ids = [3, 3, 3, 5, 5, 5]
+    trainer._gvm_rewards = torch.tensor([[1.0], [0.0], [0.5], [4.0], [-2.0], [float("nan")]])
+    a, b = torch.tensor([1.0, 0.0, 0.5]), torch.tensor([4.0, -2.0])
+    for scale, want in (
+        ("group", [*((a - a.mean()) / (a.std() + 1e-4)), *((b - b.mean()) / (b.std() + 1e-4)), 0.0]),
+        ("batch", [*((a - a.mean()) / (torch.cat([a, b]).std() + 1e-4)),
+                   *((b - b.mean()) / (torch.cat([a, b]).std() + 1e-4)), 0.0]),
+        ("none", [*(a - a.mean()), *(b - b.mean()), 0.0]),
+    ):  # fmt: skip
+        trainer.scale_rewards = scale
+        out = {"advantages": torch.zeros(6), "completion_mask": torch.ones(6, 3)}
+        trainer._gvm_rewrite_advantages(out, 0, 6)
+        assert out["advantages"].tolist() == pytest.approx([float(v) for v in want], rel=1e-5, abs=1e-6), scale
+    trainer.scale_rewards = "group"
+    trainer._gvm_batch_ids, trainer._gvm_rewards = ids, torch.tensor([[1.0], [0.0], [0.0], [0.0]])
     # RAFT++: advantage 1 on accepted samples, rejected ones masked out of the loss
     trainer.args.gvm_loss = "raft"
     out = {"advantages": torch.zeros(4), "completion_mask": torch.ones(4, 3, dtype=torch.long)}

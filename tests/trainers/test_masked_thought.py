@@ -80,6 +80,32 @@ def completion_positions(batch) -> torch.Tensor:
     return (batch["labels"] != -100) & ~starts
 
 
+def test_sequence_starts_are_never_masked_on_plain_lm_data(model_path, tokenizer, tmp_path):
+    """Plain-LM rows (labels = input_ids, so a start token is a label too) under left padding and packing: the
+    first token of every sequence is never masked, every other labelled token is at rate 1. The other tests' data
+    starts every sequence with a prompt token labelled -100, which hid a start rule that found no start."""
+    T, F = True, False
+    ids = torch.arange(10, 20).view(2, 5)
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    packed = torch.tensor([[0, 1, 0, 1, 2], [0, 1, 2, 0, 1]])
+    want_left = torch.tensor([[T, F, T, F, F], [T, F, F, F, F]])  # column 0 always counts as a start
+    want_packed = torch.tensor([[T, F, T, F, F], [T, F, F, T, F]])
+    assert torch.equal(sequence_starts(ids, attention_mask=left), want_left)
+    assert torch.equal(sequence_starts(ids, position_ids=packed), want_packed)
+    trainer = make(model_path, tokenizer, tmp_path, mask_rate=1.0, mask_warmup_ratio=0.0)
+    for extra, starts in (({"attention_mask": left}, want_left), ({"position_ids": packed}, want_packed)):
+        labels = ids.masked_fill(extra.get("attention_mask", torch.ones_like(ids)) == 0, -100)
+        batch, counts = trainer.mask_batch(
+            {"input_ids": ids, "labels": labels, **extra}, generator=torch.Generator().manual_seed(0)
+        )
+        new = batch["input_ids"]
+        real_starts = starts & (labels != -100)
+        assert real_starts.sum() >= 2 and torch.equal(new[real_starts], ids[real_starts])
+        candidates = (labels != -100) & ~starts
+        assert counts["candidates"] == int(candidates.sum())
+        assert (new[candidates] == trainer._mask_id).all() and torch.equal(new[~candidates], ids[~candidates])
+
+
 @pytest.mark.parametrize("mask_token", ["<mask>", "pad", "random"])
 def test_p1_masks_every_completion_input_token_only(model_path, tokenizer, tmp_path, mask_token):
     trainer = make(model_path, tokenizer, tmp_path, mask_rate=1.0, mask_warmup_ratio=0.0, mask_token=mask_token)

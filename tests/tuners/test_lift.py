@@ -127,6 +127,11 @@ def test_lowrank_and_full_svd_masks_overlap():
     for niter, threshold in ((4, 0.95), (2, 0.9)):
         low = set(lift_select(w, k, 32, svd="lowrank", niter=niter).tolist())
         assert len(low & full) / len(low | full) >= threshold, niter
+    # rank 1, the smallest filter (measured 0.9997): the randomised path must not return W itself there
+    full = set(lift_select(w, k, 1, svd="full").tolist())
+    low = set(lift_select(w, k, 1).tolist())
+    assert len(low & full) / len(low | full) >= 0.99
+    assert low != set(lift_select(w, k, 512, svd="full").tolist())  # plain magnitude differs from the rank-1 pick
     # fixed seed: the randomised selection is reproducible whatever the global RNG state
     torch.manual_seed(123)
     a = lift_select(w, k, 32)
@@ -321,6 +326,12 @@ def test_refresh_keeps_function_remaps_adam_state_and_keeps_step():
         torch.testing.assert_close(model(ids).logits, logits, atol=1e-5, rtol=1e-5)  # function unchanged
         with model.disable_adapter():
             torch.testing.assert_close(model(ids).logits, base_logits, rtol=0, atol=0)
+        # merge/unmerge take the refresh's frozen past deltas too (a merge without them was 0.37 off)
+        model.merge_adapter()
+        torch.testing.assert_close(model(ids).logits, logits, atol=1e-5, rtol=1e-5)
+        model.unmerge_adapter()
+        with model.disable_adapter():
+            torch.testing.assert_close(model(ids).logits, base_logits, rtol=0, atol=1e-6)
     for m in layers:
         old_idx, old_v, old_state = before[id(m)]
         new_idx = m.lift_indices["default"]

@@ -376,6 +376,37 @@ def test_convert_to_lora_is_refused_and_the_export_converts(tmp_path):
         torch.testing.assert_close(converted(x).logits, y, rtol=0, atol=1e-4)
 
 
+def test_loading_an_export_into_a_differently_initialised_model_moves_the_offset(tmp_path):
+    """load_adapter of a saved export into a model whose own LoRA-GA init differs (initialised on other batches)
+    takes the saved init: the base offset moves from the model's init to the saved one (W += s(B0 A0 - B0' A0')),
+    so the model computes exactly what the saved one did, and saves the same export again."""
+    base = make_base(torch.float64)
+    vocab = base.config.vocab_size
+    config = hfx.LoraGAConfig(r=2, lora_alpha=4, target_modules=TARGETS)
+    saved = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+    hfx.initialize(saved, make_batches(vocab), show_progress=False)
+    train_steps(saved, make_batches(vocab, seed=1))
+    saved.save_pretrained(tmp_path / "a")
+    other = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+    hfx.initialize(other, make_batches(vocab, seed=7), show_progress=False)  # another init, another offset
+    x = probe(vocab)
+    with torch.no_grad():
+        assert (other(x).logits - saved.eval()(x).logits).abs().max() > 1e-3
+    other.load_adapter(str(tmp_path / "a"), adapter_name="default", is_trainable=True)
+    with torch.no_grad():
+        torch.testing.assert_close(other.eval()(x).logits, saved(x).logits, rtol=0, atol=1e-10)
+    for (_, mine), (_, theirs) in zip(target_layers(other, "default"), target_layers(saved, "default")):
+        torch.testing.assert_close(mine.get_base_layer().weight, theirs.get_base_layer().weight, rtol=0, atol=1e-12)
+    other.save_pretrained(tmp_path / "b")
+    from safetensors.torch import load_file
+
+    a, b = (
+        load_file(tmp_path / "a" / "adapter_model.safetensors"),
+        load_file(tmp_path / "b" / "adapter_model.safetensors"),
+    )
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-12) for k in a)
+
+
 def test_mutated_base_export_is_the_rank_r_adapter(tmp_path):
     base = make_base()
     batches = make_batches(base.config.vocab_size)

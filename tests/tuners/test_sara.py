@@ -494,6 +494,37 @@ def test_progressive_adjustment_subset_frozen_function_and_optimizer_state(reset
     assert any(p.grad is None and p.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
 
 
+def test_repeated_adjustments_keep_the_function_and_only_grow_the_frozen_set():
+    """Every round of train -> adjust keeps the function; entries frozen by an earlier round stay frozen with their
+    values (a second adjustment that dropped the first one's frozen entries moved the logits by 0.1)."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_lm(), lm_config())
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    layers = [m for m in model.modules() if isinstance(m, SaraLinear)]
+    frozen = {
+        id(m): (m.sara_frozen_indices["default"].clone(), m.sara_frozen_values["default"].clone()) for m in layers
+    }
+    grew = 0
+    for _ in range(3):
+        train_steps(model, ids, opt, 3)
+        with torch.no_grad():
+            logits = model(ids).logits
+        adjust_sara_masks(model, opt)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, logits, atol=1e-6, rtol=1e-6)
+        for m in layers:
+            old_idx, old_val = frozen[id(m)]
+            idx, val = m.sara_frozen_indices["default"], m.sara_frozen_values["default"]
+            position = {int(i): j for j, i in enumerate(idx.tolist())}
+            assert all(int(i) in position for i in old_idx.tolist())  # nothing unfrozen
+            kept = torch.tensor([position[int(i)] for i in old_idx.tolist()], dtype=torch.long)
+            assert torch.equal(val[kept], old_val)  # with the values it froze at
+            grew += idx.numel() > old_idx.numel()
+            frozen[id(m)] = (idx.clone(), val.clone())
+    assert grew > len(layers)  # the set grows in more than one round
+
+
 def test_adjustment_refuses_a_merged_layer():
     model = get_peft_model(tiny_lm(), lm_config())
     model.merge_adapter()
