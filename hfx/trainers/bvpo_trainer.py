@@ -682,7 +682,9 @@ class BVPOTrainer(DivergenceCheckMixin, DPOTrainer):
                 saved[key] = values
             else:
                 saved[f"{view}/{key}"].extend(values)
-        saved[f"{view}/loss"].append(self.accelerator.gather_for_metrics(loss.detach()).mean().item())
+        # the mean over processes (gather_for_metrics would treat each rank's scalar as a sample and, on the last
+        # batch of an uneven epoch, keep only the first ranks')
+        saved[f"{view}/loss"].append(self.accelerator.reduce(loss.detach(), reduction="mean").item())
         return loss, outputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -254,6 +254,17 @@ class _DynamicWeightMixin(MultiObjectiveMixin):
             stash, self._eval_stash = self._eval_stash, None
         if not stash:
             return output
+        rewards = torch.cat(stash)
+        dataloader = args[0] if args else kwargs.get("dataloader")
+        try:  # TRL's eval sampler yields each prompt num_generations times
+            real = len(dataloader.dataset) * self.num_generations
+        except (AttributeError, TypeError):  # an iterable dataset: no length, and accelerate does not even it out
+            real = None
+        if real is not None and rewards.shape[0] > real:
+            # the gathered batches end with the samples accelerate repeats to give every process a full last batch;
+            # counted, they made the buffer depend on the number of processes (accelerate's remainder counts prompts,
+            # not samples, so gather_for_metrics keeps them too)
+            rewards = rewards[:real]
         step = self.state.global_step
         replay = self._hv_eval_replay
         if replay is not None and replay[0] == step and replay[1] > 0:
@@ -263,7 +274,7 @@ class _DynamicWeightMixin(MultiObjectiveMixin):
                 "(eval_on_start after a resume); it is not added again"
             )
             return output
-        self._hv_update(torch.cat(stash), mode="eval")
+        self._hv_update(rewards, mode="eval")
         self._metrics["eval"]["dynamic_weights/next_r_pareto"].append(self.hv_buffer.r_pareto)
         at = self._hv_eval_at
         self._hv_eval_at = (step, at[1] + 1 if at is not None and at[0] == step else 1)

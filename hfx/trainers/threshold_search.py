@@ -284,8 +284,19 @@ class ThresholdSearchCallback(TrainerCallback):
         )
 
     def _score(self) -> float:
-        """``eval_fn(trainer)`` as a finite float; anything else is named (``trainer.evaluate()`` returns a dict)."""
+        """``eval_fn(trainer)`` as a finite float; anything else is named (``trainer.evaluate()`` returns a dict).
+
+        ``eval_fn`` runs on every process (it may evaluate, a collective); rank 0's value is broadcast first and
+        checked on every process, so what the other ranks return is never checked and no rank raises alone (one
+        rank raising before the broadcast left the others waiting in it)."""
+        from accelerate.utils import broadcast_object_list
+
         value = self.eval_fn(self.trainer)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        box = [value if self.trainer.is_world_process_zero() else None]
+        broadcast_object_list(box, from_process=0)
+        value = box[0]
         hint = "e.g. `lambda t: -t.evaluate()['eval_loss']` (higher is better)"
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
@@ -306,10 +317,7 @@ class ThresholdSearchCallback(TrainerCallback):
             return
         if not self._reached() and state.global_step - self.phase_start < self.phase_max_steps:
             return
-        from accelerate.utils import broadcast_object_list
-
         score = [self._score()]
-        broadcast_object_list(score, from_process=0)
         self.search.tell(-score[0])
         self.phases += 1
         metrics = self.trainer._metrics["train"]

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_trainers import CASES
+from train_trainers import CASES, HV_EVAL_PROMPTS, prompt_score
 
 from hfx.testing import save_tiny_model
 from hfx.testing.dist import run_distributed
@@ -104,3 +104,27 @@ def test_dynamic_weights_identical_on_ranks_and_moved(launched):
     assert hv == h1["state"]["method"]["hypervolume"] and hv["num_updates"] == 3 and hv["reference"] is not None
     r = [h["dynamic_weights/r_pareto"] for h in h0["history"]]
     assert r == [h["dynamic_weights/r_pareto"] for h in h1["history"]] and r[:2] == [1.0, 1.0] and r[2] != 1.0
+
+
+def test_hypervolume_from_evaluation_counts_each_eval_sample_once(launched):
+    """hv_source="eval" on 2 ranks: 3 prompts x 2 generations fill 2 per-device batches of 2 only with 2 samples
+    accelerate repeats; the buffer's reference is the mean over the real samples, as on 1 process (it counted the
+    repeats: 0.405 for a true 0.433)."""
+    from hfx.data import prompt_dataset
+
+    (info0, _), (info1, _) = read_rank(launched, "dynamic_hypervolume_eval", 0), read_rank(launched, "dynamic_hypervolume_eval", 1)
+    hv = info0["state"]["method"]["hypervolume"]
+    assert hv == info1["state"]["method"]["hypervolume"] and hv["num_updates"] == 1
+    prompts = prompt_dataset(HV_EVAL_PROMPTS, seed=7)["prompt"]
+    assert hv["reference"][0] == pytest.approx(sum(prompt_score(prompts)) / HV_EVAL_PROMPTS, abs=1e-6)
+
+
+def test_bvpo_view_losses_are_means_over_ranks(launched):
+    """trace/loss and empty/loss are the mean of the ranks' losses at every step; on the epoch's last, uneven batch
+    gather_for_metrics kept rank 0's alone."""
+    (info0, _), (info1, _) = read_rank(launched, "bvpo_uneven_epoch", 0), read_rank(launched, "bvpo_uneven_epoch", 1)
+    for view in ("trace", "empty"):
+        mine, theirs = info0["view_losses"][view], info1["view_losses"][view]
+        assert len(mine) == len(theirs) == 3 and mine[-1] != theirs[-1]
+        logged = [h[f"{view}/loss"] for h in info0["history"]]
+        assert logged == pytest.approx([(a + b) / 2 for a, b in zip(mine, theirs)], rel=1e-5), view

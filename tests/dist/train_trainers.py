@@ -100,6 +100,40 @@ def dynamic_weights(base: str, output_dir: str, weighting: str = "gradient", rlo
     return cls[1](base, reward_funcs=[format_reward, short, odd], args=config, train_dataset=prompt_dataset(16))
 
 
+def prompt_score(prompts, **kwargs):
+    """Depends on the prompt only, so the true mean over an eval set is known without generating."""
+    return [int(hashlib.sha1(str(p).encode()).hexdigest(), 16) % 101 / 100 for p in prompts]
+
+
+HV_EVAL_PROMPTS = 3  # x 2 generations on 2 ranks x 2 per device: accelerate repeats 2 samples to even the last batch
+
+
+def dynamic_hypervolume_eval(base: str, output_dir: str):
+    import hfx
+    from hfx.data import prompt_dataset
+
+    def short(completions, **kwargs):
+        return [-len(c) / 30 for c in completions]
+
+    config = hfx.DynamicWeightGRPOConfig(
+        output_dir=output_dir, num_generations=2, max_completion_length=6, beta=0.0, weighting="hypervolume",
+        hv_source="eval", eval_on_start=True, per_device_eval_batch_size=2, **{**COMMON, "max_steps": 1},
+    )  # fmt: skip
+    return hfx.DynamicWeightGRPOTrainer(
+        base, reward_funcs=[prompt_score, short], args=config, train_dataset=prompt_dataset(16),
+        eval_dataset=prompt_dataset(HV_EVAL_PROMPTS, seed=7),
+    )  # fmt: skip
+
+
+def bvpo_uneven_epoch(base: str, output_dir: str):
+    import hfx
+    from hfx.data import preference_dataset
+
+    # 17 rows, 8 per step: the third step is the epoch's last batch with 1 real row (accelerate pads the rest)
+    config = hfx.BVPOConfig(output_dir=output_dir, bvpo_alpha=0.5, **COMMON)
+    return hfx.BVPOTrainer(base, args=config, train_dataset=preference_dataset(17, think=True))
+
+
 CASES = {
     "bvpo": bvpo,
     "masked_thought": masked_thought,
@@ -107,6 +141,8 @@ CASES = {
     "constrained_grpo": constrained_grpo,
     "dynamic_gradient_grpo": dynamic_weights,
     "dynamic_hypervolume_rloo": lambda base, out: dynamic_weights(base, out, "hypervolume", rloo=True),
+    "dynamic_hypervolume_eval": dynamic_hypervolume_eval,
+    "bvpo_uneven_epoch": bvpo_uneven_epoch,
 }
 
 
@@ -151,6 +187,26 @@ def run_case(name: str, args: argparse.Namespace) -> None:
         return batch
 
     trainer.data_collator = recording_collator
+    evaluate = trainer.evaluate
+
+    def training_batches_only(*args, **kwargs):  # the eval loader shares the collator (GRPO): keep its batches out
+        seen_before = len(seen)
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            del seen[seen_before:]
+
+    trainer.evaluate = training_batches_only
+    view_losses: dict[str, list[float]] = {}
+    if hasattr(trainer, "_view_loss"):  # BVPO: this rank's own loss of each view, to check the logged global mean
+        original = trainer._view_loss
+
+        def recording_view_loss(model, inputs, view, *rest):
+            loss, outputs = original(model, inputs, view, *rest)
+            view_losses.setdefault(view, []).append(loss.item())
+            return loss, outputs
+
+        trainer._view_loss = recording_view_loss
     trainer.train()
     rank = trainer.args.process_index
     info = {
@@ -159,6 +215,7 @@ def run_case(name: str, args: argparse.Namespace) -> None:
         "wrapped": type(trainer.model_wrapped).__name__,
         "history": [h for h in trainer.state.log_history if "loss" in h],
         "state": trainer_state(trainer),
+        "view_losses": view_losses,
     }
     params = {n: p.detach().clone().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
     os.makedirs(out, exist_ok=True)

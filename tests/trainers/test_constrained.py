@@ -497,6 +497,33 @@ def test_threshold_search_stays_within_bounds(model_path, tmp_path):
         hfx.ThresholdSearchCallback(eval_fn, bounds=[(0.7, 1.0), (None, None)])._initial_simplex([0.6, -0.1])
 
 
+def test_threshold_search_scores_with_rank_zeros_value_on_every_rank(model_path, tmp_path, monkeypatch):
+    """The score is rank 0's, broadcast, then checked on every rank. Checked before the broadcast, a non-number from
+    another rank (the docstring says only rank 0's value is used) raised there alone and left rank 0 waiting in the
+    broadcast; a NaN on rank 0 did the same the other way round. Here as rank 1 of 2, with the broadcast faked."""
+    import accelerate.utils
+
+    trainer = hfx.ConstrainedGRPOTrainer(
+        model_path, reward_funcs=REWARDS, args=config(tmp_path), train_dataset=prompt_dataset(8)
+    )
+    rank0 = {"value": 2.5}
+    sent = []
+
+    def broadcast(box, from_process=0):
+        sent.append(box[0])
+        box[0] = rank0["value"]
+        return box
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(trainer, "is_world_process_zero", lambda: False)
+    search = hfx.ThresholdSearchCallback(lambda t: None, phase_max_steps=1)  # what another rank's eval_fn may give
+    search.trainer = trainer
+    assert search._score() == 2.5 and sent == [None]
+    rank0["value"] = float("nan")  # rank 0's value is checked on every rank, so all of them raise together
+    with pytest.raises(ValueError, match="eval_fn returned nan"):
+        search._score()
+
+
 def test_errors(model_path, tmp_path):
     ds = prompt_dataset(8)
     with pytest.raises(ValueError, match="constraint_thresholds is required"):
