@@ -112,7 +112,8 @@ def make_bvpo_pairs(
     samples: dict[bool, list[list[str]]] = {}
     blocks: dict[bool, list[str]] = {}
     try:
-        with torch.random.fork_rng(devices=[]):
+        device = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # manual_seed seeds CUDA too
             torch.manual_seed(seed)
             for thinking in (True, False):
                 rendered = [_render(r[prompt_column], tokenizer, thinking, no_trace_suffix) for r in rows]

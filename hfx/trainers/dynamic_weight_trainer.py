@@ -256,8 +256,9 @@ class _DynamicWeightMixin(MultiObjectiveMixin):
             return output
         rewards = torch.cat(stash)
         dataloader = args[0] if args else kwargs.get("dataloader")
-        try:  # TRL's eval sampler yields each prompt num_generations times
-            real = len(dataloader.dataset) * self.num_generations
+        per_prompt = getattr(self, "num_generations_eval", None) or self.num_generations
+        try:  # TRL's eval sampler yields each prompt num_generations_eval times
+            real = len(dataloader.dataset) * per_prompt
         except (AttributeError, TypeError):  # an iterable dataset: no length, and accelerate does not even it out
             real = None
         if real is not None and rewards.shape[0] > real:

@@ -298,8 +298,6 @@ class ThresholdSearchCallback(TrainerCallback):
         broadcast_object_list(box, from_process=0)
         value = box[0]
         hint = "e.g. `lambda t: -t.evaluate()['eval_loss']` (higher is better)"
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(
                 f"ThresholdSearchCallback: eval_fn must return one number, the score to maximise; got "
@@ -317,11 +315,11 @@ class ThresholdSearchCallback(TrainerCallback):
             return
         if not self._reached() and state.global_step - self.phase_start < self.phase_max_steps:
             return
-        score = [self._score()]
-        self.search.tell(-score[0])
+        score = self._score()
+        self.search.tell(-score)
         self.phases += 1
         metrics = self.trainer._metrics["train"]
-        metrics["threshold_search/score"].append(score[0])
+        metrics["threshold_search/score"].append(score)
         metrics["threshold_search/phases"] = [float(self.phases)]
         if self.search.converged or (self.max_phases is not None and self.phases >= self.max_phases):
             self.trainer.set_constraint_thresholds(self.clip(self.search.best[0]))

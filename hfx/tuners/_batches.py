@@ -15,12 +15,21 @@ BUILD_BATCHES = (
 )
 
 
-def check_batch(batch: Any, forward_params: set[str] | None, method: str, inputs_hint: str) -> Mapping[str, Any]:
+# EVA needs no labels (with them it keeps the labelled tokens only), so a DPO batch does; a GRPO/RLOO one does not.
+BUILD_UNLABELLED_BATCHES = (
+    "A GRPO/RLOO trainer's dataloader yields raw prompt rows, so for those trainers build the batches yourself: "
+    "tokenise the prompts into dicts {'input_ids', 'attention_mask'} (with 'labels', only labelled tokens count)."
+)
+
+
+def check_batch(
+    batch: Any, forward_params: set[str] | None, method: str, inputs_hint: str, build_hint: str = BUILD_BATCHES
+) -> Mapping[str, Any]:
     """``batch`` if it is a dict holding at least one model input; else a named error saying what to pass."""
     if not isinstance(batch, Mapping):
         raise TypeError(
             f"{method} expects batches that are dicts of model inputs (input_ids, attention_mask, labels, ...); got "
-            f"{type(batch).__name__}. {BUILD_BATCHES}"
+            f"{type(batch).__name__}. {build_hint}"
         )
     inputs = set(batch) & (forward_params or set(MODEL_INPUT_NAMES)) - {"labels", "attention_mask"}
     if not inputs:

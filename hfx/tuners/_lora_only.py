@@ -11,6 +11,7 @@ class LoraOnlyMethodsMixin:
         method = type(self).__name__.removesuffix("Model")
         raise NotImplementedError(
             f"{method} adapters have no add_weighted_adapter: PEFT combines LoRA adapters only. Convert each adapter "
-            "to a LoRA first (peft.convert_to_lora or peft.save_as_lora: exact for Bone and PaCA, a low-rank "
-            "approximation for LIFT, SaRA and DSEE), then call add_weighted_adapter on the LoRA model."
+            "to a LoRA first (peft.convert_to_lora or peft.save_as_lora: exact for Bone and PaCA, approximated for "
+            "BAT, LIFT, SaRA and DSEE, not available for a pruned DSEE model), then call add_weighted_adapter on the "
+            "LoRA model."
         )

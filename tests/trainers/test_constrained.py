@@ -95,6 +95,15 @@ def test_weights_task_weight_and_projection():
     pr.step([0.1, 1.0])
     assert pr.raw == pytest.approx([0.4, 1.0])
     assert pr.reward_weights([1.0, 1.0, 1.0], [1, 2]) == pytest.approx([1.0, 0.4, 1.0])
+    # an eq multiplier goes negative when the constraint is exceeded (down to -max); an init outside the box is
+    # projected into it at construction
+    eq = LagrangeMultipliers(["eq"], [0.5], lr=1.0, momentum=0.0, parametrization="projected", max_value=2)
+    eq.step([0.8])
+    assert eq.raw == pytest.approx([-0.3])
+    eq.step([9.0])
+    assert eq.raw == [-2.0]
+    boxed = LagrangeMultipliers(["ge", "eq"], [0.5, 0.5], parametrization="projected", init=[-1.0, 20.0], max_value=3)
+    assert boxed.values() == [0.0, 3.0]
     # NaN mean (no sample scored): that multiplier stays; clipping of the gradient norm
     nan = LagrangeMultipliers(["ge", "ge"], [0.5, 0.5], lr=1.0, max_grad_norm=0.01)
     nan.step([float("nan"), 0.0])
@@ -255,6 +264,26 @@ def test_constraints_only_the_multiplier_size_reaches_the_advantages(model_path,
     hist = [h for h in trainer.state.log_history if "loss" in h][0]
     assert hist["constraint/advantage_scale"] == pytest.approx(m, abs=1e-4)
     assert trainer.beta == pytest.approx(0.05 * (1 - m), abs=1e-6)
+
+
+def test_advantage_scale_is_the_mean_constraint_weight_over_several_constraints(model_path, tmp_path):
+    """Two constraint rewards and no task reward: the scale is the mean |weight| of the constraints (their sum would
+    double the advantages), under both GRPO aggregations with std scaling, and 1 without it."""
+    args = config(
+        tmp_path, max_steps=1, beta=0.05, constraint_rewards=["hash_graded", "short"], constraint_thresholds=[0.5, -0.1],
+        constraint_types=["ge", "le"], lagrange_init=[1.0, -2.0],
+    )  # fmt: skip
+    trainer = hfx.ConstrainedGRPOTrainer(
+        model_path, reward_funcs=[hash_graded, short], args=args, train_dataset=prompt_dataset(8)
+    )
+    weights = [sig(1.0), 1 - sig(-2.0)]  # ge: m; le: alpha - m (alpha = 1)
+    assert trainer.reward_weights.tolist() == pytest.approx(weights)
+    want = (weights[0] + weights[1]) / 2
+    for aggregation in ("sum_then_normalize", "normalize_then_sum"):
+        trainer.multi_objective_aggregation = aggregation
+        assert trainer.advantage_scale() == pytest.approx(want, abs=1e-6), aggregation
+    trainer.multi_objective_aggregation, trainer.scale_rewards = "sum_then_normalize", "none"
+    assert trainer.advantage_scale() == 1.0
 
 
 @pytest.mark.parametrize("beta, scaled", [(0.0, True), (0.05, False)])
@@ -465,6 +494,26 @@ def test_threshold_search_callback(model_path, tmp_path):
     resumed.train(resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-2"))
     assert search2.phases == 4 and search2.done
     assert resumed.multipliers.thresholds == pytest.approx(trainer.multipliers.thresholds)
+
+
+def test_threshold_search_ends_on_the_best_thresholds_not_the_last_tried(model_path, tmp_path):
+    """A score peaking at the starting thresholds: every later vertex is worse, and once the search is done the
+    trainer trains on the best point (0.6, -0.1), not on the last one tried."""
+    calls = []
+
+    def eval_fn(trainer):
+        t = trainer.multipliers.thresholds
+        calls.append(list(t))
+        return -((t[0] - 0.6) ** 2) - (t[1] + 0.1) ** 2
+
+    search = hfx.ThresholdSearchCallback(eval_fn, phase_max_steps=1, max_phases=3, initial_step=0.2)
+    trainer = hfx.ConstrainedGRPOTrainer(
+        model_path, reward_funcs=REWARDS, args=config(tmp_path, max_steps=3), train_dataset=prompt_dataset(8),
+        callbacks=[search],
+    )  # fmt: skip
+    trainer.train()
+    assert search.done and len(calls) == 3 and calls[-1] != pytest.approx([0.6, -0.1])
+    assert trainer.multipliers.thresholds == pytest.approx([0.6, -0.1])
 
 
 def test_threshold_search_stays_within_bounds(model_path, tmp_path):

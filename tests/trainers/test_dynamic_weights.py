@@ -325,6 +325,19 @@ def test_hypervolume_from_evaluation(model_path, tmp_path):
     assert not any(key.startswith("dynamic_weights/") for key in trainer._metrics["train"])
 
 
+def test_hypervolume_from_evaluation_with_its_own_generation_count(model_path, tmp_path):
+    """num_generations_eval != num_generations: the buffer takes every eval sample (4 prompts x 4), so its reference
+    is the evaluation's reward means (cut at the training count, it kept the first half)."""
+    args = config(tmp_path, weighting="hypervolume", hv_source="eval", num_generations_eval=4,
+                  per_device_eval_batch_size=8)  # fmt: skip
+    trainer = hfx.DynamicWeightGRPOTrainer(
+        model_path, reward_funcs=REWARDS, args=args, train_dataset=prompt_dataset(8), eval_dataset=prompt_dataset(4)
+    )
+    metrics = trainer.evaluate()
+    means = [metrics[f"eval_rewards/{name}/mean"] for name in REWARDS_NAMES]
+    assert trainer.hv_buffer.reference == pytest.approx(means, abs=1e-6)
+
+
 def test_resume_restores_state(model_path, tmp_path):
     ds = prompt_dataset(16)
     args = config(tmp_path, max_steps=3, save_strategy="steps", save_steps=1, weighting="gradient")

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from hfx.initialize import mark_initialized
-from hfx.tuners._batches import check_batch
+from hfx.tuners._batches import BUILD_UNLABELLED_BATCHES, check_batch
 
 from .config import EvaConfig
 
@@ -280,9 +280,8 @@ def _forward_params(peft_model: nn.Module) -> set[str] | None:
 
 
 def _check_batch(batch: Any, forward_params: set[str] | None) -> Mapping[str, Any]:
-    return check_batch(
-        batch, forward_params, "EVA", "'input_ids' (with 'attention_mask', and 'labels' for the label mask)"
-    )
+    hint = "'input_ids' (with 'attention_mask', and 'labels' for the label mask)"
+    return check_batch(batch, forward_params, "EVA", hint, build_hint=BUILD_UNLABELLED_BATCHES)
 
 
 def token_mask(batch: Mapping[str, Any], config: EvaConfig) -> torch.Tensor | None:

@@ -288,7 +288,7 @@ def _top_singular_values(weight: torch.Tensor, r: int, config: LoraGAConfig) -> 
     w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
     if _svd_method(config, w.shape) == "full":
         return torch.linalg.svdvals(w)[:r]
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):  # manual_seed seeds CUDA too
         torch.manual_seed(config.seed)
         return torch.svd_lowrank(w, q=min(4 * r, *w.shape), niter=4)[1][:r]
 
@@ -313,7 +313,7 @@ def loraga_factors(
     if method == "full":
         U, S, Vh = torch.linalg.svd(grad, full_matrices=False)
     else:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[grad.device] if grad.is_cuda else []):  # manual_seed seeds CUDA too
             torch.manual_seed(config.seed)
             U, S, V = torch.svd_lowrank(grad, q=min(4 * r, m, n), niter=4)
         Vh = V.T
