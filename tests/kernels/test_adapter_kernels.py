@@ -53,13 +53,18 @@ def test_paca_kernel_matches_reference(dtype, bias, scaling):
     orig = w[:, idx].clone()
     p = (orig.double().cpu() / scaling + 0.2 * torch.randn(orig.shape, generator=g, dtype=torch.float64)).float()
     p = p.to(DEVICE).requires_grad_()
+    if b is not None:  # a trainable bias (e.g. bias="all"): its gradient comes back too
+        b = b.detach().requires_grad_()
     y = kernels.paca_linear(x, w, b, p, orig, idx, scaling)
     assert y.dtype == dtype and y.shape == gy.shape
-    dx, dp = torch.autograd.grad(y, [x, p], gy)
+    grads = torch.autograd.grad(y, [x, p] + ([b] if b is not None else []), gy)
     x64, p64 = x.detach().double().requires_grad_(), p.detach().double().requires_grad_()
-    y64 = reference.paca_linear(x64, w.double(), None if b is None else b.double(), p64, orig.double(), idx, scaling)
-    dx64, dp64 = torch.autograd.grad(y64, [x64, p64], gy.double())
-    assert rel(y, y64) < TOL[dtype] and rel(dx, dx64) < TOL[dtype] and rel(dp, dp64) < TOL[dtype]
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    y64 = reference.paca_linear(x64, w.double(), b64, p64, orig.double(), idx, scaling)
+    refs = torch.autograd.grad(y64, [x64, p64] + ([b64] if b is not None else []), gy.double())
+    assert rel(y, y64) < TOL[dtype]
+    for got, want in zip(grads, refs, strict=True):
+        assert rel(got, want) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -68,12 +73,17 @@ def test_paca_kernel_matches_reference(dtype, bias, scaling):
 def test_bone_kernel_matches_reference(dtype, bias, in_f, r):
     x, w, b, _, gy, g = inputs(i=in_f, dtype=dtype, bias=bias)
     block = (0.1 * torch.randn(r, w.shape[0], generator=g)).to(DEVICE).requires_grad_()
+    if b is not None:  # a trainable bias: its gradient comes back too
+        b = b.detach().requires_grad_()
     y = kernels.bone_linear(x, w, b, block)
-    dx, db = torch.autograd.grad(y, [x, block], gy)
-    x64, b64 = x.detach().double().requires_grad_(), block.detach().double().requires_grad_()
-    y64 = reference.bone_linear(x64, w.double(), None if b is None else b.double(), b64)
-    dx64, db64 = torch.autograd.grad(y64, [x64, b64], gy.double())
-    assert rel(y, y64) < TOL[dtype] and rel(dx, dx64) < TOL[dtype] and rel(db, db64) < TOL[dtype]
+    grads = torch.autograd.grad(y, [x, block] + ([b] if b is not None else []), gy)
+    x64, blk64 = x.detach().double().requires_grad_(), block.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    y64 = reference.bone_linear(x64, w.double(), b64, blk64)
+    refs = torch.autograd.grad(y64, [x64, blk64] + ([b64] if b is not None else []), gy.double())
+    assert rel(y, y64) < TOL[dtype]
+    for got, want in zip(grads, refs, strict=True):
+        assert rel(got, want) < TOL[dtype]
 
 
 def test_kernel_errors_name_the_problem():

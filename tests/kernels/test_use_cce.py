@@ -65,6 +65,23 @@ def test_logits_kept_outside_training_and_without_labels(tokenizer):
     model.generate(inputs["input_ids"][:1, :4], max_new_tokens=2, do_sample=False)
 
 
+def test_logits_to_keep_takes_the_plain_forward_and_a_second_call_updates_the_options(tokenizer):
+    """In training, a forward asking for logits (logits_to_keep != 0) runs the model's own forward, logits and all;
+    calling use_cce again changes its options (here z_loss), as documented."""
+    inputs = batch(tokenizer)
+    ref = tiny_causal_lm(hidden_size=32).train()
+    model = hfx.use_cce(tiny_causal_lm(hidden_size=32)).train()
+    keep = inputs["input_ids"].shape[1]  # every position, so the model's own loss runs too
+    kept, want = model(**inputs, logits_to_keep=keep), ref(**inputs, logits_to_keep=keep)
+    assert kept.logits is not None
+    torch.testing.assert_close(kept.logits, want.logits, rtol=0, atol=0)
+    torch.testing.assert_close(kept.loss, want.loss, rtol=0, atol=0)
+    plain_loss = model(**inputs).loss
+    hfx.use_cce(model, z_loss=0.1)
+    with_z = model(**inputs).loss
+    assert with_z > plain_loss + 1e-3  # z_loss adds 0.1 * mean(lse^2) > 0
+
+
 def test_undo_restores_plain_forward(tokenizer):
     inputs = batch(tokenizer)
     model = hfx.use_cce(tiny_causal_lm(hidden_size=32)).train()

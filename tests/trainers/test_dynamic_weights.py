@@ -215,7 +215,8 @@ TRAINERS = {"grpo": (hfx.DynamicWeightGRPOConfig, hfx.DynamicWeightGRPOTrainer),
 @pytest.mark.parametrize("weighting", ["hypervolume", "gradient"])
 def test_train_runs_and_weights_move(model_path, tmp_path, kind, weighting):
     cls, trainer_cls = TRAINERS[kind]
-    args = config(tmp_path, cls=cls, weighting=weighting, maximize=[True, True, True])
+    extra = dict(weight_regularization=0.5, lr_scheduler_type="constant") if weighting == "gradient" else {}
+    args = config(tmp_path, cls=cls, weighting=weighting, maximize=[True, True, True], **extra)
     peft = LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if (kind, weighting) == ("grpo", "gradient") else None
     trainer = trainer_cls(
         model_path, reward_funcs=REWARDS, args=args, train_dataset=prompt_dataset(16), peft_config=peft
@@ -233,7 +234,8 @@ def test_train_runs_and_weights_move(model_path, tmp_path, kind, weighting):
         w = trainer.reward_weights
         assert w.sum().item() == pytest.approx(1.0, abs=1e-6) and not torch.allclose(w, torch.full((3,), 1 / 3))
         assert [hist[-1][f"reward_weights/{n}"] for n in names] != pytest.approx([1 / 3] * 3)
-        assert "dynamic_weights/influence/hash_reward" in hist[-1] and hist[-1]["dynamic_weights/step_size"] > 0
+        assert "dynamic_weights/influence/hash_reward" in hist[-1]
+        assert hist[-1]["dynamic_weights/step_size"] == pytest.approx(1e-2 / 0.5)  # lr / weight_regularization
     else:
         buf = trainer.hv_buffer
         assert buf.num_updates == 3 and buf.reference is not None

@@ -80,6 +80,19 @@ def completion_positions(batch) -> torch.Tensor:
     return (batch["labels"] != -100) & ~starts
 
 
+def test_random_mask_tokens_are_ordinary_tokens_the_model_has(model_path, tokenizer, tmp_path):
+    """mask_token="random" draws from the tokenizer's non-special ids below the embedding size: a special token
+    (eos, pad) as noise would end or hide a sequence, an id past the embedding fails in the lookup."""
+    trainer = make(model_path, tokenizer, tmp_path, mask_token="random")
+    ids = set(trainer._random_ids.tolist())
+    special = set(tokenizer.all_special_ids)
+    assert special and not ids & special
+    assert ids == set(range(len(tokenizer))) - special
+    trainer.model.resize_token_embeddings(len(tokenizer) - 5)  # an embedding smaller than the tokenizer
+    _, fewer = trainer._resolve_mask_token()
+    assert int(fewer.max()) < len(tokenizer) - 5 and set(fewer.tolist()) == ids - set(range(len(tokenizer) - 5, 10**6))
+
+
 def test_sequence_starts_are_never_masked_on_plain_lm_data(model_path, tokenizer, tmp_path):
     """Plain-LM rows (labels = input_ids, so a start token is a label too) under left padding and packing: the
     first token of every sequence is never masked, every other labelled token is at rate 1. The other tests' data
