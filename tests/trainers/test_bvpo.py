@@ -409,6 +409,21 @@ def test_make_bvpo_pairs_builds_trainable_data(model_path, tokenizer, tmp_path):
     row = pairs[0]
     assert row["chosen_score"] >= row["rejected_score"]
     assert row["chosen_no_trace"][0]["content"].startswith(EMPTY)  # self-describing: reasoning was off
+    # a score is the sum over the reward functions
+    one = dict(prompts=[row["prompt"]], answer=[row["answer"]])
+    scored = {"chosen": "chosen_score", "rejected": "rejected_score", "chosen_no_trace": "chosen_no_trace_score"}
+    for key, score in scored.items():
+        total = reward(completions=[row[key]], **one)[0] + (
+            correctness_reward(completions=[row[key]], **one)[0] or 0.0
+        )
+        assert row[score] == pytest.approx(total), key
+    # drop_ties drops a prompt tied in either mode (here every no-trace sample scores the same)
+
+    def flat_without_trace(prompts, completions, **kw):
+        return [0.0 if c[0]["content"].startswith(EMPTY) else float(len(c[0]["content"]) % 7) for c in completions]
+
+    kept = make_bvpo_pairs(model, tokenizer, prompts, [flat_without_trace], n=3, max_new_tokens=6, drop_ties=True)
+    assert len(kept) == 0
     trainer = hfx.BVPOTrainer(
         model_path, args=config(tmp_path, max_steps=1, per_device_train_batch_size=3), train_dataset=pairs,
         processing_class=tokenizer,

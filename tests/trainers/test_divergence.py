@@ -101,6 +101,24 @@ def _fake(flag, fp16=False, processes=1):
     return lambda **kw: fake.check_finite_loss("in a test", **kw)
 
 
+def test_a_nan_micro_step_is_not_forgotten_by_a_finite_one():
+    """Under gradient accumulation a NaN loss in one micro-step followed by a finite one still stops the run."""
+
+    class Base:
+        def training_step(self, model, inputs):
+            return inputs
+
+    class Trainer(DivergenceCheckMixin, Base):
+        pass
+
+    trainer = Trainer()
+    trainer.training_step(None, torch.tensor(float("nan")))
+    trainer.training_step(None, torch.tensor(1.0))
+    assert bool(trainer._hfx_nonfinite)
+    with pytest.raises(FloatingPointError, match="by step 3"):
+        _fake(trainer._hfx_nonfinite)()
+
+
 def test_check_finite_loss_rules():
     _fake(None)()  # nothing trained yet
     _fake(torch.tensor(False))(grad_norm=1.5)

@@ -152,15 +152,15 @@ def test_pilot_statistics_and_errors():
     def score_fn(batch, completions, ids):
         return torch.tensor([float("nan") if table[q][k] is None else table[q][k] for q, k in completions])
 
-    def grad_fn(prompt_ids, completion_ids):
-        return [2.0] * len(prompt_ids)
+    def grad_fn(prompt_ids, completion_ids):  # pilot k of each prompt has gradient norm k + 1
+        return [1.0 + k % 4 for k in range(len(prompt_ids))]
 
     p, G, info = pilot_statistics(
         rows, list(range(5)), num_pilot=4, generate_fn=generate_fn, score_fn=score_fn, grad_fn=grad_fn,
         prompts_per_batch=2, show_progress=False,
     )  # fmt: skip
     assert p == [0.5, 0.0, 1.0, 0.5, 0.25]  # None-scored samples are left out of p
-    assert G == [2.0, 0.0, 2.0, 2.0, 2.0]
+    assert G == [1.5, 0.0, 2.5, 2.0, 1.0]  # the mean norm over the accepted samples only (Prop. 1's G_i)
     assert info["pilot_samples"] == 20 and info["pilot_scored"] == 18
     with pytest.raises(ValueError, match="returned None for every pilot sample"):
         pilot_statistics(
