@@ -266,6 +266,20 @@ def test_constraints_only_the_multiplier_size_reaches_the_advantages(model_path,
     assert trainer.beta == pytest.approx(0.05 * (1 - m), abs=1e-6)
 
 
+def test_constraint_values_are_means_over_the_scored_samples(model_path, tmp_path):
+    """A constraint reward that returns None for some samples: J_i is the mean over the scored ones (a plain mean
+    made J NaN and froze that multiplier), and the multiplier steps with it."""
+    trainer = hfx.ConstrainedGRPOTrainer(
+        model_path, reward_funcs=REWARDS, args=config(tmp_path), train_dataset=prompt_dataset(8)
+    )
+    assert trainer.constraint_names == ["hash_graded", "short"]
+    nan = float("nan")
+    before = list(trainer.multipliers.raw)
+    trainer.update_reward_weights(torch.tensor([[1.0, 0.2, nan], [0.0, nan, -0.4], [1.0, 0.6, -0.2]]))
+    assert trainer.constraint_values == pytest.approx([0.4, -0.3])
+    assert all(a != b for a, b in zip(trainer.multipliers.raw, before))
+
+
 def test_advantage_scale_is_the_mean_constraint_weight_over_several_constraints(model_path, tmp_path):
     """Two constraint rewards and no task reward: the scale is the mean |weight| of the constraints (their sum would
     double the advantages), under both GRPO aggregations with std scaling, and 1 without it."""

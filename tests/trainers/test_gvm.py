@@ -291,6 +291,19 @@ def test_grpo_advantages_normalised_over_all_copies(model_path, tmp_path):
     assert out["tool_mask"][:, 0].tolist() == [1, 0, 0, 0] and out["num_items_in_batch"].item() == 3
 
 
+def test_plan_slices_are_windows_of_the_endless_plan(model_path, tmp_path):
+    """_plan_slice(start, L) is the window [start, start + L) of the plan's passes laid end to end, also across a
+    pass boundary (a window crossing it took too many entries from the first pass)."""
+    args = config(tmp_path, cls=hfx.GVMGRPOConfig, max_steps=1, gvm=False, gvm_budget=8, gvm_pool_size=2)
+    trainer = hfx.GVMGRPOTrainer(model_path, reward_funcs=hash_reward, args=args, train_dataset=prompt_dataset(8))
+    trainer.gvm_refresh()
+    total = sum(trainer.gvm_state.n)
+    stream = [e for k in range(3) for e in trainer._plan_pass(trainer.gvm_state, k)]
+    assert len(stream) == 3 * total
+    for start, length in ((0, total), (total - 2, 4), (1, 2 * total)):
+        assert trainer._plan_slice(start, length) == stream[start : start + length], (start, length)
+
+
 def test_resume_restores_allocation(model_path, tmp_path):
     ds = prompt_dataset(8)
     args = config(tmp_path, max_steps=3, save_strategy="steps", save_steps=1, gvm_refresh_steps=10)
