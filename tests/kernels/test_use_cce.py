@@ -446,3 +446,17 @@ def test_dpo_trainer_run_matches(tokenizer, tmp_path):
     cce = _run_dpo(tokenizer, tmp_path / "cce", cce=True, base=base)
     assert len(plain) == 3
     assert cce == pytest.approx(plain, abs=1e-5)
+
+
+def test_moe_router_aux_loss_is_kept(tokenizer):
+    """A mixture-of-experts model adds router_aux_loss_coef * aux_loss to the token loss; the CCE loss keeps it."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+        router_aux_loss_coef=0.5, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    model = assert_cce_loss_matches(MixtralForCausalLM, config, tokenizer, tol=1e-6)
+    out = model(**batch(tokenizer))
+    assert out.aux_loss is not None and out.aux_loss > 0
