@@ -530,6 +530,20 @@ def test_threshold_search_ends_on_the_best_thresholds_not_the_last_tried(model_p
     assert trainer.multipliers.thresholds == pytest.approx([0.6, -0.1])
 
 
+def test_threshold_search_state_round_trip_keeps_the_phase():
+    """The callback's checkpoint state keeps where the current phase began, so a run resumed mid-phase trains the
+    rest of that phase before it scores (with phase_start 0 it scored at once)."""
+    from hfx.trainers.threshold_search import NelderMead
+
+    search = hfx.ThresholdSearchCallback(lambda t: 0.0, phase_max_steps=4)
+    search.search = NelderMead([[0.6, -0.1], [0.7, -0.1], [0.6, -0.05]])
+    search.phase_start, search.phases, search.done = 7, 2, False
+    again = hfx.ThresholdSearchCallback(lambda t: 0.0, phase_max_steps=4)
+    again.load_state_dict(json.loads(json.dumps(search.state_dict())))
+    assert (again.phase_start, again.phases, again.done) == (7, 2, False)
+    assert again.search.state_dict() == search.search.state_dict()
+
+
 def test_threshold_search_stays_within_bounds(model_path, tmp_path):
     """A score peaking outside the box: proposals are clipped to ``bounds`` before training and scoring, and the
     initial step that would leave the box goes the other way (0.6 + 0.12 > 0.65, so 0.48)."""

@@ -291,6 +291,18 @@ def test_grpo_advantages_normalised_over_all_copies(model_path, tmp_path):
     assert out["tool_mask"][:, 0].tolist() == [1, 0, 0, 0] and out["num_items_in_batch"].item() == 3
 
 
+def test_min_per_prompt_rounds_up_to_whole_groups(model_path, tmp_path):
+    """gvm_min_per_prompt=3 with groups of num_generations=2: every kept prompt gets at least 2 groups (4 samples),
+    not 1 group (3 // 2): a minimum is a floor on samples, so it rounds up."""
+    args = config(tmp_path, cls=hfx.GVMGRPOConfig, max_steps=1, gvm_budget=24, gvm_pool_size=3, gvm_min_per_prompt=3)
+    trainer = hfx.GVMGRPOTrainer(model_path, reward_funcs=hash_reward, args=args, train_dataset=prompt_dataset(8))
+    assert trainer.num_generations == 2
+    # pilot statistics by hand (no sampling): one prompt carries almost all of the variance, the others get the floor
+    trainer._gvm_pilot = lambda indices: ([0.5, 0.01, 0.01], [5.0, 0.1, 0.1], {"pilot_samples": 0})
+    state = trainer.gvm_refresh()
+    assert sum(state.n) == 24 and min(state.n) == 4, state.n
+
+
 def test_plan_slices_are_windows_of_the_endless_plan(model_path, tmp_path):
     """_plan_slice(start, L) is the window [start, start + L) of the plan's passes laid end to end, also across a
     pass boundary (a window crossing it took too many entries from the first pass)."""

@@ -247,6 +247,21 @@ def test_apply_refuses_non_finite_components_and_changes_nothing():
     assert torch.equal(model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight, q)
 
 
+def test_a_checkpoint_missing_a_layer_of_an_uninitialised_adapter_is_named():
+    """A checkpoint saved after EVA gave a layer rank 0 lacks that layer, while the other layers may happen to keep
+    the fresh adapter's shapes: loading it into an adapter never initialised names the missing layer instead of
+    leaving it at its random init."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    base = tiny_causal_lm(hidden_size=32, num_layers=1)
+    config = hfx.EvaConfig(r=4, target_modules=["q_proj", "k_proj"])
+    saved = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+    state = {k: v for k, v in get_peft_model_state_dict(saved).items() if "k_proj" not in k}
+    fresh = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+    with pytest.raises(RuntimeError, match=r"never initialised.*k_proj: not in the state dict"):
+        set_peft_model_state_dict(fresh, state)
+
+
 def test_resuming_a_checkpoint_without_initialize_names_the_resume_call(tmp_path):
     """Loading a checkpoint written after EVA (its ranks) into an adapter never initialised failed with PEFT's bare
     size mismatch; the load hook names the call that rebuilds the ranks. A matching state dict loads and counts
