@@ -282,6 +282,45 @@ def test_objective_advantages_are_each_trainers_estimator_hand_computed(model_pa
         torch.testing.assert_close(grpo._objective_advantages(rewards), want.view(8, 2), rtol=1e-5, atol=1e-6)
 
 
+def test_objective_gram_equals_parameter_gradients_of_unpadded_sequences(model_path, tmp_path):
+    """The trainer's Gram (padded batch, activation gradients, sampling temperature, a row limit) against the
+    parameter-gradient Gram of L_k = -sum_b A_bk * mean_t log pi_T(c_t | p, c_<t) / B, each sequence run on its own
+    without padding: prompts and completions of different lengths, T = 0.7, and weight_grad_max_samples = 3 of 4
+    rows (the reference tries every 3-row subset)."""
+    import itertools
+
+    args = config(tmp_path, weighting="gradient", temperature=0.7, weight_grad_max_samples=3)
+    trainer = hfx.DynamicWeightGRPOTrainer(
+        model_path, reward_funcs=REWARDS, args=args, train_dataset=prompt_dataset(8)
+    )
+    gen = torch.Generator().manual_seed(0)
+    lengths = [(3, 2), (5, 4), (4, 1), (2, 3)]
+    trainer._mo_prompt_ids = [torch.randint(5, 100, (p,), generator=gen).tolist() for p, _ in lengths]
+    trainer._mo_completion_ids = [torch.randint(5, 100, (c,), generator=gen).tolist() for _, c in lengths]
+    rewards = torch.tensor([[1.0, 0.2, -0.3], [0.0, 0.9, -0.1], [1.0, 0.4, -0.6], [0.0, 0.1, -0.2]])
+    gram = trainer.objective_gram(rewards).double()
+    adv = trainer._objective_advantages(rewards).double()
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    modules = dict(model.named_modules())
+    params = [q for n in trainer.weight_grad_module_names for q in modules[n].parameters(recurse=False)]
+    assert params and all(q.requires_grad for q in params)
+
+    def reference(rows):
+        seq = []
+        for b in rows:
+            p, c = trainer._mo_prompt_ids[b], trainer._mo_completion_ids[b]
+            logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1].float() / 0.7
+            seq.append(torch.log_softmax(logits, -1)[torch.arange(len(c)), torch.tensor(c)].mean())
+        seq = torch.stack(seq).double()
+        losses = [-(adv[rows, k] * seq).sum() / len(rows) for k in range(adv.shape[1])]
+        return _param_gram(losses, params)
+
+    candidates = [reference(list(rows)) for rows in itertools.combinations(range(4), 3)]
+    errors = [float((gram - want).abs().max() / want.abs().max()) for want in candidates]
+    assert min(errors) < 1e-4, errors
+    assert gram.abs().max() > 0
+
+
 def test_hypervolume_scales_advantages(model_path, tmp_path):
     """r_pareto multiplies the advantages; the authors' reward scaling would be cancelled by GRPO's std scaling."""
     args = config(tmp_path, max_steps=1, weighting="hypervolume")
