@@ -283,14 +283,20 @@ def _svd_method(config: LoraGAConfig, shape: torch.Size) -> str:
     return config.svd
 
 
+def _seeded_svd_lowrank(matrix: torch.Tensor, r: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """``torch.svd_lowrank`` (q = min(4r, m, n), niter 4) under ``seed``, leaving the global generators as they were
+    (``manual_seed`` seeds CUDA too, so its generator is forked as well)."""
+    with torch.random.fork_rng(devices=[matrix.device] if matrix.is_cuda else []):
+        torch.manual_seed(seed)
+        return torch.svd_lowrank(matrix, q=min(4 * r, *matrix.shape), niter=4)
+
+
 def _top_singular_values(weight: torch.Tensor, r: int, config: LoraGAConfig) -> torch.Tensor:
     """The r largest singular values of ``weight`` (exact, or ``svd_lowrank`` as the original's ``weightS``)."""
     w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
     if _svd_method(config, w.shape) == "full":
         return torch.linalg.svdvals(w)[:r]
-    with torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):  # manual_seed seeds CUDA too
-        torch.manual_seed(config.seed)
-        return torch.svd_lowrank(w, q=min(4 * r, *w.shape), niter=4)[1][:r]
+    return _seeded_svd_lowrank(w, r, config.seed)[1][:r]
 
 
 def loraga_factors(
@@ -313,9 +319,7 @@ def loraga_factors(
     if method == "full":
         U, S, Vh = torch.linalg.svd(grad, full_matrices=False)
     else:
-        with torch.random.fork_rng(devices=[grad.device] if grad.is_cuda else []):  # manual_seed seeds CUDA too
-            torch.manual_seed(config.seed)
-            U, S, V = torch.svd_lowrank(grad, q=min(4 * r, m, n), niter=4)
+        U, S, V = _seeded_svd_lowrank(grad, r, config.seed)
         Vh = V.T
     # Canonical signs (sklearn's svd_flip): the largest-magnitude entry of each u_i is positive, so the init does not
     # depend on the SVD backend or on the summation order of the gradient (e.g. across processes).
