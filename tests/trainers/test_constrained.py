@@ -169,6 +169,46 @@ def test_nelder_mead_converges_caches_and_replays():
         NelderMead([[0.0], [1.0]]).tell(float("nan"))
 
 
+def _nelder_mead_asks(values: dict, n: int) -> list[tuple[float, float]]:
+    """The first n points NelderMead asks on the simplex (0,0), (1,0), (0,1), told f from the ``values`` table."""
+    nm = NelderMead([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], tol=0.0)
+    asked = []
+    for _ in range(n):
+        x = tuple(nm.ask())
+        asked.append(x)
+        nm.tell(values[x])
+    return asked
+
+
+@pytest.mark.parametrize(
+    "f_reflected, f_contracted, next_points",
+    [
+        # f_r between the second-worst and the worst: outside contraction (0.75, -0.5) ...
+        (1.5, 1.8, [(0.5, 0.0), (0.0, 0.5)]),  # ... no better than the reflection: shrink towards the best
+        (1.5, 1.5, [(0.25, 0.5)]),  # ... as good as the reflection: kept, next reflection of (1, 0)
+    ],
+)
+def test_nelder_mead_outside_contraction(f_reflected, f_contracted, next_points):
+    start = {(0.0, 0.0): 0.0, (1.0, 0.0): 1.0, (0.0, 1.0): 2.0}
+    values = {**start, (1.0, -1.0): f_reflected, (0.75, -0.5): f_contracted, (0.5, 0.0): 0.5, (0.0, 0.5): 0.5}
+    values[(0.25, 0.5)] = 9.0
+    asked = _nelder_mead_asks(values, 5 + len(next_points))
+    assert asked[3:5] == [(1.0, -1.0), (0.75, -0.5)]
+    assert asked[5:] == next_points
+
+
+@pytest.mark.parametrize(
+    "f_contracted, next_points",
+    [(1.9, [(0.25, 0.5), (0.75, -0.5)]), (2.0, [(0.25, 0.5), (0.5, 0.0), (0.0, 0.5)])],
+)
+def test_nelder_mead_inside_contraction(f_contracted, next_points):
+    """A reflection as bad as the worst point contracts inside, to (0.25, 0.5); kept only if strictly better."""
+    values = {(0.0, 0.0): 0.0, (1.0, 0.0): 1.0, (0.0, 1.0): 2.0, (1.0, -1.0): 2.0, (0.25, 0.5): f_contracted}
+    values.update({(0.5, 0.0): 0.5, (0.0, 0.5): 0.5, (0.75, -0.5): 9.0})
+    asked = _nelder_mead_asks(values, 4 + len(next_points))
+    assert asked[3:] == [(1.0, -1.0), *next_points]
+
+
 # ------------------------------------------------------------------------------------------------ trainers
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> str:
@@ -473,6 +513,15 @@ def test_resume_inside_a_generation_batch_updates_once(model_path, tmp_path, cap
         again.train(resume_from_checkpoint=str(old))
     assert again.multipliers.steps == 3
     assert any("its position is not recorded" in r.getMessage() for r in caplog.records)
+    # ignore_data_skip: the data restarts from its first batch, so does TRL's generation cycle: nothing is replayed
+    # (each of the 2 generation batches in the 3 remaining micro-steps updates once) and nothing is warned
+    fresh = hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=rewards, train_dataset=ds,
+                                       args=config(tmp_path / "d", ignore_data_skip=True, **kw))  # fmt: skip
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        fresh.train(resume_from_checkpoint=ckpt)
+    assert fresh.multipliers.steps == 3 and fresh._step == 3
+    assert not any("inside a generation batch" in r.getMessage() for r in caplog.records)
 
 
 def test_threshold_search_callback(model_path, tmp_path):
@@ -542,6 +591,59 @@ def test_threshold_search_state_round_trip_keeps_the_phase():
     again.load_state_dict(json.loads(json.dumps(search.state_dict())))
     assert (again.phase_start, again.phases, again.done) == (7, 2, False)
     assert again.search.state_dict() == search.search.state_dict()
+
+
+@pytest.mark.parametrize(
+    "values, thresholds, reached",
+    [
+        ([0.629, -0.1], [0.6, -0.1], True),  # |0.029| <= 0.05 * 0.6
+        ([0.64, -0.1], [0.6, -0.1], False),  # |0.04| > 0.03: relative to the threshold, not absolute
+        ([0.6, -0.104], [0.6, -0.1], True),  # |0.004| <= 0.05 * |-0.1|
+        ([0.6, -0.106], [0.6, -0.1], False),
+        ([4e-5], [0.0], True),  # a zero threshold: within 0.05 * 1e-3
+        ([6e-5], [0.0], False),
+        ([float("nan"), -0.1], [0.6, -0.1], False),  # a constraint no sample scored is not reached
+        (None, [0.6, -0.1], False),  # nothing measured yet
+    ],
+)
+def test_threshold_search_reach_tolerance_is_relative(values, thresholds, reached):
+    """A phase ends early once every constrained reward's batch mean is within ``reach_tolerance`` of its threshold,
+    relative to the threshold's size (floored at 1e-3)."""
+    from types import SimpleNamespace
+
+    search = hfx.ThresholdSearchCallback(lambda t: 0.0, reach_tolerance=0.05)
+    search.trainer = SimpleNamespace(constraint_values=values, multipliers=SimpleNamespace(thresholds=thresholds))
+    assert search._reached() is reached
+
+
+def test_threshold_search_phase_ends_when_reached_or_after_phase_max_steps():
+    """A phase is scored as soon as the thresholds are reached, else only after ``phase_max_steps`` steps."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(
+        constraint_values=[0.0], multipliers=SimpleNamespace(thresholds=[0.6]),
+        _metrics={"train": defaultdict(list)}, set_constraint_thresholds=lambda t: None,
+    )  # fmt: skip
+    search = hfx.ThresholdSearchCallback(lambda t: 0.0, phase_max_steps=3, initial_step=0.1)
+    search.bind(trainer)
+    scores = iter([1.0, 2.0, 3.0])
+    search._score = lambda: next(scores)
+    search.on_train_begin(None, SimpleNamespace(global_step=0), None)
+    for step in (1, 2):  # far from 0.6 and under 3 steps: nothing scored
+        search.on_step_end(None, SimpleNamespace(global_step=step), None)
+    assert search.phases == 0
+    search.on_step_end(None, SimpleNamespace(global_step=3), None)  # phase_max_steps reached
+    assert (search.phases, search.phase_start) == (1, 3)
+    trainer.constraint_values = [0.61]  # within 5 % of 0.6: scored on the next step
+    search.on_step_end(None, SimpleNamespace(global_step=4), None)
+    assert (search.phases, search.phase_start) == (2, 4)
+    trainer.constraint_values = [0.0]  # far again: the next phase counts its 3 steps from step 4
+    for step in (5, 6):
+        search.on_step_end(None, SimpleNamespace(global_step=step), None)
+    assert search.phases == 2
+    search.on_step_end(None, SimpleNamespace(global_step=7), None)
+    assert (search.phases, search.phase_start) == (3, 7)
 
 
 def test_threshold_search_stays_within_bounds(model_path, tmp_path):

@@ -152,6 +152,25 @@ def test_activation_gram_equals_parameter_gram(arch, peft):
     assert all(p.grad is None for p in model.parameters())  # no .grad written
 
 
+def test_activation_gram_sums_the_calls_of_a_shared_linear():
+    """A Linear applied twice in one forward (shared weights): its weight gradient is the sum over both calls, so
+    the Gram is of the summed gradient, not the sum of each call's Gram."""
+    torch.manual_seed(0)
+    shared, head = torch.nn.Linear(4, 4).double(), torch.nn.Linear(4, 3, bias=False).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    coeffs = torch.randn(3, 3, dtype=torch.float64)
+
+    def losses():
+        out = head(torch.tanh(shared(torch.tanh(shared(x)))))  # shared twice, head once
+        return [(out * coeffs[k]).sum() for k in range(3)]
+
+    with ActivationGradientCapture([("shared", shared), ("head", head)]) as cap:
+        got = gram_from_activations(losses(), cap.records, dtype=torch.float64)
+    assert [name for name, *_ in cap.records] == ["shared", "shared", "head"]
+    expected = _param_gram(losses(), [shared.weight, shared.bias, head.weight])
+    assert torch.allclose(got, expected, rtol=1e-10, atol=1e-14)
+
+
 def test_select_linear_modules_defaults_and_errors():
     model = tiny_causal_lm(hidden_size=16, num_layers=4)
     names = [n for n, _ in select_linear_modules(model)]

@@ -119,6 +119,35 @@ def test_sequence_starts_are_never_masked_on_plain_lm_data(model_path, tokenizer
         assert (new[candidates] == trainer._mask_id).all() and torch.equal(new[~candidates], ids[~candidates])
 
 
+def test_mask_noise_is_a_function_of_seed_step_process_and_micro_step(model_path, tokenizer, tmp_path, monkeypatch):
+    """The noise of a micro-batch comes from ``(mask_seed or seed, global step, process index, micro-step)``: the same
+    tuple gives the same mask (so a resumed run masks as the first did), and changing any one part changes it."""
+    trainer = make(model_path, tokenizer, tmp_path, mask_warmup_ratio=0.0)
+    batch = batch_of(trainer, 8)
+
+    def masks(step: int, n: int = 1) -> list[torch.Tensor]:  # the first n micro-batches of optimizer step `step`
+        trainer.state.global_step, trainer._mask_micro = step, (None, 0)
+        return [trainer.mask_batch(batch, rate=0.5)[0]["input_ids"] for _ in range(n)]
+
+    first, second = masks(2, n=2)  # micro-steps 0 and 1 of step 2
+    assert not torch.equal(first, second) and not torch.equal(first, batch["input_ids"])
+    trainer.state.global_step = 3  # the micro-step count restarts with each optimizer step
+    third = trainer.mask_batch(batch, rate=0.5)[0]["input_ids"]
+    assert torch.equal(third, masks(3)[0]) and not torch.equal(third, first)
+    assert [torch.equal(m, w) for m, w in zip(masks(2, n=2), (first, second))] == [True, True]
+    trainer.args.seed = 1  # mask_seed None: the config's seed
+    assert not torch.equal(masks(2)[0], first)
+    trainer.args.mask_seed = 0  # mask_seed overrides seed
+    assert torch.equal(masks(2)[0], first)
+    trainer.args.seed, trainer.args.mask_seed = 0, 5
+    assert not torch.equal(masks(2)[0], first)
+    trainer.args.mask_seed = None
+    monkeypatch.setattr(type(trainer.args), "process_index", property(lambda self: 1))  # another process
+    assert not torch.equal(masks(2)[0], first)
+    monkeypatch.undo()
+    assert torch.equal(masks(2)[0], first)
+
+
 @pytest.mark.parametrize("mask_token", ["<mask>", "pad", "random"])
 def test_p1_masks_every_completion_input_token_only(model_path, tokenizer, tmp_path, mask_token):
     trainer = make(model_path, tokenizer, tmp_path, mask_rate=1.0, mask_warmup_ratio=0.0, mask_token=mask_token)
