@@ -216,6 +216,18 @@ class AlphaEstimator:
         self.sum_e = tensors["sum_e"].to(torch.float64) if "sum_e" in tensors else None
 
 
+def _reentrant_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether a layer of ``model`` runs under transformers' gradient checkpointing in reentrant mode (torch's
+    ``checkpoint`` without ``use_reentrant=False``)."""
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) is True and func is not None:
+            keywords = getattr(func, "keywords", None) or {}
+            if keywords.get("use_reentrant", True) is not False:
+                return True
+    return False
+
+
 class _GradientProbe:
     """Rebuilds weight gradients of a few linear modules from activations: ``∇W = Σ_tokens δ ⊗ x``.
 
@@ -507,6 +519,13 @@ class BVPOTrainer(DivergenceCheckMixin, DPOTrainer):
         self._pending: torch.Tensor | None = None  # this step's summed (g_t, g_e) probe gradients, per micro-batch
         self._pending_count = 0
         check_not_empty(kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
+        if args.bvpo_alpha == "auto" and args.torch_compile:
+            raise ValueError(
+                "bvpo_alpha='auto' estimates α from activations its forward hooks record, and a model compiled with "
+                "torch_compile=True gives autograd no path from the loss to them (the probe found no gradient, then "
+                "the compiled backward refused the probe's retained graph). Use a fixed bvpo_alpha with "
+                "torch_compile=True, or torch_compile=False with 'auto'."
+            )
         super().__init__(model, ref_model, args, *pos_args, **kwargs)
         if not isinstance(self.data_collator, BVPODataCollator):
             self.data_collator = BVPODataCollator(self.data_collator)
@@ -568,6 +587,14 @@ class BVPOTrainer(DivergenceCheckMixin, DPOTrainer):
         if self.accelerator.num_processes > 1:
             ok = self.accelerator.reduce(ok, reduction="sum") / self.accelerator.num_processes
         if ok.item() < 1.0:
+            if _reentrant_checkpointing(self.model):
+                raise ValueError(
+                    "bvpo_alpha='auto' reads the probed modules' activations during the forward, but reentrant "
+                    "gradient checkpointing runs the checkpointed layers under no_grad there (and again in backward, "
+                    "outside the capture), so α would never move. Set gradient_checkpointing_kwargs="
+                    "{'use_reentrant': False}, turn checkpointing off, or use a "
+                    "fixed bvpo_alpha."
+                )
             if "probe" not in self._warned:
                 self._warned.add("probe")
                 logger.warning(

@@ -165,7 +165,9 @@ def mirror_descent_step(log_weights: torch.Tensor, gram: torch.Tensor, step_size
 
 
 # ------------------------------------------------------------------------------------------------ activation gradients
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# the numbered decoder-layer lists of transformers' models: Llama/Qwen/NeoX/OPT ``layers``, GPT-2/GPT-J/Falcon/BLOOM
+# ``h``, MPT ``blocks``
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 
 def _tuner_layer_prefixes(model: nn.Module) -> set[str]:
@@ -181,7 +183,8 @@ def select_linear_modules(
 ) -> list[tuple[str, nn.Linear]]:
     """The ``nn.Linear`` modules whose weight gradients enter the Gram matrix, in module order.
 
-    Candidates are the model's ``nn.Linear`` layers inside numbered decoder layers (``….layers.<i>.…``); for PEFT
+    Candidates are the model's ``nn.Linear`` layers inside numbered decoder layers (``….layers.<i>.…``, ``h.<i>``,
+    ``blocks.<i>``); for PEFT
     models the ``base_layer`` Linear of each adapted module (adapter sub-layers such as ``lora_A`` are skipped).
     ``layer_ids`` (default: the middle half, ``range(L // 4, L − L // 4)``) picks decoder layers; ``patterns``
     (regular expressions, ``re.search`` on the module name) narrows further. ``lm_head`` is never included.
@@ -199,7 +202,10 @@ def select_linear_modules(
             continue
         candidates.append((name, module, int(match.group(1))))
     if not candidates:
-        raise ValueError("no nn.Linear inside numbered decoder layers ('layers.<i>.') found for the weight gradients")
+        raise ValueError(
+            "no nn.Linear inside numbered decoder layers ('layers.<i>.', 'h.<i>.' or 'blocks.<i>.') found for the "
+            "weight gradients (transformers' Conv1D, GPT-2 style, is not an nn.Linear); use weighting='hypervolume'"
+        )
     ids = sorted({i for _, _, i in candidates})
     if layer_ids is None:
         n = len(ids)

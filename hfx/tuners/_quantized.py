@@ -32,6 +32,23 @@ class QuantizedBaseMixin:
         restore_bnb_cpu_layout(self.get_base_layer())
         return super().get_base_weight()
 
+    def set_base_weight(self, weight_data: torch.Tensor) -> None:
+        """Write an unquantized base weight in place where it fits: a merge under ``torch.inference_mode()`` would
+        otherwise rebind the weight to an inference tensor, and the next training backward fail on it."""
+        weight = getattr(self.get_base_layer(), "weight", None)
+        fits = (
+            getattr(self, "quantization_backend", None) is None
+            and isinstance(weight, torch.Tensor)
+            and (weight.shape, weight.dtype, weight.device)
+            == (weight_data.shape, weight_data.dtype, weight_data.device)
+            and not weight.is_inference()
+        )
+        if not fits:
+            super().set_base_weight(weight_data)
+            return
+        with torch.no_grad():
+            weight.data.copy_(weight_data)
+
 
 def quantized_state(layer: BaseTunerLayer) -> dict[str, Any]:
     """Call before de-quantizing the base for a merge. References to what ``set_base_weight`` replaces on a quantized base: the base module (HQQ builds a new one),

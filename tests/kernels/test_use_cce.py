@@ -460,3 +460,36 @@ def test_moe_router_aux_loss_is_kept(tokenizer):
     model = assert_cce_loss_matches(MixtralForCausalLM, config, tokenizer, tol=1e-6)
     out = model(**batch(tokenizer))
     assert out.aux_loss is not None and out.aux_loss > 0
+
+
+def test_jetmoe_aux_loss_coef_is_kept(tokenizer):
+    """JetMoE names its router-loss weight ``aux_loss_coef`` (not ``router_aux_loss_coef``); it used to be dropped
+    (5.86 -> 4.86 at aux_loss_coef=0.5)."""
+    from transformers import JetMoeConfig, JetMoeForCausalLM
+
+    config = JetMoeConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_key_value_heads=2,
+        kv_channels=8, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, aux_loss_coef=0.5,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    model = assert_cce_loss_matches(JetMoeForCausalLM, config, tokenizer, tol=1e-6)
+    out = model(**batch(tokenizer))
+    assert out.aux_loss is not None and out.aux_loss > 0
+
+
+def test_encoder_decoder_and_logit_z_loss_models_are_refused():
+    """T5 (labels aligned with the decoder inputs, decoder output rescaled before lm_head) used to get a shifted,
+    wrong loss without a word; a model adding a z-loss over all its logits (Bamba's ``z_loss_coefficient``) lost it."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(
+        T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=64, decoder_start_token_id=0)
+    )
+    with pytest.raises(NotImplementedError, match="T5ForConditionalGeneration is an encoder-decoder model"):
+        hfx.use_cce(t5)
+    model = tiny_causal_lm(hidden_size=32)
+    model.config.z_loss_coefficient = 0.1
+    with pytest.raises(NotImplementedError, match=r"z_loss_coefficient=0.1.*use_cce\(model, z_loss=\.\.\.\)"):
+        hfx.use_cce(model)
+    model.config.z_loss_coefficient = 0.0  # switched off: accepted
+    assert hfx.cce_enabled(hfx.use_cce(model))

@@ -257,6 +257,24 @@ def test_train_lora_auto_alpha_logged_every_step(model_path, tokenizer, tmp_path
     assert before and all(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
 
 
+def test_auto_alpha_refuses_what_hides_the_activations_from_its_probe(model_path, tokenizer, tmp_path):
+    """Reentrant checkpointing runs the probed layer under no_grad (α stayed at its initial value all run, with one
+    warning); torch_compile=True gives the hooked activations no autograd path (the first step failed in the
+    compiled backward). Both are errors naming the fix; a fixed α compiles."""
+    ds = preference_dataset(8, think=True)
+    on = activation_checkpointing(True)
+    kwargs_name = next(iter(on)) + "_kwargs"  # activation_checkpointing_kwargs, gradient_ before transformers 5.23
+    args = config(tmp_path, bvpo_alpha="auto", max_steps=1, **on, **{kwargs_name: {"use_reentrant": True}})
+    trainer = hfx.BVPOTrainer(model_path, args=args, train_dataset=ds, processing_class=tokenizer)
+    with pytest.raises(ValueError, match=r"reentrant gradient checkpointing.*\{'use_reentrant': False\}"):
+        trainer.train()
+    with pytest.raises(ValueError, match=r"torch_compile=True.*Use a fixed bvpo_alpha"):
+        hfx.BVPOTrainer(model_path, args=config(tmp_path, bvpo_alpha="auto", torch_compile=True), train_dataset=ds,
+                        processing_class=tokenizer)  # fmt: skip
+    assert hfx.BVPOTrainer(model_path, args=config(tmp_path, bvpo_alpha=0.5, torch_compile=True), train_dataset=ds,
+                           processing_class=tokenizer).alpha == 0.5  # fmt: skip
+
+
 def test_auto_alpha_one_observation_per_optimizer_step(model_path, tokenizer, tmp_path):
     """With gradient accumulation α used to move between the micro-batches of one step (and the warm-up counted
     micro-batches). Now the estimator sees each step's gradient once, the mean over its micro-batches: batch 4 x 1

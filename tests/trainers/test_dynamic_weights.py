@@ -183,6 +183,18 @@ def test_select_linear_modules_defaults_and_errors():
         select_linear_modules(model, patterns=["nothing"])
     with pytest.raises(ValueError, match="numbered decoder layers"):
         select_linear_modules(nn.Sequential(nn.Linear(2, 2)))
+    # Falcon / GPT-J / BLOOM number their decoder layers under ``h`` (used to be refused: only ``layers`` counted)
+    from transformers import FalconConfig, FalconForCausalLM
+
+    falcon = FalconForCausalLM(
+        FalconConfig(
+            hidden_size=16, num_hidden_layers=4, num_attention_heads=2, vocab_size=32, new_decoder_architecture=False
+        )
+    )
+    names = [n for n, _ in select_linear_modules(falcon)]
+    assert (
+        names and {n.split(".")[2] for n in names} == {"1", "2"} and all(n.startswith("transformer.h.") for n in names)
+    )
 
 
 # ------------------------------------------------------------------------------------------------ trainers

@@ -383,6 +383,40 @@ def test_head_pruning_zeroes_lowest_heads_and_removal_gives_same_logits():
         torch.testing.assert_close(merged(IDS).logits, y, atol=1e-5, rtol=1e-5)
 
 
+def test_head_layouts_that_cannot_be_pruned_or_removed_are_refused_untouched():
+    """Gated attention (Qwen3-Next: q_proj packs a gate with the queries, 2·H·d rows) used to count twice the heads,
+    zero layer 0's q rows and then crash on o_proj; OLMo-2's q/k RMSNorm over all heads' features used to leave a
+    model that failed in forward after remove_pruned_heads returned. Both are refused before any weight changes."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM
+
+    torch.manual_seed(0)
+    gated = Qwen3NextForCausalLM(
+        Qwen3NextConfig(
+            hidden_size=64, intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+            num_experts=2, num_experts_per_tok=1, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, vocab_size=64, layer_types=["full_attention", "full_attention"],
+        )
+    )  # fmt: skip
+    model = get_peft_model(gated, hfx.DseeConfig(r=2, num_sparse=8, target_modules=["q_proj", "v_proj"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"not laid out as 4 query heads of 16 \(q outputs 128.*Nothing was pruned"):
+        prune(model, ratio=None, heads_per_layer=1, head_mode="wabs")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    olmo = Olmo2ForCausalLM(
+        Olmo2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=4, vocab_size=64)
+    )  # fmt: skip
+    model = get_peft_model(olmo, hfx.DseeConfig(r=2, num_sparse=8, target_modules=["q_proj", "v_proj"]))
+    prune(model, ratio=None, heads_per_layer=1, head_mode="wabs")
+    merged = model.merge_and_unload()
+    ids = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        y = merged(ids).logits
+        with pytest.raises(ValueError, match=r"q_norm \(\(32,\)\), k_norm \(\(32,\)\).*Nothing was removed"):
+            remove_pruned_heads(merged)
+        torch.testing.assert_close(merged(ids).logits, y, rtol=0, atol=0)  # still runs, unchanged
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

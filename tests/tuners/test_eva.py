@@ -543,6 +543,36 @@ def test_errors():
             hfx.EvaConfig(**kwargs)
 
 
+def test_models_and_layers_without_one_token_mask_are_refused():
+    """An encoder-decoder model (the batch's attention_mask is the encoder's, its labels the decoder's: the one mask
+    used to fail with a bare broadcast error, or, at equal lengths, to mask encoder layers by the decoder's label
+    padding), a pooler that 'all-linear' picks (one vector per sample: named before any statistics, with the
+    exclude_modules that leaves it out) and PEFT's target_parameters (no layer input to read)."""
+    from transformers import BertConfig, BertForSequenceClassification, T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(
+        T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=64, decoder_start_token_id=0)
+    )
+    seq2seq = get_peft_model(t5, hfx.EvaConfig(r=2, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"))
+    ids = torch.randint(3, 64, (2, 6))
+    with pytest.raises(NotImplementedError, match="T5ForConditionalGeneration is an encoder-decoder model"):
+        hfx.initialize(seq2seq, [{"input_ids": ids, "labels": ids[:, :4]}], show_progress=False)
+    bert = BertForSequenceClassification(
+        BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                   max_position_embeddings=32, vocab_size=64, num_labels=2)
+    )  # fmt: skip
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])}] * 20
+    pooled = get_peft_model(copy.deepcopy(bert), hfx.EvaConfig(r=2, target_modules="all-linear", task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match=r"\['base_model\.model\.bert\.pooler\.dense'\] have \[2\] rows.*\(12\)"):
+        hfx.initialize(pooled, batches, show_progress=False)
+    assert hfx.needs_initialization(pooled)  # nothing was changed
+    fixed = hfx.EvaConfig(r=2, target_modules="all-linear", exclude_modules=["pooler.dense"], task_type="SEQ_CLS")
+    hfx.initialize(get_peft_model(bert, fixed), batches, show_progress=False)  # the fix the message names works
+    for cls, method in ((hfx.EvaConfig, "EVA"), (hfx.LoraGAConfig, "LoRA-GA")):
+        with pytest.raises(ValueError, match=f"{method}: `target_parameters`.*PEFT's LoraConfig"):
+            cls(target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"])
+
+
 # ------------------------------------------------------------------------------------------------- save and reload
 
 

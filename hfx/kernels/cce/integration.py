@@ -239,7 +239,20 @@ _OPTIONS = (
 
 
 def _check_supported(model: nn.Module) -> None:
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise NotImplementedError(
+            f"use_cce: {type(model).__name__} is an encoder-decoder model, whose labels are aligned with the decoder "
+            "inputs (no shift) and whose decoder output may be rescaled before lm_head (T5); the CCE path scores "
+            "decoder-only causal LMs (AutoModelForCausalLM). Train it without use_cce."
+        )
     config = _text_config(model)
+    if getattr(config, "z_loss_coefficient", None):  # Bamba: mean logsumexp² over every position
+        raise NotImplementedError(
+            f"use_cce: {type(model).__name__} adds a z-loss over all its logits (z_loss_coefficient="
+            f"{config.z_loss_coefficient}), which the CCE path does not compute. Set `z_loss_coefficient=0` in its "
+            "config and pass `use_cce(model, z_loss=...)` for CCE's z-loss over the labelled tokens, or train it "
+            "without use_cce."
+        )
     for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
         if getattr(config, name, None) not in (None, 1, 1.0):
             raise NotImplementedError(
@@ -332,8 +345,11 @@ def _make_forward(model: nn.Module, state: _State):
                 )
             state.checked = True
         aux_loss = getattr(outputs, "aux_loss", None)
-        if aux_loss is not None and getattr(self, "router_aux_loss_coef", None):
-            loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+        coef = getattr(self, "router_aux_loss_coef", None) or getattr(
+            self, "aux_loss_coef", None
+        )  # JetMoE: the latter
+        if aux_loss is not None and coef:
+            loss = loss + coef * aux_loss.to(loss.device)
         if isinstance(outputs, tuple):  # return_dict=False: (logits, ...) where "logits" is the loss
             return (loss, *outputs[1:])
         fields = {k: v for k, v in outputs.items() if k not in ("loss", "logits")}

@@ -8,6 +8,8 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from .._config import check_peft_fields, is_int, is_real
+
 
 @dataclass
 class BoneConfig(PeftConfig):
@@ -70,30 +72,20 @@ class BoneConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.BONE  # added to PEFT's enum by hfx._registry at import
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
-            raise ValueError(
-                "`layers_to_transform` and `layers_pattern` cannot be used with a regex `target_modules`; pass a list "
-                "of module names instead."
-            )
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+        check_peft_fields(self, bias_only="bone_only")
+        if not is_int(self.r, 1):
             raise ValueError(f"`r` (the block size) must be a positive integer, got {self.r!r}.")
         if self.init_weights not in (True, False, "bat"):
             raise ValueError(
                 f"`init_weights` must be True (Bone), 'bat' (BAT) or False (random), got {self.init_weights!r}."
             )
-        if isinstance(self.bone_dropout, bool) or not isinstance(self.bone_dropout, (int, float)):
+        if not is_real(self.bone_dropout):
             raise ValueError(
                 f"`bone_dropout` must be a number in [0, 1), got {self.bone_dropout!r} "
                 f"({type(self.bone_dropout).__name__})."
             )
         if not 0.0 <= self.bone_dropout < 1.0:
             raise ValueError(f"`bone_dropout` must be in [0, 1), got {self.bone_dropout}.")
-        if self.bias not in ("none", "all", "bone_only"):
-            raise ValueError(f"`bias` must be 'none', 'all' or 'bone_only', got {self.bias!r}.")
 
     def to_miss_config(self):
         """The equivalent ``peft.MissConfig`` (PEFT >= 0.17 loads it without hfx)."""

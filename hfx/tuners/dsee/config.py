@@ -12,12 +12,10 @@ from typing import Any, Literal, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from .._config import check_peft_fields, is_int, is_real
+
 logger = logging.getLogger("hfx.dsee")
 SPARSE_METHODS = ("auto", "grebsmo", "svd_residual", "magnitude", "random")
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass
@@ -114,22 +112,10 @@ class DseeConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.DSEE  # added to PEFT's enum by hfx._registry at import
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
-            raise ValueError(
-                "`layers_to_transform` and `layers_pattern` cannot be used with a regex `target_modules`; pass a list "
-                "of module names instead."
-            )
-        if not _positive_int(self.r):
+        check_peft_fields(self, bias_only="dsee_only")
+        if not is_int(self.r, 1):
             raise ValueError(f"`r` (rank of the LoRA part) must be a positive integer, got {self.r!r}.")
-        if (
-            isinstance(self.lora_alpha, bool)
-            or not isinstance(self.lora_alpha, (int, float))
-            or not 0 < self.lora_alpha < math.inf
-        ):
+        if not is_real(self.lora_alpha) or not 0 < self.lora_alpha < math.inf:
             raise ValueError(
                 f"`lora_alpha` must be a finite number > 0 (s = lora_alpha / r scales the update; 0 freezes it), got "
                 f"{self.lora_alpha!r}."
@@ -142,14 +128,14 @@ class DseeConfig(PeftConfig):
                 f"density={self.density!r}."
             )
         if self.density is not None:
-            if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
+            if not is_real(self.density):
                 raise ValueError(f"`density` must be a number in (0, 1], got {self.density!r}.")
             if not 0.0 < float(self.density) <= 1.0:
                 raise ValueError(f"`density` must be in (0, 1], got {self.density!r}.")
         else:
             if self.num_sparse is None:
                 self.num_sparse = 64
-            if not _positive_int(self.num_sparse):
+            if not is_int(self.num_sparse, 1):
                 raise ValueError(
                     f"`num_sparse` (sparse entries per matrix) must be a positive integer, got {self.num_sparse!r}; "
                     "for a LoRA-only update use PEFT's LoraConfig."
@@ -157,7 +143,7 @@ class DseeConfig(PeftConfig):
         if self.sparse_method not in SPARSE_METHODS:
             raise ValueError(f"`sparse_method` must be one of {SPARSE_METHODS}, got {self.sparse_method!r}.")
         for name in ("sparse_rank", "grebsmo_max_iters", "grebsmo_rank_step", "grebsmo_max_numel"):
-            if not _positive_int(getattr(self, name)):
+            if not is_int(getattr(self, name), 1):
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
         if not (isinstance(self.grebsmo_threshold, (int, float)) and 0 <= self.grebsmo_threshold < math.inf):
             raise ValueError(
@@ -165,8 +151,6 @@ class DseeConfig(PeftConfig):
             )
         if self.init_lora_weights not in (True, False, "kaiming"):
             raise ValueError(f"`init_lora_weights` must be True, False or 'kaiming', got {self.init_lora_weights!r}.")
-        if self.bias not in ("none", "all", "dsee_only"):
-            raise ValueError(f"`bias` must be 'none', 'all' or 'dsee_only', got {self.bias!r}.")
         if not isinstance(self.pruned, bool):
             raise ValueError(f"`pruned` must be a bool (it is set by hfx.dsee.prune), got {self.pruned!r}.")
         # The pruned model whose masks save_pretrained writes (a weak reference set by prune / load_pruning; never

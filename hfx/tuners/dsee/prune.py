@@ -166,14 +166,14 @@ def _attention_blocks(model: nn.Module) -> list[dict[str, Any]]:
                 continue
             q, k, v = children["query"], children["key"], children["value"]
             num_heads = int(module.num_attention_heads)
+            head_dim = _get_in_out_features(_base_linear(q))[1] // num_heads
         elif all(c in children for c in ("q_proj", "k_proj", "v_proj", "o_proj")):
             q, k, v, o = children["q_proj"], children["k_proj"], children["v_proj"], children["o_proj"]
             head_dim = int(module.head_dim)
-            num_heads = _get_in_out_features(_base_linear(q))[1] // head_dim
+            config_heads = getattr(getattr(module, "config", None), "num_attention_heads", None)
+            num_heads = int(config_heads or _get_in_out_features(_base_linear(q))[1] // head_dim)
         else:
             continue
-        q_out = _get_in_out_features(_base_linear(q))[1]
-        head_dim = q_out // num_heads
         num_kv = _get_in_out_features(_base_linear(k))[1] // head_dim
         blocks.append(
             {"name": _norm(name), "module": module, "q": q, "k": k, "v": v, "o": o}
@@ -193,21 +193,39 @@ def _row_sums(module: nn.Module, mode: str, adapter: str) -> torch.Tensor:
     return score
 
 
+def _check_head_layout(blk: dict[str, Any]) -> None:
+    """q has H·d outputs, k and v H_kv·d with H_kv dividing H, o H·d inputs: the layout head pruning slices. Gated
+    attention (Qwen3-Next, Qwen3.5: q_proj packs a gate with the queries, 2·H·d rows) and the like are refused."""
+    h, h_kv, d = blk["num_heads"], blk["num_kv"], blk["head_dim"]
+    q_out = _get_in_out_features(_base_linear(blk["q"]))[1]
+    k_out, v_out = (_get_in_out_features(_base_linear(blk[key]))[1] for key in ("k", "v"))
+    o_in = _get_in_out_features(_base_linear(blk["o"]))[0]
+    if q_out != h * d or o_in != h * d or k_out != h_kv * d or v_out != h_kv * d or h_kv < 1 or h % h_kv:
+        raise ValueError(
+            f"DSEE head pruning: the attention layer {blk['name']!r} is not laid out as {h} query heads of {d} "
+            f"(q outputs {q_out}, o inputs {o_in}, k/v outputs {k_out}/{v_out}); e.g. gated attention packs a gate "
+            "with the queries in q_proj. Head pruning does not support it: prune with heads_per_layer=0 "
+            "(unstructured) instead. Nothing was pruned."
+        )
+
+
 def _prune_heads(model: nn.Module, heads_per_layer: int, mode: str, adapter: str) -> dict[str, list[int]]:
     blocks = _attention_blocks(model)
     if not blocks:
         raise ValueError(
             "DSEE head pruning found no attention layers (BERT-style query/key/value or q_proj/k_proj/v_proj/o_proj)."
         )
+    for blk in blocks:  # every layer is checked before any is masked
+        _check_head_layout(blk)
+        if not 0 < heads_per_layer < blk["num_heads"]:
+            raise ValueError(
+                f"`heads_per_layer` must be between 1 and {blk['num_heads'] - 1} (the attention layer "
+                f"{blk['name']!r} has {blk['num_heads']} heads), got {heads_per_layer}."
+            )
     pruned: dict[str, list[int]] = {}
     scored = False  # any non-zero head score: with none, the "lowest" heads are just the first ones
     for blk in blocks:
         h, h_kv, d = blk["num_heads"], blk["num_kv"], blk["head_dim"]
-        if not 0 < heads_per_layer < h:
-            raise ValueError(
-                f"`heads_per_layer` must be between 1 and {h - 1} (the attention layer {blk['name']!r} has {h} heads), "
-                f"got {heads_per_layer}."
-            )
         group = h // h_kv
         q_rows = _row_sums(blk["q"], mode, adapter).view(h, d).sum(dim=1)
         v_rows = _row_sums(blk["v"], mode, adapter).view(h_kv, d).sum(dim=1)
@@ -585,7 +603,8 @@ def install_load_hook() -> None:
 @torch.no_grad()
 def remove_pruned_heads(model: nn.Module) -> dict[str, list[int]]:
     """Physically remove the pruned heads of a **merged** model (after ``merge_and_unload()``): slice the rows of
-    q/k/v (weights and biases) and the columns of o. Multi-head attention only (no grouped key/value heads). The
+    q/k/v (weights and biases) and the columns of o. Multi-head attention only (no grouped key/value heads, and no
+    other parameter over all heads' features, such as OLMo-2's q/k norms: those are refused before any change). The
     result runs and computes exactly what the zeroed model computes, but no longer matches its config's shapes, so
     it is for inference and measurement, not for ``from_pretrained``. Returns the removed heads per layer."""
     info = getattr(_root(model), "_dsee_pruning", None) or {}
@@ -593,7 +612,7 @@ def remove_pruned_heads(model: nn.Module) -> dict[str, list[int]]:
     if not heads:
         raise ValueError("hfx.dsee.remove_pruned_heads: no pruned heads recorded on this model.")
     blocks = {b["name"]: b for b in _attention_blocks(model)}
-    for layer_name, pruned in heads.items():
+    for layer_name in heads:  # every layer is checked before any is sliced
         blk = blocks.get(layer_name)
         if blk is None:
             raise ValueError(f"hfx.dsee.remove_pruned_heads: no attention layer {layer_name!r} in the model.")
@@ -604,6 +623,24 @@ def remove_pruned_heads(model: nn.Module) -> dict[str, list[int]]:
                 f"hfx.dsee.remove_pruned_heads supports multi-head attention only; {layer_name!r} has "
                 f"{blk['num_heads']} query and {blk['num_kv']} key/value heads (the pruned heads stay zeroed)."
             )
+        _check_head_layout(blk)
+        width = blk["num_heads"] * blk["head_dim"]
+        qkvo = {id(blk[k]) for k in ("q", "k", "v", "o")}
+        across = [
+            f"{child_name} ({tuple(p.shape)})"
+            for child_name, child in blk["module"].named_children()
+            if id(child) not in qkvo
+            for p in child.parameters()
+            if p.numel() == width and width != blk["head_dim"]
+        ]
+        if across:  # OLMo-2's q/k RMSNorm over all heads' features, Cohere's qk LayerNorm of (heads, head_dim)
+            raise ValueError(
+                f"hfx.dsee.remove_pruned_heads: {layer_name!r} has parameters over all {blk['num_heads']} heads' "
+                f"features ({', '.join(across)}), which slicing q/k/v/o would leave the old size; it cannot remove "
+                "heads there (the pruned heads stay zeroed, which computes the same). Nothing was removed."
+            )
+    for layer_name, pruned in heads.items():
+        blk = blocks[layer_name]
         d, h = blk["head_dim"], blk["num_heads"]
         keep_heads = [x for x in range(h) if x not in pruned]
         rows = torch.cat([torch.arange(x * d, (x + 1) * d) for x in keep_heads])

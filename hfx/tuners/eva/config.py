@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from peft import LoraConfig
 
+from .._config import is_int, is_real, refuse_target_parameters
+
 
 @dataclass
 class EvaConfig(LoraConfig):
@@ -61,15 +63,16 @@ class EvaConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        refuse_target_parameters(self, "EVA")
         # types first, so that a wrong type (e.g. a string from a CLI) gets a message naming the field, not a bare
         # TypeError from one of the comparisons below (ValueError, as for the other hfx configs)
         for name in ("rho", "tau"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not is_real(value):
                 raise ValueError(f"EvaConfig.{name} must be a number, got {value!r} ({type(value).__name__}).")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:  # PEFT's LoraConfig does not check
+        if not is_int(self.r, 1):  # PEFT's LoraConfig does not check
             raise ValueError(f"EvaConfig.r must be an integer >= 1, got {self.r!r} ({type(self.r).__name__}).")
-        if isinstance(self.label_mask_value, bool) or not isinstance(self.label_mask_value, int):
+        if not is_int(self.label_mask_value):
             raise ValueError(
                 f"EvaConfig.label_mask_value must be an integer (the labels' ignore index, -100), got "
                 f"{self.label_mask_value!r} ({type(self.label_mask_value).__name__})."
@@ -86,7 +89,7 @@ class EvaConfig(LoraConfig):
             value = getattr(self, name)
             if optional and value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_int(value):
                 raise ValueError(
                     f"EvaConfig.{name} must be an integer{' or None' if optional else ''}, got {value!r} "
                     f"({type(value).__name__})."

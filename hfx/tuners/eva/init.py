@@ -310,6 +310,20 @@ def _select_tokens(x: torch.Tensor, mask: torch.Tensor | None, name: str) -> tor
     return x[mask.reshape(-1).to(x.device)]
 
 
+def _check_positions(positions: Mapping[str, int], expected: int) -> None:
+    """Every target layer sees one input row per token of the batch (what the token mask selects from); a pooler or
+    classification head (one vector per sample, which ``'all-linear'`` also selects) does not: all are named."""
+    bad = sorted(n for n, p in positions.items() if p != expected)
+    if bad:
+        short = sorted({".".join(n.split(".")[-2:]) for n in bad})  # a suffix PEFT's exclude_modules matches
+        raise ValueError(
+            f"EVA: the inputs of {bad} have {sorted({positions[n] for n in bad})} rows, not one per token of the "
+            f"batch ({expected}), so the token mask cannot pick their real tokens: such a layer (e.g. a pooler or "
+            f"classification head, which target_modules='all-linear' also selects) sees one vector per sample. "
+            f"Leave it out with exclude_modules={short}, or list the token layers in target_modules."
+        )
+
+
 def _fingerprint(x: torch.Tensor) -> torch.Tensor:
     """A cheap, order-sensitive signature of a tensor: identical inputs (q/k/v, gate/up) give identical ones."""
     flat = x.detach().reshape(-1).double()
@@ -394,6 +408,14 @@ def compute_eva(
 ) -> dict[str, Any]:
     """Run EVA's statistics loop; returns ``{"components": {name: A (rank x d)}, "ranks": ..., ...}`` (no model change)."""
     config = peft_model.peft_config[adapter_name]
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        raise NotImplementedError(
+            f"EVA: {type(base).__name__} is an encoder-decoder model. EVA keeps the real tokens of the batch "
+            "(attention_mask, and labels != -100), but there they belong to two sequences, the encoder's inputs and "
+            "the decoder's targets, so one token mask cannot serve both stacks. hfx's EVA supports decoder-only and "
+            "encoder-only models; for this one use hfx.LoraGAConfig or PEFT's LoraConfig."
+        )
     layers = target_layers(peft_model, adapter_name)
     names = [n for n, _ in layers]
     configured = {n: m.r[adapter_name] for n, m in layers}
@@ -419,6 +441,7 @@ def compute_eva(
     # "finite": per layer of this batch, a 0-dim bool tensor (no host sync in the hook); checked once per batch
     state: dict[str, Any] = {"mask": None, "mode": "fingerprint", "finite": {}}
     prints: dict[str, torch.Tensor] = {}
+    positions: dict[str, int] = {}  # token positions of each layer's input in the first batch
     leader_of: dict[str, str] = {}
     stats: dict[str, LayerStats] = {}
     open_layers: set[str] = set()
@@ -431,6 +454,7 @@ def compute_eva(
                 return
             if state["mode"] == "fingerprint":
                 prints[name] = _fingerprint(x)
+                positions[name] = x.numel() // max(1, x.shape[-1])
                 dtypes[name] = torch.float64 if x.dtype == torch.float64 else torch.float32
                 return
             if name not in open_layers:
@@ -468,6 +492,9 @@ def compute_eva(
             missing = [n for n in names if n not in prints]
             if missing:
                 raise RuntimeError(f"EVA: target layers {missing} did not run in the model's forward.")
+            first_mask = token_mask(batch, config)
+            if first_mask is not None:
+                _check_positions(positions, first_mask.numel())
             table = _all_reduce(torch.stack([prints[n] for n in names]))
             first: dict[tuple, str] = {}
             for i, n in enumerate(names):

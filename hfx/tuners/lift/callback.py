@@ -22,7 +22,9 @@ class LiftRefreshCallback(TrainerCallback):
 
     A refresh keeps the model's function unchanged; it remaps AdamW's ``exp_avg``/``exp_avg_sq`` (kept entries keep
     them, new entries start at 0; ``step`` is not reset; ``k`` is unchanged). It needs the plain torch optimizer and
-    the full, unquantized base weights, so it refuses DeepSpeed ZeRO, FSDP and quantized bases.
+    the full, unquantized base weights, so it refuses DeepSpeed ZeRO, FSDP and quantized bases. Under
+    ``torch.compile`` each refresh recompiles (the frozen past deltas grow), and after dynamo's ``recompile_limit``
+    (8) refreshes the model runs eagerly: results stay exact; raise the limit for long compiled runs.
 
     Args:
         update_interval: overrides the adapter config's ``update_interval`` (``None``: use the config's).

@@ -9,6 +9,8 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from .._config import check_peft_fields, is_int, is_real
+
 DEFAULT_R = 128
 
 
@@ -99,45 +101,31 @@ class LiftConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.LIFT  # added to PEFT's enum by hfx._registry at import
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
-            raise ValueError(
-                "`layers_to_transform` and `layers_pattern` cannot be used with a regex `target_modules`; pass a list "
-                "of module names instead."
-            )
+        check_peft_fields(self, bias_only="lift_only")
         if self.r is not None and self.density is not None:
             raise ValueError(
                 f"Give either `r` (budget as a LoRA rank) or `density` (fraction of entries), not both; got "
                 f"r={self.r!r} and density={self.density!r}."
             )
         if self.density is not None:
-            if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
+            if not is_real(self.density):
                 raise ValueError(f"`density` must be a number in (0, 1], got {self.density!r}.")
             if not 0.0 < float(self.density) <= 1.0:
                 raise ValueError(f"`density` must be in (0, 1], got {self.density!r}.")
         elif self.r is None:
             self.r = DEFAULT_R
-        if self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0):
+        if self.r is not None and not is_int(self.r, 1):
             raise ValueError(f"`r` (the budget as a LoRA rank) must be a positive integer, got {self.r!r}.")
-        if isinstance(self.filter_rank, bool) or not isinstance(self.filter_rank, int) or self.filter_rank <= 0:
+        if not is_int(self.filter_rank, 1):
             raise ValueError(f"`filter_rank` must be a positive integer, got {self.filter_rank!r}.")
         if self.svd not in ("lowrank", "full"):
             raise ValueError(f"`svd` must be 'lowrank' or 'full', got {self.svd!r}.")
-        if isinstance(self.niter, bool) or not isinstance(self.niter, int) or self.niter < 0:
+        if not is_int(self.niter, 0):
             raise ValueError(f"`niter` must be a non-negative integer, got {self.niter!r}.")
-        if self.update_interval is not None and (
-            isinstance(self.update_interval, bool)
-            or not isinstance(self.update_interval, int)
-            or self.update_interval <= 0
-        ):
+        if self.update_interval is not None and not is_int(self.update_interval, 1):
             raise ValueError(
                 f"`update_interval` must be a positive integer or None (fixed mask), got {self.update_interval!r}."
             )
-        if self.bias not in ("none", "all", "lift_only"):
-            raise ValueError(f"`bias` must be 'none', 'all' or 'lift_only', got {self.bias!r}.")
 
     def budget(self, out_features: int, in_features: int) -> int:
         """Number ``k`` of trained entries for an ``out_features x in_features`` weight."""

@@ -8,17 +8,11 @@ from typing import Any
 
 from peft import LoraConfig
 
+from .._config import is_int, is_real, refuse_target_parameters
+
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "peft", "gd", "unit", "weightS")
 EXPORTS = ("relative_to_base", "mutated_base")
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass
@@ -79,9 +73,10 @@ class LoraGAConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not _is_positive_int(self.r):  # PEFT's LoraConfig does not check (a float failed deep in torch.empty)
+        refuse_target_parameters(self, "LoRA-GA")
+        if not is_int(self.r, 1):  # PEFT's LoraConfig does not check (a float failed deep in torch.empty)
             raise ValueError(f"LoraGAConfig.r must be an integer >= 1, got {self.r!r} ({type(self.r).__name__}).")
-        bad = {k: v for k, v in (self.rank_pattern or {}).items() if not _is_positive_int(v)}
+        bad = {k: v for k, v in (self.rank_pattern or {}).items() if not is_int(v, 1)}
         if bad:
             raise ValueError(f"LoraGAConfig.rank_pattern ranks must be integers >= 1, got {bad}.")
         if self.direction not in DIRECTIONS:
@@ -92,18 +87,18 @@ class LoraGAConfig(LoraConfig):
             raise ValueError(f"LoraGAConfig.export must be one of {EXPORTS}, got {self.export!r}.")
         if self.svd not in ("auto", "full", "lowrank"):
             raise ValueError(f"LoraGAConfig.svd must be 'auto', 'full' or 'lowrank', got {self.svd!r}.")
-        if not _is_real(self.stable_gamma) or not 0 < self.stable_gamma < math.inf:  # NaN fails too
+        if not is_real(self.stable_gamma) or not 0 < self.stable_gamma < math.inf:  # NaN fails too
             raise ValueError(f"LoraGAConfig.stable_gamma must be a finite number > 0, got {self.stable_gamma!r}.")
         if not isinstance(self.norm_clip, bool):
             raise ValueError(f"LoraGAConfig.norm_clip must be True or False, got {self.norm_clip!r}.")
-        if self.iters is not None and not _is_positive_int(self.iters):
+        if self.iters is not None and not is_int(self.iters, 1):
             raise ValueError(f"LoraGAConfig.iters must be an int >= 1 or None (all batches), got {self.iters!r}.")
-        if self.max_layers_per_pass is not None and not _is_positive_int(self.max_layers_per_pass):
+        if self.max_layers_per_pass is not None and not is_int(self.max_layers_per_pass, 1):
             raise ValueError(
                 "LoraGAConfig.max_layers_per_pass must be an int >= 1 or None (all layers in one pass), got "
                 f"{self.max_layers_per_pass!r}."
             )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not is_int(self.seed):
             raise ValueError(f"LoraGAConfig.seed must be an int, got {self.seed!r}.")
         if self.use_dora:
             raise ValueError("LoraGAConfig does not support use_dora=True (the DoRA magnitude breaks the offset).")

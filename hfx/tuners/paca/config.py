@@ -10,6 +10,8 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from .._config import check_peft_fields, is_int, is_real
+
 
 @dataclass
 class PacaConfig(PeftConfig):
@@ -81,26 +83,14 @@ class PacaConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.PACA  # added to PEFT's enum by hfx._registry at import
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
-            raise ValueError(
-                "`layers_to_transform` and `layers_pattern` cannot be used with a regex `target_modules`; pass a list "
-                "of module names instead."
-            )
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+        check_peft_fields(self, bias_only="paca_only")
+        if not is_int(self.r, 1):
             raise ValueError(f"`r` (the number of trained columns) must be a positive integer, got {self.r!r}.")
         if (
-            isinstance(self.paca_alpha, bool)
-            or not isinstance(self.paca_alpha, (int, float))
-            or not 0 < self.paca_alpha < math.inf  # NaN fails too
+            not is_real(self.paca_alpha) or not 0 < self.paca_alpha < math.inf  # NaN fails too
         ):
             raise ValueError(f"`paca_alpha` must be a finite number > 0, got {self.paca_alpha!r}.")
         if self.init_weights not in (True, False):
             raise ValueError(f"`init_weights` must be True (identity) or False (random), got {self.init_weights!r}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not is_int(self.seed):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}.")
-        if self.bias not in ("none", "all", "paca_only"):
-            raise ValueError(f"`bias` must be 'none', 'all' or 'paca_only', got {self.bias!r}.")

@@ -10,6 +10,8 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from .._config import check_peft_fields, is_int, is_real
+
 DEFAULT_THRESHOLD = 2e-3
 
 
@@ -118,54 +120,31 @@ class SaraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.SARA  # added to PEFT's enum by hfx._registry at import
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
-            raise ValueError(
-                "`layers_to_transform` and `layers_pattern` cannot be used with a regex `target_modules`; pass a list "
-                "of module names instead."
-            )
+        check_peft_fields(self, bias_only="sara_only")
         if self.threshold is not None and self.ratio is not None:
             raise ValueError(
                 f"Give either `threshold` (absolute |w| threshold) or `ratio` (fraction of smallest entries), not "
                 f"both; got threshold={self.threshold!r} and ratio={self.ratio!r}."
             )
         if self.ratio is not None:
-            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
+            if not is_real(self.ratio) or not 0 < self.ratio < 1:
                 raise ValueError(f"`ratio` must be a number in (0, 1), got {self.ratio!r}.")
         elif self.threshold is None:
             self.threshold = DEFAULT_THRESHOLD
         if self.threshold is not None and (
-            isinstance(self.threshold, bool)
-            or not isinstance(self.threshold, (int, float))
-            or not math.isfinite(self.threshold)
-            or self.threshold <= 0
+            not is_real(self.threshold) or not math.isfinite(self.threshold) or self.threshold <= 0
         ):
             raise ValueError(f"`threshold` must be a positive number, got {self.threshold!r}.")
-        if (
-            isinstance(self.nuclear_norm_weight, bool)
-            or not isinstance(self.nuclear_norm_weight, (int, float))
-            or not 0 <= self.nuclear_norm_weight < math.inf
-        ):
+        if not is_real(self.nuclear_norm_weight) or not 0 <= self.nuclear_norm_weight < math.inf:
             raise ValueError(f"`nuclear_norm_weight` must be a number >= 0, got {self.nuclear_norm_weight!r}.")
-        if self.nuclear_norm_layers is not None and (
-            isinstance(self.nuclear_norm_layers, bool)
-            or not isinstance(self.nuclear_norm_layers, int)
-            or self.nuclear_norm_layers <= 0
-        ):
+        if self.nuclear_norm_layers is not None and not is_int(self.nuclear_norm_layers, 1):
             raise ValueError(
                 f"`nuclear_norm_layers` must be a positive integer or None (all layers), got "
                 f"{self.nuclear_norm_layers!r}."
             )
         if self.progressive_fraction is not None and (
-            isinstance(self.progressive_fraction, bool)
-            or not isinstance(self.progressive_fraction, (int, float))
-            or not 0 < self.progressive_fraction < 1
+            not is_real(self.progressive_fraction) or not 0 < self.progressive_fraction < 1
         ):
             raise ValueError(
                 f"`progressive_fraction` must be in (0, 1) or None (fixed mask), got {self.progressive_fraction!r}."
             )
-        if self.bias not in ("none", "all", "sara_only"):
-            raise ValueError(f"`bias` must be 'none', 'all' or 'sara_only', got {self.bias!r}.")
