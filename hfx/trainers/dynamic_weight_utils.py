@@ -170,6 +170,19 @@ def mirror_descent_step(log_weights: torch.Tensor, gram: torch.Tensor, step_size
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 
+def _decoder_module_ids(model: nn.Module) -> set[int] | None:
+    """The modules of the language decoder (transformers' ``get_decoder()``: a VLM's language model, not its vision
+    tower, whose ``blocks.<i>`` / ``layers.<i>`` would count as decoder layers), or ``None`` where there is none."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    except Exception:  # noqa: BLE001 - a model without a decoder: no restriction
+        return None
+    if not isinstance(decoder, nn.Module) or decoder is base:
+        return None
+    return {id(m) for m in decoder.modules()}
+
+
 def _tuner_layer_prefixes(model: nn.Module) -> set[str]:
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -183,17 +196,20 @@ def select_linear_modules(
 ) -> list[tuple[str, nn.Linear]]:
     """The ``nn.Linear`` modules whose weight gradients enter the Gram matrix, in module order.
 
-    Candidates are the model's ``nn.Linear`` layers inside numbered decoder layers (``….layers.<i>.…``, ``h.<i>``,
-    ``blocks.<i>``); for PEFT
+    Candidates are the ``nn.Linear`` layers of the language decoder (``get_decoder()``) inside its numbered layers
+    (``….layers.<i>.…``, ``h.<i>``, ``blocks.<i>``); for PEFT
     models the ``base_layer`` Linear of each adapted module (adapter sub-layers such as ``lora_A`` are skipped).
     ``layer_ids`` (default: the middle half, ``range(L // 4, L − L // 4)``) picks decoder layers; ``patterns``
     (regular expressions, ``re.search`` on the module name) narrows further. ``lm_head`` is never included.
     """
     tuners = _tuner_layer_prefixes(model)
+    decoder = _decoder_module_ids(model)
     candidates: list[tuple[str, nn.Linear, int]] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or name.split(".")[-1] == "lm_head":
             continue
+        if decoder is not None and id(module) not in decoder:
+            continue  # e.g. a vision tower's layers
         owner = next((t for t in tuners if name.startswith(t + ".")), None)
         if owner is not None and name != owner + ".base_layer":
             continue  # an adapter's own Linear (lora_A, ...)

@@ -49,6 +49,17 @@ class IndexedTunerLayer(QuantizedBaseMixin, BaseTunerLayer):
     def _describe(self) -> str:
         return f"layer {self.layer_name!r} (in_features={self.in_features}, out_features={self.out_features})"
 
+    def _refuse_selection_while_merged(self, adapter_name: str) -> None:
+        """A new adapter's entries are selected on the base weight; while others are merged it holds their update
+        too, so the selection would depend on what happens to be merged (PEFT LoRA's init does not look at W)."""
+        if self.merged:
+            raise ValueError(
+                f"{self.method_name}: cannot add adapter {adapter_name!r} to {self._describe()} while "
+                f"{self.merged_adapters} {'is' if len(self.merged_adapters) == 1 else 'are'} merged into it: its "
+                "entries are selected on the base weight, which now holds their update. Unmerge first "
+                "(model.unmerge_adapter()), add the adapter, then merge again."
+            )
+
     @torch.no_grad()
     def dense_base_weight(self) -> torch.Tensor:
         """The base weight as a dense fp32 tensor on its device: gathered under ZeRO-3, de-quantized if quantized."""

@@ -472,9 +472,17 @@ def test_jetmoe_aux_loss_coef_is_kept(tokenizer):
         kv_channels=8, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, aux_loss_coef=0.5,
         pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    model = assert_cce_loss_matches(JetMoeForCausalLM, config, tokenizer, tol=1e-6)
-    out = model(**batch(tokenizer))
-    assert out.aux_loss is not None and out.aux_loss > 0
+    torch.manual_seed(0)
+    ref = JetMoeForCausalLM(config).train()
+    model = hfx.use_cce(JetMoeForCausalLM(config)).train()
+    model.load_state_dict(ref.state_dict())
+    inputs = batch(tokenizer)
+    want = ref(**inputs)
+    if want.aux_loss is None:  # transformers 5.0's JetMoE ignores the config's flag (and fails on the call's)
+        pytest.skip("this transformers' JetMoE computes no router loss of its own to compare with")
+    out = model(**inputs)
+    assert out.aux_loss is not None and out.aux_loss > 0 and out.logits is None
+    torch.testing.assert_close(out.loss, want.loss, atol=1e-6, rtol=1e-6)
 
 
 def test_encoder_decoder_and_logit_z_loss_models_are_refused():
@@ -491,5 +499,9 @@ def test_encoder_decoder_and_logit_z_loss_models_are_refused():
     model.config.z_loss_coefficient = 0.1
     with pytest.raises(NotImplementedError, match=r"z_loss_coefficient=0.1.*use_cce\(model, z_loss=\.\.\.\)"):
         hfx.use_cce(model)
-    model.config.z_loss_coefficient = 0.0  # switched off: accepted
+    model.config.z_loss_coefficient = 0.0
+    model.z_loss_coefficient = 0.1  # Bamba applies its own copy, taken from the config at init: checked first
+    with pytest.raises(NotImplementedError, match=r"Set `model\.z_loss_coefficient = 0\.0`"):
+        hfx.use_cce(model)
+    model.z_loss_coefficient = 0.0  # the fix the message names: accepted
     assert hfx.cce_enabled(hfx.use_cce(model))

@@ -192,9 +192,18 @@ def test_select_linear_modules_defaults_and_errors():
         )
     )
     names = [n for n, _ in select_linear_modules(falcon)]
-    assert (
-        names and {n.split(".")[2] for n in names} == {"1", "2"} and all(n.startswith("transformer.h.") for n in names)
-    )
+    assert names and {n.split(".")[2] for n in names} == {"1", "2"}
+    assert all(n.startswith("transformer.h.") for n in names)
+    # a VLM: only the language decoder's layers (its vision tower's ``visual.blocks.<i>`` are not decoder layers)
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1]})  # fmt: skip
+    vision = dict(depth=8, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2)
+    vlm = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision))
+    names = [n for n, _ in select_linear_modules(vlm)]
+    assert names and all(n.startswith("model.language_model.layers.") for n in names)
+    assert {n.split(".")[3] for n in names} == {"1", "2"}  # the middle half of the 4 language layers
 
 
 # ------------------------------------------------------------------------------------------------ trainers

@@ -383,6 +383,45 @@ def test_head_pruning_zeroes_lowest_heads_and_removal_gives_same_logits():
         torch.testing.assert_close(merged(IDS).logits, y, atol=1e-5, rtol=1e-5)
 
 
+def test_an_adapter_added_after_pruning_saves_and_loads_with_the_masks(tmp_path):
+    """A second adapter added to a pruned model trains on the pruned base; it used to be saved without the masks
+    (its config not marked pruned), and loaded on its own it ran on the unpruned base (0.3 off in the logits)."""
+    model = bert_dsee()
+    prune(model, ratio=0.3)
+    model.add_adapter("b", hfx.DseeConfig(r=4, num_sparse=16, modules_to_save=["classifier"]))
+    model.set_adapter("b")
+    randomise(model, std=0.05, seed=3)
+    assert model.peft_config["b"].pruned
+    with torch.no_grad():
+        want = model(IDS).logits
+    model.save_pretrained(tmp_path, selected_adapters=["b"])
+    assert {"dsee_pruning.safetensors", "dsee_pruning.json"} <= set(os.listdir(tmp_path / "b"))
+    alone = PeftModel.from_pretrained(tiny_bert(), tmp_path / "b").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(alone(IDS).logits, want, rtol=0, atol=1e-6)
+
+
+def test_head_pruning_reads_each_layers_own_head_count():
+    """Layers with different head counts (Laguna's num_attention_heads_per_layer: 4 then 2 heads of 8) are pruned by
+    their own q_proj, not by the config's num_attention_heads (which refused the 2-head layer)."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "LagunaConfig"):
+        pytest.skip("this transformers has no Laguna model")
+    config = transformers.LagunaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_attention_heads_per_layer=[4, 2], moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, num_experts=2, num_experts_per_tok=1, mlp_layer_types=["dense", "dense"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    dsee = hfx.DseeConfig(r=2, num_sparse=8, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(transformers.LagunaForCausalLM(config), dsee)
+    stats = prune(model, ratio=None, heads_per_layer=1, head_mode="wabs")
+    assert sorted(stats["heads"]) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    q1 = model.get_base_model().model.layers[1].self_attn.q_proj.base_layer.weight
+    (head,) = stats["heads"]["model.layers.1.self_attn"]
+    assert q1.shape[0] == 16 and torch.all(q1[8 * head : 8 * (head + 1)] == 0) and q1.abs().sum() > 0
+
+
 def test_head_layouts_that_cannot_be_pruned_or_removed_are_refused_untouched():
     """Gated attention (Qwen3-Next: q_proj packs a gate with the queries, 2·H·d rows) used to count twice the heads,
     zero layer 0's q rows and then crash on o_proj; OLMo-2's q/k RMSNorm over all heads' features used to leave a
@@ -399,7 +438,9 @@ def test_head_layouts_that_cannot_be_pruned_or_removed_are_refused_untouched():
     )  # fmt: skip
     model = get_peft_model(gated, hfx.DseeConfig(r=2, num_sparse=8, target_modules=["q_proj", "v_proj"]))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match=r"not laid out as 4 query heads of 16 \(q outputs 128.*Nothing was pruned"):
+    with pytest.raises(
+        ValueError, match=r"query heads of 16 that o_proj reads back \(q outputs 128, o inputs 64.*Nothing was pruned"
+    ):
         prune(model, ratio=None, heads_per_layer=1, head_mode="wabs")
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     olmo = Olmo2ForCausalLM(

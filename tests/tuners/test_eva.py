@@ -573,6 +573,19 @@ def test_models_and_layers_without_one_token_mask_are_refused():
             cls(target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"])
 
 
+def test_exclusion_keys_leave_out_exactly_the_named_layers():
+    """The exclude_modules the pooler error suggests: the shortest suffix per layer that no token layer also ends with
+    (taking the last two name parts gave 'model.classifier' for a top-level head, which PEFT never matches, and
+    'self_attn.q_proj' for a vision tower's layer, which also dropped the language model's)."""
+    from hfx.tuners.eva.init import _exclusion_keys
+
+    good = ["bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.0.attention.self.query"]
+    assert _exclusion_keys(["bert.pooler.dense", "classifier"], good) == ["pooler.dense", "classifier"]
+    good = ["model.language_model.layers.0.self_attn.q_proj"]
+    bad = ["model.vision_tower.encoder.layers.0.self_attn.q_proj"]
+    assert _exclusion_keys(bad, good) == ["encoder.layers.0.self_attn.q_proj"]
+
+
 # ------------------------------------------------------------------------------------------------- save and reload
 
 

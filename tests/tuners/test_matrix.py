@@ -104,6 +104,25 @@ class TestTunerMatrix:
         for n, w in _weights(model.get_base_model()).items():
             torch.testing.assert_close(w, base_weights[n], atol=1e-5, rtol=1e-5)
 
+    def test_add_adapter_while_merged(self, cfg_cls, kw, default_kw):
+        """LIFT, SaRA and DSEE select a new adapter's entries on the base weight: while another adapter is merged
+        that weight holds its update too, and the selection silently depended on it. They refuse, leaving the model
+        as it was; the others add the adapter as PEFT LoRA does."""
+        model = make_peft(cfg_cls, kw)
+        y = model(X).detach()
+        model.merge_adapter()
+        if cfg_cls in (hfx.LiftConfig, hfx.SaraConfig, hfx.DseeConfig):
+            with pytest.raises(ValueError, match=r"cannot add adapter 'b' .* while \['default'\] is merged"):
+                model.add_adapter("b", cfg_cls(target_modules=TARGETS, **kw))
+            assert "b" not in model.peft_config
+            names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+            assert not any(n.endswith(".b") or ".b." in n for n in names)  # no layer kept a partial adapter
+        else:
+            model.add_adapter("b", cfg_cls(target_modules=TARGETS, **kw))
+        torch.testing.assert_close(model(X), y, atol=1e-5, rtol=1e-5)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(X), y, atol=1e-5, rtol=1e-5)
+
     def test_merge_under_inference_mode_then_train(self, cfg_cls, kw, default_kw):
         """A merged pass under ``torch.inference_mode()`` (a fast eval or generate) used to rebind Bone, BAT, LIFT and
         DSEE base weights to inference tensors: the next training backward failed ("Inference tensors cannot be

@@ -246,12 +246,14 @@ def _check_supported(model: nn.Module) -> None:
             "decoder-only causal LMs (AutoModelForCausalLM). Train it without use_cce."
         )
     config = _text_config(model)
-    if getattr(config, "z_loss_coefficient", None):  # Bamba: mean logsumexp² over every position
+    # Bamba: mean logsumexp² over every position, weighted by the model's own copy of the config value (taken at init)
+    z_coef = getattr(model, "z_loss_coefficient", getattr(config, "z_loss_coefficient", None))
+    if z_coef:
         raise NotImplementedError(
-            f"use_cce: {type(model).__name__} adds a z-loss over all its logits (z_loss_coefficient="
-            f"{config.z_loss_coefficient}), which the CCE path does not compute. Set `z_loss_coefficient=0` in its "
-            "config and pass `use_cce(model, z_loss=...)` for CCE's z-loss over the labelled tokens, or train it "
-            "without use_cce."
+            f"use_cce: {type(model).__name__} adds a z-loss over all its logits (z_loss_coefficient={z_coef}), which "
+            "the CCE path does not compute. Set `model.z_loss_coefficient = 0.0` (the model keeps its own copy of "
+            "the config's value) and pass `use_cce(model, z_loss=...)` for CCE's z-loss over the labelled tokens, "
+            "or train it without use_cce."
         )
     for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
         if getattr(config, name, None) not in (None, 1, 1.0):

@@ -220,6 +220,7 @@ class DseeLayer(IndexedTunerLayer):
         **kwargs: Any,
     ) -> None:
         """Create adapter ``adapter_name``: LoRA ``A``/``B`` and ``num_sparse`` zero sparse values on ``Omega``."""
+        self._refuse_selection_while_merged(adapter_name)
         if r <= 0:
             raise ValueError(f"`r` must be a positive integer, got {r}.")
         total = self.out_features * self.in_features

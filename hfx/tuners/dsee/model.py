@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -36,6 +37,19 @@ class DseeModel(TargetHintMixin, LoraOnlyMethodsMixin, MixedBatchTunerMixin, Bas
     prefix: str = "dsee_"
     tuner_layer_cls = DseeLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def inject_adapter(self, model: torch.nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """As PEFT's; an adapter added to an already pruned model trains on (and only works with) the pruned base,
+        so its config is marked pruned too and its ``save_pretrained`` writes the masks (a second adapter used to be
+        saved without them, and loaded alone it ran on the unpruned base)."""
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        from .prune import _is_pruned
+
+        config = self.peft_config.get(adapter_name)
+        if isinstance(config, DseeConfig) and not config.pruned and _is_pruned(model):
+            owners = [getattr(c, "_pruned_model", None) for c in self.peft_config.values() if c is not config]
+            config.pruned = True
+            config._pruned_model = next((o for o in owners if o is not None), None) or weakref.ref(model)
 
     def _create_and_replace(
         self,

@@ -170,8 +170,9 @@ def _attention_blocks(model: nn.Module) -> list[dict[str, Any]]:
         elif all(c in children for c in ("q_proj", "k_proj", "v_proj", "o_proj")):
             q, k, v, o = children["q_proj"], children["k_proj"], children["v_proj"], children["o_proj"]
             head_dim = int(module.head_dim)
-            config_heads = getattr(getattr(module, "config", None), "num_attention_heads", None)
-            num_heads = int(config_heads or _get_in_out_features(_base_linear(q))[1] // head_dim)
+            # from this layer's q_proj, not the config: layers may differ (Laguna's num_attention_heads_per_layer);
+            # a q_proj that packs more than the queries (gated attention) fails the o_proj check of _check_head_layout
+            num_heads = _get_in_out_features(_base_linear(q))[1] // head_dim
         else:
             continue
         num_kv = _get_in_out_features(_base_linear(k))[1] // head_dim
@@ -202,9 +203,9 @@ def _check_head_layout(blk: dict[str, Any]) -> None:
     o_in = _get_in_out_features(_base_linear(blk["o"]))[0]
     if q_out != h * d or o_in != h * d or k_out != h_kv * d or v_out != h_kv * d or h_kv < 1 or h % h_kv:
         raise ValueError(
-            f"DSEE head pruning: the attention layer {blk['name']!r} is not laid out as {h} query heads of {d} "
-            f"(q outputs {q_out}, o inputs {o_in}, k/v outputs {k_out}/{v_out}); e.g. gated attention packs a gate "
-            "with the queries in q_proj. Head pruning does not support it: prune with heads_per_layer=0 "
+            f"DSEE head pruning: the attention layer {blk['name']!r} is not laid out as query heads of {d} that "
+            f"o_proj reads back (q outputs {q_out}, o inputs {o_in}, k/v outputs {k_out}/{v_out}); e.g. gated "
+            "attention packs a gate with the queries in q_proj. Head pruning does not support it: prune with heads_per_layer=0 "
             "(unstructured) instead. Nothing was pruned."
         )
 

@@ -310,18 +310,50 @@ def _select_tokens(x: torch.Tensor, mask: torch.Tensor | None, name: str) -> tor
     return x[mask.reshape(-1).to(x.device)]
 
 
+def _exclusion_keys(bad: list[str], good: list[str]) -> list[str]:
+    """For each module name in ``bad``, its shortest dotted suffix that PEFT's ``exclude_modules`` matching (the
+    name itself, or ending in ``.suffix``) applies to no name in ``good``: the keys that leave out exactly ``bad``."""
+
+    def matches(key: str, name: str) -> bool:
+        return name == key or name.endswith("." + key)
+
+    keys = []
+    for name in bad:
+        parts = name.split(".")
+        key = next(
+            (
+                k
+                for k in (".".join(parts[-n:]) for n in range(1, len(parts) + 1))
+                if not any(matches(k, g) for g in good)
+            ),
+            name,
+        )
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
 def _check_positions(positions: Mapping[str, int], expected: int) -> None:
     """Every target layer sees one input row per token of the batch (what the token mask selects from); a pooler or
     classification head (one vector per sample, which ``'all-linear'`` also selects) does not: all are named."""
     bad = sorted(n for n, p in positions.items() if p != expected)
-    if bad:
-        short = sorted({".".join(n.split(".")[-2:]) for n in bad})  # a suffix PEFT's exclude_modules matches
-        raise ValueError(
-            f"EVA: the inputs of {bad} have {sorted({positions[n] for n in bad})} rows, not one per token of the "
-            f"batch ({expected}), so the token mask cannot pick their real tokens: such a layer (e.g. a pooler or "
-            f"classification head, which target_modules='all-linear' also selects) sees one vector per sample. "
-            f"Leave it out with exclude_modules={short}, or list the token layers in target_modules."
-        )
+    if not bad:
+        return
+    base = [n.removeprefix("base_model.model.") for n in positions]  # the names exclude_modules is matched against
+    bad_base = [n.removeprefix("base_model.model.") for n in bad]
+    keys = _exclusion_keys(bad_base, [n for n in base if n not in bad_base])
+    fix = (
+        f"Leave it out with exclude_modules={keys}, or list the token layers in target_modules."
+        if len(keys) <= 6
+        else "List only the token layers in target_modules (or exclude these with an exclude_modules regex)."
+    )
+    shown = bad if len(bad) <= 6 else bad[:6] + [f"... ({len(bad)} in all)"]
+    raise ValueError(
+        f"EVA: the inputs of {shown} have {sorted({positions[n] for n in bad})} rows, not one per token of the "
+        f"batch ({expected}), so the token mask cannot pick their real tokens: such a layer (e.g. a pooler or "
+        "classification head, which target_modules='all-linear' also selects, or a vision tower's) does not see "
+        f"the batch's tokens. {fix}"
+    )
 
 
 def _fingerprint(x: torch.Tensor) -> torch.Tensor:

@@ -132,6 +132,7 @@ class LiftLayer(IndexedTunerLayer):
         **kwargs: Any,
     ) -> None:
         """Create adapter ``adapter_name``: select its ``k`` entries on the base weight, zero delta."""
+        self._refuse_selection_while_merged(adapter_name)
         if k <= 0:
             raise ValueError(f"LIFT budget must be positive for {self._describe()}, got k={k}.")
         self.lift_k[adapter_name] = k

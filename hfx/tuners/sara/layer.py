@@ -209,6 +209,7 @@ def check_sara_base(base: nn.Module, layer_name: str) -> None:
 class SaraLayer(IndexedTunerLayer):
     """Mixin holding the per-adapter SaRA state of one adapted linear layer."""
 
+    method_name = "SaRA"
     adapter_layer_names = ("sara_values",)
     other_param_names = (
         "sara_indices",
@@ -257,6 +258,7 @@ class SaraLayer(IndexedTunerLayer):
     ) -> None:
         """Create adapter ``adapter_name``: select ``|W0| < threshold`` (or the smallest ``ratio``) on the base
         weight, zero delta. Selection is deterministic, so every rank of a distributed run selects the same set."""
+        self._refuse_selection_while_merged(adapter_name)
         idx, thr = sara_select(self.dense_base_weight(), threshold, ratio, layer_name=f"layer {self.layer_name!r}")
         self.sara_threshold.set(adapter_name, thr, device=idx.device)
         self.sara_shape.set(adapter_name, self.shape, device=idx.device)
