@@ -49,16 +49,16 @@ class IndexedTunerLayer(QuantizedBaseMixin, BaseTunerLayer):
     def _describe(self) -> str:
         return f"layer {self.layer_name!r} (in_features={self.in_features}, out_features={self.out_features})"
 
-    def _refuse_selection_while_merged(self, adapter_name: str) -> None:
-        """A new adapter's entries are selected on the base weight; while others are merged it holds their update
-        too, so the selection would depend on what happens to be merged (PEFT LoRA's init does not look at W)."""
-        if self.merged:
-            raise ValueError(
-                f"{self.method_name}: cannot add adapter {adapter_name!r} to {self._describe()} while "
-                f"{self.merged_adapters} {'is' if len(self.merged_adapters) == 1 else 'are'} merged into it: its "
-                "entries are selected on the base weight, which now holds their update. Unmerge first "
-                "(model.unmerge_adapter()), add the adapter, then merge again."
-            )
+    @torch.no_grad()
+    def selection_base_weight(self) -> torch.Tensor:
+        """The weight a new adapter's entries are selected on: the base weight, with the updates of adapters merged
+        into it taken out again, so that the selection is the one the unmerged layer makes (it used to depend on
+        what happened to be merged; a loaded adapter's saved indices replace it anyway). Merging added
+        ``get_delta_weight``, so that is what comes off (up to the rounding of the add and the subtraction)."""
+        weight = self.dense_base_weight()
+        for adapter in self.merged_adapters:
+            weight -= self.get_delta_weight(adapter).to(weight)
+        return weight
 
     @torch.no_grad()
     def dense_base_weight(self) -> torch.Tensor:

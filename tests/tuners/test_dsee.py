@@ -401,6 +401,25 @@ def test_an_adapter_added_after_pruning_saves_and_loads_with_the_masks(tmp_path)
         torch.testing.assert_close(alone(IDS).logits, want, rtol=0, atol=1e-6)
 
 
+def test_an_unpruned_hub_adapter_loaded_onto_a_pruned_model_fetches_no_masks(monkeypatch):
+    """An adapter loaded onto a pruned model is marked pruned on load (so it saves with the masks); the load hook
+    then took it for one saved pruned and tried to fetch masks from the Hub that were never saved."""
+    import huggingface_hub
+
+    from hfx.tuners.dsee.prune import apply_saved_pruning
+
+    model = bert_dsee()
+    prune(model, ratio=0.3)
+    model.add_adapter("c", hfx.DseeConfig(r=4, num_sparse=16))  # what load_adapter("user/c", "c") injects
+    assert model.peft_config["c"].pruned
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"downloaded {args}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    assert apply_saved_pruning(model, "user/c", "c") is None
+
+
 def test_head_pruning_reads_each_layers_own_head_count():
     """Layers with different head counts (Laguna's num_attention_heads_per_layer: 4 then 2 heads of 8) are pruned by
     their own q_proj, not by the config's num_attention_heads (which refused the 2-head layer)."""

@@ -584,6 +584,7 @@ def test_exclusion_keys_leave_out_exactly_the_named_layers():
     good = ["model.language_model.layers.0.self_attn.q_proj"]
     bad = ["model.vision_tower.encoder.layers.0.self_attn.q_proj"]
     assert _exclusion_keys(bad, good) == ["encoder.layers.0.self_attn.q_proj"]
+    assert _exclusion_keys(["pooler.dense"], ["bert.pooler.dense"]) is None  # no key leaves out only the first
 
 
 # ------------------------------------------------------------------------------------------------- save and reload

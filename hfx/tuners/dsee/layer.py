@@ -220,7 +220,6 @@ class DseeLayer(IndexedTunerLayer):
         **kwargs: Any,
     ) -> None:
         """Create adapter ``adapter_name``: LoRA ``A``/``B`` and ``num_sparse`` zero sparse values on ``Omega``."""
-        self._refuse_selection_while_merged(adapter_name)
         if r <= 0:
             raise ValueError(f"`r` must be a positive integer, got {r}.")
         total = self.out_features * self.in_features
@@ -247,7 +246,9 @@ class DseeLayer(IndexedTunerLayer):
             else:
                 nn.init.zeros_(self.dsee_B[adapter_name].weight)
         sync = selection.pop("sync_indices", True)
-        idx = dsee_select(self.dense_base_weight(), num_sparse, sparse_method, layer_name=self.layer_name, **selection)
+        idx = dsee_select(
+            self.selection_base_weight(), num_sparse, sparse_method, layer_name=self.layer_name, **selection
+        )
         if sync:
             idx = broadcast_from_rank0(idx)
         self.dsee_s_indices[adapter_name] = idx

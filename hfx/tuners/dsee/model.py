@@ -50,6 +50,7 @@ class DseeModel(TargetHintMixin, LoraOnlyMethodsMixin, MixedBatchTunerMixin, Bas
             owners = [getattr(c, "_pruned_model", None) for c in self.peft_config.values() if c is not config]
             config.pruned = True
             config._pruned_model = next((o for o in owners if o is not None), None) or weakref.ref(model)
+            config._pruned_on_load = True  # marked here, not saved pruned: a load has no masks of its own to fetch
 
     def _create_and_replace(
         self,

@@ -530,7 +530,7 @@ def apply_saved_pruning(peft_model: nn.Module, model_id: str | os.PathLike, adap
                 f"{MASKS_FILE} and {INFO_FILE}), or re-apply the masks with hfx.dsee.load_pruning(model, <folder>)."
             )
         return None
-    if not config.pruned:
+    if not config.pruned or getattr(config, "_pruned_on_load", False):  # saved unpruned (see DseeModel.inject_adapter)
         return None
     from huggingface_hub import hf_hub_download
 

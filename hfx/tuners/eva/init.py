@@ -310,9 +310,10 @@ def _select_tokens(x: torch.Tensor, mask: torch.Tensor | None, name: str) -> tor
     return x[mask.reshape(-1).to(x.device)]
 
 
-def _exclusion_keys(bad: list[str], good: list[str]) -> list[str]:
+def _exclusion_keys(bad: list[str], good: list[str]) -> list[str] | None:
     """For each module name in ``bad``, its shortest dotted suffix that PEFT's ``exclude_modules`` matching (the
-    name itself, or ending in ``.suffix``) applies to no name in ``good``: the keys that leave out exactly ``bad``."""
+    name itself, or ending in ``.suffix``) applies to no name in ``good``: the keys that leave out exactly ``bad``.
+    ``None`` when some name has none (it is itself a suffix of a good name)."""
 
     def matches(key: str, name: str) -> bool:
         return name == key or name.endswith("." + key)
@@ -320,14 +321,10 @@ def _exclusion_keys(bad: list[str], good: list[str]) -> list[str]:
     keys = []
     for name in bad:
         parts = name.split(".")
-        key = next(
-            (
-                k
-                for k in (".".join(parts[-n:]) for n in range(1, len(parts) + 1))
-                if not any(matches(k, g) for g in good)
-            ),
-            name,
-        )
+        candidates = (".".join(parts[-n:]) for n in range(1, len(parts) + 1))
+        key = next((k for k in candidates if not any(matches(k, g) for g in good)), None)
+        if key is None:
+            return None
         if key not in keys:
             keys.append(key)
     return keys
@@ -344,7 +341,7 @@ def _check_positions(positions: Mapping[str, int], expected: int) -> None:
     keys = _exclusion_keys(bad_base, [n for n in base if n not in bad_base])
     fix = (
         f"Leave it out with exclude_modules={keys}, or list the token layers in target_modules."
-        if len(keys) <= 6
+        if keys is not None and len(keys) <= 6
         else "List only the token layers in target_modules (or exclude these with an exclude_modules regex)."
     )
     shown = bad if len(bad) <= 6 else bad[:6] + [f"... ({len(bad)} in all)"]

@@ -132,7 +132,6 @@ class LiftLayer(IndexedTunerLayer):
         **kwargs: Any,
     ) -> None:
         """Create adapter ``adapter_name``: select its ``k`` entries on the base weight, zero delta."""
-        self._refuse_selection_while_merged(adapter_name)
         if k <= 0:
             raise ValueError(f"LIFT budget must be positive for {self._describe()}, got k={k}.")
         self.lift_k[adapter_name] = k
@@ -142,7 +141,7 @@ class LiftLayer(IndexedTunerLayer):
             "niter": niter,
             "sync_indices": sync_indices,
         }
-        idx = self.select(adapter_name, self.dense_base_weight())
+        idx = self.select(adapter_name, self.selection_base_weight())
         self.lift_indices[adapter_name] = idx
         self.lift_shape.set(adapter_name, (self.out_features, self.in_features), device=idx.device)
         self.lift_past_indices[adapter_name] = idx.new_zeros(0)

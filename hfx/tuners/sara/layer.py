@@ -248,6 +248,17 @@ class SaraLayer(IndexedTunerLayer):
             work = weight.detach()
             return (work if work.dtype == torch.float64 else work.float()).clone()
 
+    @torch.no_grad()
+    def selection_base_weight(self) -> torch.Tensor:
+        """:meth:`dense_base_weight` with the entries of merged adapters put back from their merge backups: ``W0``
+        exactly, the weight an unmerged layer selects on."""
+        weight = self.dense_base_weight()
+        for adapter in reversed(self.merged_adapters):
+            backup = self._sara_merge_backup.get(adapter)
+            if backup is not None:
+                weight[backup[0]] = backup[1].to(weight)
+        return weight
+
     def update_layer(
         self,
         adapter_name: str,
@@ -258,8 +269,7 @@ class SaraLayer(IndexedTunerLayer):
     ) -> None:
         """Create adapter ``adapter_name``: select ``|W0| < threshold`` (or the smallest ``ratio``) on the base
         weight, zero delta. Selection is deterministic, so every rank of a distributed run selects the same set."""
-        self._refuse_selection_while_merged(adapter_name)
-        idx, thr = sara_select(self.dense_base_weight(), threshold, ratio, layer_name=f"layer {self.layer_name!r}")
+        idx, thr = sara_select(self.selection_base_weight(), threshold, ratio, layer_name=f"layer {self.layer_name!r}")
         self.sara_threshold.set(adapter_name, thr, device=idx.device)
         self.sara_shape.set(adapter_name, self.shape, device=idx.device)
         self.sara_indices[adapter_name] = idx
