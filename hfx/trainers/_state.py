@@ -98,6 +98,16 @@ class JsonCheckpointStateMixin:
         self.load_method_state_dict(state)
         self._restore_generation_cycle(state.get("generation_cycle"), checkpoint)
 
+    def _load_best_model(self):
+        """With ``load_best_model_at_end``, transformers loads the best checkpoint's weights; the method state saved
+        with them (multipliers and reward weights, allocations) comes back too, so that a later ``evaluate()`` scores
+        that model as it was scored (it used to keep the last step's state)."""
+        super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        path = os.path.join(best, self._state_json) if best else None
+        if path is not None and os.path.isfile(path):
+            self.load_method_state_dict(read_state_json(path))
+
     # ------------------------------------------------------------------------------------------------ generation cycle
     def _generate_every(self) -> int | None:
         """TRL's generation period in micro-steps, or ``None`` for a trainer without one (not GRPO/RLOO-like)."""

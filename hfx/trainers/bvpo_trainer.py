@@ -826,3 +826,10 @@ class BVPOTrainer(DivergenceCheckMixin, DPOTrainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
             self.load_bvpo_state(checkpoint)
+
+    def _load_best_model(self):
+        """``load_best_model_at_end``: the best checkpoint's α state comes back with its weights."""
+        super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        if best and os.path.isfile(os.path.join(best, STATE_JSON)):
+            self.load_bvpo_state(best)

@@ -351,6 +351,10 @@ def test_resume_continues_with_same_alpha_state(model_path, tokenizer, tmp_path)
     assert resumed.alpha_estimator.num_updates == 4
     assert resumed.alpha == pytest.approx(full.alpha, abs=1e-5)
     torch.testing.assert_close(resumed.alpha_estimator.sum_t, full.alpha_estimator.sum_t, rtol=1e-4, atol=1e-6)
+    # load_best_model_at_end: the best checkpoint's α state comes back with its weights (it kept step 4's)
+    full.state.best_model_checkpoint = str(ckpt)
+    full._load_best_model()
+    assert full.alpha_estimator.num_updates == 2 and full.alpha == pytest.approx(saved["estimator"]["alpha"])
 
 
 def test_resume_with_changed_estimator_settings_warns(model_path, tokenizer, tmp_path, caplog):

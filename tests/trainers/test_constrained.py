@@ -524,6 +524,21 @@ def test_resume_inside_a_generation_batch_updates_once(model_path, tmp_path, cap
     assert not any("inside a generation batch" in r.getMessage() for r in caplog.records)
 
 
+def test_load_best_model_at_end_brings_back_the_best_checkpoints_multipliers(model_path, tmp_path):
+    """transformers' load_best_model_at_end loads the best checkpoint's weights only; the multipliers (and so the
+    reward weights a later evaluate() scores with) used to stay at the last step's values."""
+    args = config(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    trainer = hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=REWARDS, args=args, train_dataset=prompt_dataset(8))
+    trainer.train()
+    best = os.path.join(args.output_dir, "checkpoint-2")
+    with open(os.path.join(best, "constraint_state.json")) as f:
+        saved = json.load(f)["multipliers"]
+    assert trainer.multipliers.state_dict() != saved  # two more updates after checkpoint-2
+    trainer.state.best_model_checkpoint = best  # what load_best_model_at_end picks, here checkpoint-2
+    trainer._load_best_model()
+    assert trainer.multipliers.state_dict() == saved
+
+
 def test_threshold_search_callback(model_path, tmp_path):
     calls = []
 
