@@ -199,6 +199,20 @@ def remap_positions(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor,
     return old_l[src] == new_l, src
 
 
+def check_remappable_optimizer_state(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], who: str) -> None:
+    """Refuse, before anything changes, an optimizer whose per-entry state cannot be moved entry by entry: a
+    quantized state (bitsandbytes' 8-bit optimizers keep uint8 codes with per-block scales) would be remapped
+    without its scales, silently giving the moved entries wrong moments."""
+    for param in params:
+        for key, value in (optimizer.state.get(param) or {}).items():
+            if torch.is_tensor(value) and value.shape == param.shape and not value.is_floating_point():
+                raise ValueError(
+                    f"{who}: {type(optimizer).__name__} keeps its state {key!r} quantized ({value.dtype}, with scales "
+                    "per block), which cannot be moved entry by entry when the mask changes. Use a 32-bit optimizer "
+                    "(e.g. optim='adamw_torch'), or a fixed mask (update_interval=None). Nothing was changed."
+                )
+
+
 @torch.no_grad()
 def remap_optimizer_state(
     optimizer: torch.optim.Optimizer, param: nn.Parameter, old: torch.Tensor, new: torch.Tensor

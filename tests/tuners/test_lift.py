@@ -352,6 +352,21 @@ def test_refresh_keeps_function_remaps_adam_state_and_keeps_step():
     opt.step()
 
 
+def test_refresh_refuses_a_quantized_optimizer_state_before_any_change():
+    """bitsandbytes' 8-bit optimizers keep uint8 codes with per-block scales: moving codes without their scales gave
+    the remapped entries wrong moments, silently. Refused before any mask changes."""
+    model = get_peft_model(tiny_lm(), lm_config())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    for p in params:  # the state layout of bnb's Adam8bit for a large parameter
+        opt.state[p] = {"step": 3, "state1": torch.zeros(p.shape, dtype=torch.uint8), "absmax1": torch.ones(1)}
+    layers = [m for m in model.modules() if isinstance(m, LiftLinear)]
+    before = [m.lift_indices["default"].clone() for m in layers]
+    with pytest.raises(ValueError, match=r"SGD keeps its state 'state1' quantized \(torch.uint8.*Nothing was changed"):
+        refresh_lift_masks(model, opt, show_progress=False)
+    assert all(torch.equal(m.lift_indices["default"], b) for m, b in zip(layers, before))
+
+
 def test_refresh_refuses_merged_layer():
     model = get_peft_model(tiny_lm(), lm_config())
     model.merge_adapter()

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .._lora_only import LoraOnlyMethodsMixin
 from .._mixed_batch import MixedBatchTunerMixin
-from .._sparse import remap_optimizer_state
+from .._sparse import check_remappable_optimizer_state, remap_optimizer_state
 from .._targets import TargetHintMixin, target_hint
 from .config import LiftConfig
 from .layer import LiftLayer, LiftLinear
@@ -117,6 +117,9 @@ def refresh_lift_masks(
         if len(active) != 1:
             raise ValueError(f"refresh_lift_masks: pass `adapter_name`; {len(active)} adapters are active.")
         adapter_name = active[0]
+    if optimizer is not None:
+        params = [layer.lift_values[adapter_name] for layer in layers if adapter_name in layer.lift_values]
+        check_remappable_optimizer_state(optimizer, params, "refresh_lift_masks")
     kept = total = past = 0
     for layer in tqdm(
         layers, desc="LIFT: refreshing masks", unit="layer", disable=not (show_progress and _is_rank0())
