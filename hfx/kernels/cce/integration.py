@@ -347,9 +347,8 @@ def _make_forward(model: nn.Module, state: _State):
                 )
             state.checked = True
         aux_loss = getattr(outputs, "aux_loss", None)
-        coef = getattr(self, "router_aux_loss_coef", None) or getattr(
-            self, "aux_loss_coef", None
-        )  # JetMoE: the latter
+        # MoE router loss weight: ``router_aux_loss_coef`` (Mixtral, Qwen-MoE, ...) or JetMoE's ``aux_loss_coef``
+        coef = getattr(self, "router_aux_loss_coef", None) or getattr(self, "aux_loss_coef", None)
         if aux_loss is not None and coef:
             loss = loss + coef * aux_loss.to(loss.device)
         if isinstance(outputs, tuple):  # return_dict=False: (logits, ...) where "logits" is the loss

@@ -46,6 +46,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
+from .._config import is_int, is_real
 from .config import DseeConfig
 from .layer import DseeLinear
 
@@ -72,7 +73,7 @@ def _root(model: nn.Module) -> nn.Module:
 def _check_ratio(name: str, value: Optional[float]) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+    if not is_real(value) or not 0.0 < float(value) < 1.0:
         raise ValueError(f"`{name}` must be a number strictly between 0 and 1, got {value!r}.")
 
 
@@ -205,8 +206,8 @@ def _check_head_layout(blk: dict[str, Any]) -> None:
         raise ValueError(
             f"DSEE head pruning: the attention layer {blk['name']!r} is not laid out as query heads of {d} that "
             f"o_proj reads back (q outputs {q_out}, o inputs {o_in}, k/v outputs {k_out}/{v_out}); e.g. gated "
-            "attention packs a gate with the queries in q_proj. Head pruning does not support it: prune with heads_per_layer=0 "
-            "(unstructured) instead. Nothing was pruned."
+            "attention packs a gate with the queries in q_proj. Head pruning does not support it: prune with "
+            "heads_per_layer=0 (unstructured) instead. Nothing was pruned."
         )
 
 
@@ -303,7 +304,7 @@ def prune(
         raise ValueError(f"`mode` must be 'abs', 'wabs' or 'w', got {mode!r}.")
     if head_mode not in ("abs", "wabs"):
         raise ValueError(f"`head_mode` must be 'abs' or 'wabs', got {head_mode!r}.")
-    if isinstance(heads_per_layer, bool) or not isinstance(heads_per_layer, int) or heads_per_layer < 0:
+    if not is_int(heads_per_layer, 0):
         raise ValueError(f"`heads_per_layer` must be a non-negative integer, got {heads_per_layer!r}.")
     if ratio is None and heads_per_layer == 0:
         raise ValueError("Nothing to prune: give a `ratio` in (0, 1) and/or `heads_per_layer` > 0.")

@@ -41,6 +41,7 @@ from torch.autograd.function import once_differentiable
 
 from ...kernels import adapter as fused
 from .._compat import IndexedTunerLayer
+from .._config import is_int
 from .._mixed_batch import mixed_batch_forward, pop_adapter_names
 from .._quantized import quantized_state, restore_quantized_state
 
@@ -183,7 +184,7 @@ class PacaLayer(IndexedTunerLayer):
         **kwargs: Any,
     ) -> None:
         """Create adapter ``adapter_name``: choose its columns, keep ``W0[:, idx]``, set ``s * P = W0[:, idx]``."""
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        if not is_int(r, 1):
             raise ValueError(f"`r` must be a positive integer, got {r!r}.")
         if r > self.in_features:
             raise ValueError(
