@@ -85,6 +85,8 @@ def proposition1_weights(
     p: Sequence[float], grad_norms: Sequence[float], alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA
 ) -> list[float]:
     """``w_i = G_i / √(p_i + α / p_i^(β−1))`` (Prop. 1); ``0`` where ``p_i = 0`` or ``G_i = 0`` (float64)."""
+    if not (0.0 <= alpha < math.inf and 0.0 <= beta < math.inf):  # as GVMGRPOConfig's gvm_alpha / gvm_beta
+        raise ValueError(f"alpha and beta must be finite numbers >= 0, got alpha={alpha}, beta={beta}")
     out = []
     for pi, gi in zip(p, grad_norms, strict=True):
         pi, gi = float(pi), float(gi)
@@ -139,6 +141,8 @@ def proposition1(
             f"budget {budget} is smaller than min_per_prompt ({min_per_prompt}) x the {len(active)} prompts with "
             "p_i > 0 and G_i > 0; raise the budget or lower the minimum"
         )
+    top = max(w)
+    w = [wi / top for wi in w]  # only the ratios matter; huge G_i would overflow their sum
     n = [0.0] * len(w)
     free = set(active)
     fixed_budget = 0.0
@@ -188,14 +192,16 @@ def allocate_samples(
     Raises ``ValueError`` when no prompt has ``p_i > 0`` and ``G_i > 0``, or when ``budget`` is smaller than
     ``min_per_prompt`` times the number of such prompts.
     """
+    if isinstance(budget, bool) or budget != int(budget) or budget < 0:  # 7.9 used to become 7, silently
+        raise ValueError(f"budget must be a whole number >= 0, got {budget!r}")
     budget = int(budget)
-    if budget < 0:
-        raise ValueError(f"budget must be >= 0, got {budget}")
     return round_allocation(proposition1(p, grad_norms, budget, alpha, beta, min_per_prompt), budget)
 
 
 def uniform_allocation(num_prompts: int, budget: int) -> list[int]:
     """Plain RAFT / GRPO: the budget split evenly (the first ``budget mod num_prompts`` prompts get one more)."""
+    if num_prompts < 1:
+        raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
     base, extra = divmod(int(budget), num_prompts)
     return [base + (1 if i < extra else 0) for i in range(num_prompts)]
 

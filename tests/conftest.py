@@ -4,6 +4,7 @@ run in Triton's interpreter on CPU tensors (the variable must be set before any 
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -31,3 +32,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch) -> dict[str, list[str]]:
+    """Stand-in for the Hub during ``push_to_hub``: maps each upload's ``path_in_repo`` (``"."`` for the root) to the
+    files its folder held when the upload started (transformers starts it in the background inside
+    ``_save_checkpoint``; what a file written later gets is a race)."""
+    import transformers.trainer as tt
+
+    pushed: dict[str, list[str]] = {}
+
+    class Done:
+        def is_done(self) -> bool:
+            return True
+
+        def done(self) -> bool:
+            return True
+
+    class Repo:
+        repo_id = "user/hfx-test"
+
+    def upload_folder(*, folder_path, path_in_repo=None, **kwargs):
+        pushed[str(path_in_repo or ".")] = sorted(os.listdir(folder_path))
+        return Done()
+
+    def create_repo(*args, **kwargs):
+        return Repo()
+
+    if hasattr(tt, "hf_api"):  # newer transformers: one HfApi object
+        api = SimpleNamespace(upload_folder=upload_folder, create_repo=create_repo)
+        monkeypatch.setattr(tt, "hf_api", lambda: api)
+    else:  # transformers 5.0: the module-level functions
+        monkeypatch.setattr(tt, "upload_folder", upload_folder)
+        monkeypatch.setattr(tt, "create_repo", create_repo)
+    return pushed

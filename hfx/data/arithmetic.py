@@ -85,7 +85,8 @@ TEST_FRACTION = 0.1
 
 ANSWER_PREFIX = "####"
 _MAX_MISSES = 20_000
-_ANSWER_RE = re.compile(r"####[ \t]*([+-]?\d+(?:,\d{3})*)(?![\d,]*\d)")
+# the integer, not the start of a longer number: "#### 12.5", "12e3" or "12/5" is no answer (it used to parse as 12)
+_ANSWER_RE = re.compile(r"####[ \t]*([+-]?\d+(?:,\d{3})*)(?![\d,]*\d)(?!\.\d|[eE][+-]?\d|/\d)")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -245,7 +246,7 @@ def extract_answer(text: str | None, *, first: bool = False) -> int | None:
     """Parse the integer of the **last** ``#### <int>`` in ``text`` (the first with ``first=True``); else ``None``.
 
     Tolerates spaces/tabs after the marker, a sign and thousands separators (``#### 1,024``); the integer must
-    follow the marker on the same line.
+    follow the marker on the same line, and not continue as a decimal, exponent or fraction (``#### 12.5``: None).
     """
     if not text:
         return None

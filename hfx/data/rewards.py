@@ -48,6 +48,8 @@ def _parse_int(value: Any) -> int | None:
         return None
     if isinstance(value, int):
         return value
+    if isinstance(value, float):  # an answer column read as floats (12.0); a non-integer one matches nothing
+        return int(value) if value.is_integer() else None
     text = str(value).strip().replace(",", "")
     try:
         return int(text)

@@ -88,6 +88,7 @@ class MultiObjectiveMixin(DivergenceCheckMixin, JsonCheckpointStateMixin):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._check_finite_rewards(rewards_per_func)
         self._mo_completion_ids = [list(c) for c in completion_ids_list]
         mode = "train" if self.model.training else "eval"
         # a batch regenerated after resuming inside a generation cycle: its update is already in the checkpoint
@@ -98,6 +99,21 @@ class MultiObjectiveMixin(DivergenceCheckMixin, JsonCheckpointStateMixin):
         return rewards_per_func
 
     # ------------------------------------------------------------------------------------------------ helpers
+    def _check_finite_rewards(self, rewards: torch.Tensor) -> None:
+        """Refuse a ±inf reward where it appears, naming its function: it would make the batch's advantages NaN and
+        enter the multipliers / hypervolume front (saved as ``Infinity`` in checkpoints), and the run would stop later
+        as a "diverged" loss blaming the learning rate. NaN (a sample a function does not score) stays allowed."""
+        infinite = torch.isinf(rewards)
+        if not infinite.any():
+            return
+        column = int(infinite.any(dim=0).nonzero()[0])
+        value = rewards[:, column][infinite[:, column]][0].item()
+        raise ValueError(
+            f"{type(self).__name__}: the reward function {self.reward_func_names[column]!r} returned {value} for "
+            f"{int(infinite[:, column].sum())} of this batch's {rewards.shape[0]} samples: rewards must be finite "
+            "(NaN, i.e. no score for a sample, is skipped); make it return finite values, e.g. clip them."
+        )
+
     def _scale_advantages(self, output: dict[str, Any], local_samples: int, factor: float) -> None:
         """Multiply this generation batch's advantages by ``factor``, and its entries in TRL's completions log (the
         last ``local_samples × processes`` logged values, gathered over processes)."""

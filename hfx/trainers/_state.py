@@ -73,9 +73,19 @@ class JsonCheckpointStateMixin:
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        if self.args.should_save:
+            self._save_method_state(
+                os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            )
+
+    def _push_from_checkpoint(self, checkpoint_folder):
+        # transformers pushes from inside _save_checkpoint (hub_strategy="checkpoint"/"all_checkpoints"), in a
+        # background upload: the state must be in the folder before it starts, or the Hub copy resumes without it
+        if self.args.should_save:
+            self._save_method_state(checkpoint_folder)
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def _save_method_state(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
         state = self.method_state_dict()
         cycle = self._generation_cycle_state()

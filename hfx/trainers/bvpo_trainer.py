@@ -748,6 +748,12 @@ class BVPOTrainer(DivergenceCheckMixin, DPOTrainer):
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         self.save_bvpo_state(folder)
 
+    def _push_from_checkpoint(self, checkpoint_folder):
+        # the Hub upload starts inside _save_checkpoint, before the lines above: write the α state first
+        if self.args.should_save:
+            self.save_bvpo_state(checkpoint_folder)
+        super()._push_from_checkpoint(checkpoint_folder)
+
     def save_bvpo_state(self, folder: str) -> None:
         """Write the α state (``bvpo_state.json``, plus ``bvpo_state.safetensors`` for ``"auto"``) into ``folder``."""
         os.makedirs(folder, exist_ok=True)

@@ -135,13 +135,6 @@ class _ConstrainedMixin(MultiObjectiveMixin):
         if any(math.isnan(v) for v in values):
             missing = [n for n, v in zip(self.constraint_names, values) if math.isnan(v)]
             logger.warning(f"no sample of this batch was scored by {missing}: their multipliers are not updated")
-        infinite = [n for n, v in zip(self.constraint_names, values) if math.isinf(v)]
-        if infinite:  # LagrangeMultipliers.step refuses them too, but knows only their index
-            raise ValueError(
-                f"the batch mean of the constraint reward {infinite[0]!r} is {values[self.constraint_names.index(infinite[0])]}"
-                ": the multiplier update needs finite rewards; make that reward function return finite values (NaN, "
-                "i.e. no score for a sample, is skipped)."
-            )
         self.multipliers.step(values)
         self._apply_multipliers()
         metrics = self._metrics["train"]

@@ -118,6 +118,8 @@ class HypervolumeBuffer:
         v = [float(x) for x in v]
         if any(math.isnan(x) for x in v):
             return self.r_pareto
+        if any(math.isinf(x) for x in v):  # it would join the front, and the next ΔHV would be inf − inf = NaN
+            raise ValueError(f"objective vector {v} is not finite: the hypervolume needs finite values (NaN skips)")
         self.num_updates += 1
         if self.reference is None:
             self._orient(v)

@@ -24,6 +24,9 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["NelderMead", "ThresholdSearchCallback"]
 
@@ -272,6 +275,14 @@ class ThresholdSearchCallback(TrainerCallback):
                 self._initial_simplex(thresholds), tol=self.tol, cache_tolerance=self.cache_tolerance
             )
             self._start_phase(state.global_step)
+        max_steps = getattr(state, "max_steps", 0)
+        if not self.done and max_steps and self.phase_start + self.phase_max_steps > max_steps:
+            logger.warning(
+                f"ThresholdSearchCallback: the current phase ends at step {self.phase_start + self.phase_max_steps} "
+                f"(phase_max_steps={self.phase_max_steps}), after this run's max_steps={max_steps}: unless the "
+                "constraints reach their thresholds sooner, no phase is scored and the thresholds stay as they are. "
+                "Lower phase_max_steps or train longer."
+            )
 
     def _reached(self) -> bool:
         values = self.trainer.constraint_values

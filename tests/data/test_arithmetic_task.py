@@ -181,6 +181,12 @@ def test_format_prompt_and_question_text():
         ("#### 12\n", 12),
         ("#### 12 apples", 12),
         ("#### 12.", 12),
+        ("#### 12.5", None),  # a longer number than the integer: no answer (these parsed as 12)
+        ("#### 12.0", None),
+        ("#### 12e3", None),
+        ("#### 12/5", None),
+        ("#### 1,024.5", None),
+        ("#### 12. Next", 12),
         ("#### twelve", None),
         ("####\n12", None),  # the number must be on the marker's line
         ("12", None),

@@ -29,6 +29,9 @@ def test_correctness(wrap):
     assert rewards == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     assert correctness_reward([wrap(GOOD)], answer=[9]) == [1.0]  # int answers work too
     assert correctness_reward([wrap("#### 0")], answer=["0"]) == [1.0]
+    # a decimal is not the integer it starts with; an answer column of floats compares by value
+    assert correctness_reward([wrap("#### 9.5"), wrap("#### 9e3"), wrap("#### 9/2")], answer=["9"] * 3) == [0.0] * 3
+    assert correctness_reward([wrap(GOOD), wrap(GOOD)], answer=[9.0, 9.5]) == [1.0, 0.0]
 
 
 @pytest.mark.parametrize("wrap", [lambda s: s, conv], ids=["standard", "conversational"])

@@ -511,3 +511,13 @@ def test_clear_errors(model_path, tokenizer, tmp_path):
         from trl import DPOConfig
 
         hfx.BVPOTrainer(model_path, args=config(tmp_path, DPOConfig), train_dataset=ds, processing_class=tokenizer)
+
+
+def test_pushed_checkpoint_holds_the_alpha_state(model_path, tokenizer, tmp_path, fake_hub):
+    """As for the JSON-state trainers: the α state is in the checkpoint folder when its Hub upload starts."""
+    args = config(tmp_path, max_steps=1, save_strategy="steps", save_steps=1, push_to_hub=True,
+                  hub_model_id="user/hfx-test", hub_strategy="checkpoint")  # fmt: skip
+    ds = preference_dataset(8, think=True)
+    trainer = hfx.BVPOTrainer(model_path, args=args, train_dataset=ds, processing_class=tokenizer)
+    trainer.train()
+    assert "bvpo_state.json" in fake_hub["last-checkpoint"]

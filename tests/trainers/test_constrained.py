@@ -799,7 +799,7 @@ def test_an_infinite_constraint_reward_is_named_and_an_empty_dataset_refused(mod
     inf_short.__name__ = "short"
     trainer = hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=[hash3, hash_graded, inf_short],
                                          args=config(tmp_path), train_dataset=prompt_dataset(8))  # fmt: skip
-    with pytest.raises(ValueError, match=r"batch mean of the constraint reward 'short' is -inf"):
+    with pytest.raises(ValueError, match=r"reward function 'short' returned -inf for 4 of this batch's 4 samples"):
         trainer.train()  # used to say "constraint 1's batch mean reward"
     # TRL's GRPO "trains" 0 steps on an empty dataset, with a warning; BVPO and Masked Thought refused it already
     for cls in (hfx.ConstrainedGRPOTrainer, hfx.GVMRAFTTrainer):
@@ -808,3 +808,24 @@ def test_an_infinite_constraint_reward_is_named_and_an_empty_dataset_refused(mod
             per_device_train_batch_size=4)  # fmt: skip
         with pytest.raises(ValueError, match=r"train_dataset is empty \(0 rows\)"):
             cls(model_path, reward_funcs=REWARDS, args=args, train_dataset=prompt_dataset(8).select([]))
+
+
+def test_pushed_checkpoint_holds_the_multipliers(model_path, tmp_path, fake_hub):
+    """hub_strategy="checkpoint" uploads the checkpoint folder from inside _save_checkpoint: the state file must be
+    there when that upload starts (it was written after it, so the Hub copy resumed with fresh multipliers)."""
+    args = config(tmp_path, max_steps=1, save_strategy="steps", save_steps=1, push_to_hub=True,
+                  hub_model_id="user/hfx-test", hub_strategy="checkpoint")  # fmt: skip
+    hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=REWARDS, args=args, train_dataset=prompt_dataset(8)).train()
+    assert "constraint_state.json" in fake_hub["last-checkpoint"]
+
+
+def test_threshold_search_warns_when_no_phase_fits_in_the_run(model_path, tmp_path, caplog):
+    """phase_max_steps (50 by default) past max_steps used to end the run with no phase scored, silently."""
+    search = hfx.ThresholdSearchCallback(lambda t: 0.0)
+    trainer = hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=REWARDS, args=config(tmp_path, max_steps=2),
+                                         train_dataset=prompt_dataset(8), callbacks=[search])  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert search.phases == 0
+    assert any("no phase is scored" in r.getMessage() and "phase_max_steps=50" in r.getMessage()
+               for r in caplog.records)  # fmt: skip

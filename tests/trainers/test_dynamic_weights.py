@@ -84,6 +84,10 @@ def test_buffer_meta_reward_and_minimised_objectives():
     other = HypervolumeBuffer([True, False])
     other.load_state_dict(state)
     assert other == buf
+    # an infinite objective is refused before it joins the front (the next ΔHV was inf − inf = NaN)
+    with pytest.raises(ValueError, match=r"objective vector \[inf, 1.0\] is not finite"):
+        buf.update([float("inf"), 1.0])
+    assert other == buf
 
 
 # ------------------------------------------------------------------------------------------------ mirror descent
@@ -602,3 +606,21 @@ def test_gradient_weighting_warns_about_a_zero_weight(model_path, tmp_path, capl
         hfx.DynamicWeightGRPOTrainer(model_path, reward_funcs=REWARDS, train_dataset=prompt_dataset(8),
                                      args=config(tmp_path, weighting="gradient", reward_weights=[0.0, 0.5, 0.5]))  # fmt: skip
     assert any("['format_reward'] stay at 0 for the whole run" in r.getMessage() for r in caplog.records)
+
+
+def test_an_infinite_reward_is_named_where_it_appears(model_path, tmp_path):
+    """One inf reward used to enter the hypervolume front, make the next batch's advantages NaN, and stop the run two
+    steps later as a "diverged" loss blaming the learning rate; with a checkpoint between, saved as Infinity."""
+    calls = []
+
+    def spiky(completions, **kwargs):
+        calls.append(1)
+        return [float("inf") if len(calls) == 2 and i == 0 else 0.5 for i in range(len(completions))]
+
+    args = config(tmp_path, weighting="hypervolume", max_steps=4)
+    trainer = hfx.DynamicWeightGRPOTrainer(model_path, reward_funcs=[hash_reward, spiky], args=args,
+                                           train_dataset=prompt_dataset(16))  # fmt: skip
+    with pytest.raises(ValueError, match=r"reward function 'spiky' returned inf for 1 of this batch's 4 samples"):
+        trainer.train()
+    assert trainer.state.global_step == 1 and len(calls) == 2
+    assert all(math.isfinite(x) for p in trainer.hv_buffer.front for x in p)

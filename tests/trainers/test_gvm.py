@@ -26,6 +26,7 @@ from hfx.gvm import (
     pilot_statistics,
     proposition1,
     round_allocation,
+    uniform_allocation,
     variance_objective,
 )
 from hfx.testing import save_tiny_model, tiny_causal_lm
@@ -98,6 +99,14 @@ def test_allocation_errors():
         allocate_samples([0.0, 0.0], [1.0, 1.0], budget=5)
     with pytest.raises(ValueError, match="p_i"):
         allocate_samples([1.5], [1.0], budget=5)
+    # these were a "math domain error", a NaN-to-int error, a silent budget of 7 and a ZeroDivisionError
+    with pytest.raises(ValueError, match=r"alpha and beta must be finite numbers >= 0, got alpha=-1"):
+        allocate_samples([0.5, 0.5], [1.0, 1.0], budget=7, alpha=-1)
+    assert allocate_samples([0.5, 0.5], [1e308, 1e308], budget=7) == [4, 3]
+    with pytest.raises(ValueError, match=r"budget must be a whole number >= 0, got 7.9"):
+        allocate_samples([0.5, 0.5], [1.0, 1.0], budget=7.9)
+    with pytest.raises(ValueError, match="num_prompts must be >= 1"):
+        uniform_allocation(0, 2)
 
 
 def test_allocation_record_roundtrip(tmp_path):

@@ -122,6 +122,66 @@ def test_rank_redistribution_hand_computed():
     assert redistribute_ranks([torch.tensor([0.3, 0.1]), torch.tensor([0.3, 0.1])], 3) == [2, 1]
     with pytest.raises(ValueError, match="smaller than min_rank=1 times the number of target layers"):
         redistribute_ranks(r, 2, min_rank=1)
+    # components that explain nothing (directions the inputs do not span) get no budget beyond min_rank
+    null = [torch.tensor([0.6, 0.4, 0.0]), torch.tensor([0.0, 0.0, 0.0])]
+    assert redistribute_ranks(null, 5) == [2, 0]
+    assert redistribute_ranks(null, 5, min_rank=1) == [2, 1]
+
+
+class OneLinear(nn.Module):
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.a = nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.a(x)
+
+
+def one_linear_eva(whiten: bool = False, **kw):
+    torch.manual_seed(0)
+    return get_peft_model(OneLinear(), hfx.EvaConfig(r=4, target_modules=["a"], whiten=whiten, **kw))
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_inputs_without_variance_are_refused(center):
+    """Identical tokens (or all-zero ones, uncentred) have no principal directions: EVA used to hand out arbitrary
+    basis vectors with explained variance 0, and with whiten=True rows of norm 3e7 that made the loss inf."""
+    value = 0.5 if center else 0.0
+    model = one_linear_eva(center=center)
+    with pytest.raises(ValueError, match=r"inputs of target layer\(s\) \['base_model.model.a'\] have no variance"):
+        hfx.initialize(model, [{"x": torch.full((40, 16), value)}] * 3, show_progress=False)
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_rank_deficient_inputs_get_no_rank_on_null_directions(whiten):
+    """Inputs spanning 2 of 16 dimensions: 2 ranks, not 4 with two on directions no token has (A·x = 0, never
+    trained; with whiten=True they were blown up by 1/λ^¼ of a round-off eigenvalue)."""
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(16, 2, generator=gen, dtype=torch.float64)).Q.T.float()
+    batches = [{"x": torch.randn(64, 2, generator=gen) @ basis} for _ in range(3)]
+    model = one_linear_eva(whiten=whiten)
+    with pytest.warns(UserWarning, match="2 of the rank budget 4 are not used"):
+        summary = hfx.initialize(model, batches, show_progress=False)["default"]
+    a = model.base_model.model.a.lora_A["default"].weight
+    assert summary["ranks"] == {"a": 2} and a.shape == (2, 16)
+    torch.testing.assert_close(a @ basis.T @ basis, a, atol=1e-5, rtol=0)  # rows in the inputs' span
+    assert float(a.norm(dim=1).max()) < 10
+
+
+def test_cycled_batches_do_not_count_their_tokens_twice():
+    """A list is re-iterated until convergence; its 3 tokens used to pass "more than 8 tokens" by the third pass,
+    giving components orthogonal to all the data. The same data as a one-shot iterator was refused."""
+    batch = {"x": torch.randn(3, 16, generator=torch.Generator().manual_seed(0))}
+    for batches in (iter([batch]), [batch]):
+        with pytest.raises(
+            ValueError, match=r"too few valid tokens for layers .* \(seen \[3.0\], need more than \[8\]"
+        ):
+            hfx.initialize(one_linear_eva(), batches, show_progress=False)
+    # enough tokens, cycled until convergence: the summary counts each token once
+    many = [{"x": torch.randn(40, 16, generator=torch.Generator().manual_seed(i))} for i in range(2)]
+    with pytest.warns(UserWarning, match="had not converged"):
+        summary = hfx.initialize(one_linear_eva(tau=1.0, max_iterations=6), many, show_progress=False)["default"]
+    assert summary["iterations"] == 6 and summary["tokens"] == 80
 
 
 def test_output_unchanged_at_init_and_plain_lora_state():

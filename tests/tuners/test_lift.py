@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -567,3 +568,17 @@ def randomise_values_all(model: nn.Module) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.copy_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+
+
+def test_refresh_callback_warns_when_no_refresh_fits_in_the_run(caplog):
+    """update_interval past max_steps used to leave the mask static without a word."""
+    from types import SimpleNamespace
+
+    model = get_peft_model(tiny_lm(), lm_config(update_interval=2))
+    args = SimpleNamespace(deepspeed=None, fsdp=[])
+    for global_step, max_steps, warns in [(0, 1, True), (0, 2, False), (4, 5, True), (4, 6, False)]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            hfx.LiftRefreshCallback().on_train_begin(args, SimpleNamespace(global_step=global_step,
+                                                     max_steps=max_steps), None, model=model)  # fmt: skip
+        assert any("mask stays static" in r.getMessage() for r in caplog.records) == warns, (global_step, max_steps)

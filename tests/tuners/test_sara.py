@@ -3,6 +3,7 @@ regulariser, the progressive adjustment, save/load in a fresh process, a tiny LM
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -911,3 +912,14 @@ def test_conv2d_save_then_load_in_a_fresh_process_gives_identical_outputs(tmp_pa
     )
     subprocess.run([sys.executable, str(script)], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert torch.equal(torch.load(tmp_path / "y.pt", weights_only=True), expected)
+
+
+def test_callback_warns_when_the_adjustment_falls_after_the_run(caplog):
+    model = get_peft_model(tiny_lm(), lm_config())
+    args = SimpleNamespace(deepspeed=None, fsdp=[])
+    for cb, max_steps, warns in [(hfx.SaraCallback(adjust_step=10), 3, True), (hfx.SaraCallback(adjust_step=3), 3, False),
+                                 (hfx.SaraCallback(), 3, False)]:  # fmt: skip
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            cb.on_train_begin(args, SimpleNamespace(global_step=0, max_steps=max_steps), None, model=model)
+        assert any("never happens" in r.getMessage() for r in caplog.records) == warns, cb.adjust_step

@@ -510,6 +510,15 @@ def _saved_config_says_pruned(directory: str) -> bool:
         return bool(json.load(f).get("pruned", False))
 
 
+# where the masks of a Trainer run pushed to the Hub are: its pushes during training copy a fixed list of model files
+# (not these) to the repository root
+_PUSH_HINT = (
+    " A Trainer with push_to_hub uploads only the model files to the repository root while it trains: the masks "
+    "reach the root with the final trainer.push_to_hub(), and every checkpoint folder has them (last-checkpoint/ "
+    "with hub_strategy='checkpoint': load with subfolder='last-checkpoint')."
+)
+
+
 def apply_saved_pruning(peft_model: nn.Module, model_id: str | os.PathLike, adapter_name: str, **hub_kwargs: Any):
     """After ``load_adapter(model_id, adapter_name)``: re-apply the pruning masks saved beside a DSEE adapter.
 
@@ -529,6 +538,7 @@ def apply_saved_pruning(peft_model: nn.Module, model_id: str | os.PathLike, adap
                 f"The DSEE adapter in {local} was saved from a pruned model, but {MASKS_FILE} is missing there: "
                 "without the masks the base model would run unpruned. Copy the adapter folder whole (with "
                 f"{MASKS_FILE} and {INFO_FILE}), or re-apply the masks with hfx.dsee.load_pruning(model, <folder>)."
+                + _PUSH_HINT
             )
         return None
     if not config.pruned or getattr(config, "_pruned_on_load", False):  # saved unpruned (see DseeModel.inject_adapter)
@@ -542,7 +552,7 @@ def apply_saved_pruning(peft_model: nn.Module, model_id: str | os.PathLike, adap
     except Exception as err:  # noqa: BLE001 - re-raised with what is missing and why it matters
         raise FileNotFoundError(
             f"The DSEE adapter {model_id!r} was saved from a pruned model, but its pruning masks ({MASKS_FILE}, "
-            f"{INFO_FILE}) could not be fetched: {err}"
+            f"{INFO_FILE}) could not be fetched: {err}." + _PUSH_HINT
         ) from err
     return load_pruning(peft_model, os.path.dirname(masks))
 

@@ -213,10 +213,16 @@ def _top_eigvecs(
     return _canonical_signs(vecs.T.contiguous()), vals.clamp_min(0)
 
 
+# A component explaining less than this fraction of its layer's variance is a direction the inputs do not span (an
+# arbitrary null-space eigenvector, at float32 round-off): a LoRA rank on it would never train, since A·x = 0.
+NULL_RATIO = 1e-6
+
+
 def redistribute_ranks(ratios: list[torch.Tensor], budget: int, min_rank: int = 0) -> list[int]:
     """Ranks per layer: each layer's first ``min_rank`` components, then the ``budget`` rest to the largest
     explained-variance ratios pooled over all layers (ties: earlier layer first). ``ratios[l]`` holds layer l's
-    candidate components' ratios (descending), so layer l gets between ``min_rank`` and ``len(ratios[l])``."""
+    candidate components' ratios (descending), so layer l gets between ``min_rank`` and ``len(ratios[l])``.
+    Components below ``NULL_RATIO`` get no budget beyond ``min_rank``: the ranks then sum to less than ``budget``."""
     if budget < min_rank * len(ratios):
         raise ValueError(
             f"EVA: the rank budget {budget} is smaller than min_rank={min_rank} times the number of target layers "
@@ -231,6 +237,7 @@ def redistribute_ranks(ratios: list[torch.Tensor], budget: int, min_rank: int = 
     if rest > 0 and values:
         values_t, owners_t = torch.cat(values), torch.cat(owners)
         order = torch.sort(values_t, descending=True, stable=True).indices[:rest]
+        order = order[values_t[order] >= NULL_RATIO]
         for i in owners_t[order].tolist():
             ranks[i] += 1
     return ranks
@@ -399,14 +406,16 @@ def zero3_gather_per_module(model: nn.Module):
                 stack.pop().__exit__(None, None, None)
 
 
-def _batch_stream(batches: Iterable) -> Iterator:
-    """The batches, cycled while the iterable can be re-iterated (DataLoader, list); once for an iterator."""
+def _batch_stream(batches: Iterable, passes: list[int]) -> Iterator:
+    """The batches, cycled while the iterable can be re-iterated (DataLoader, list); once for an iterator.
+    ``passes[0]`` counts the completed passes: after the first, tokens repeat."""
     reiterable = iter(batches) is not batches
     while True:
         empty = True
         for b in batches:
             empty = False
             yield b
+        passes[0] += 1
         if empty or not reiterable:
             return
 
@@ -464,7 +473,9 @@ def compute_eva(
             f"EvaConfig.stats_device={config.stats_device!r}, but CUDA is not available here; leave it None (the "
             "activations' device) or set 'cpu'."
         )
-    stream = _batch_stream(batches)
+    passes = [0]
+    stream = _batch_stream(batches, passes)
+    distinct: dict[str, float] | None = None  # tokens per leader after one full pass, once the batches cycle
     start = time.perf_counter()
 
     # "finite": per layer of this batch, a 0-dim bool tensor (no host sync in the hook); checked once per batch
@@ -589,6 +600,9 @@ def compute_eva(
                 if batch is None:
                     ran_out = True
                     break
+                if passes[0] and distinct is None:  # the batches start again: more of them add no new tokens
+                    distinct = {lead: stats[lead].n for lead in leaders}
+                    _refuse_too_few_tokens(stats, leaders)
                 batch = _check_batch(batch, forward_params)
     finally:
         for h in handles:
@@ -597,12 +611,15 @@ def compute_eva(
         if progress is not None:
             progress.close()
 
-    no_components = [n for n in leaders if stats[n].components is None]
-    if no_components:
+    if distinct is None:
+        _refuse_too_few_tokens(stats, leaders)
+    flat = [n for n in names if not float(torch.diagonal(stats[leader_of[n]].scatter).sum()) > 0]
+    if flat:
+        what = "every token gives the same input" if config.center else "every input is zero"
         raise ValueError(
-            f"EVA: too few valid tokens for layers {no_components} (seen {[stats[n].n for n in no_components]}, need "
-            f"more than {[stats[n].k for n in no_components]}); feed more batches or lower r / rho (masked tokens "
-            "do not count)."
+            f"EVA: the inputs of target layer(s) {flat[:8]}{' ...' if len(flat) > 8 else ''} have no variance over "
+            f"the tokens seen ({what}), so they have no principal directions to initialise lora_A with; leave them "
+            "out (exclude_modules) or feed batches whose tokens differ."
         )
     unconverged = sorted(n for n in names if leader_of[n] in open_layers)
     if unconverged:
@@ -616,6 +633,14 @@ def compute_eva(
         )
     rank_t = _broadcast(torch.tensor([ranks[n] for n in names], dtype=torch.float64))
     ranks = dict(zip(names, (int(v) for v in rank_t.tolist())))
+    if sum(ranks.values()) < budget:
+        warnings.warn(
+            f"EVA: {budget - sum(ranks.values())} of the rank budget {budget} are not used: the remaining candidate "
+            f"components explain less than {NULL_RATIO:g} of their layer's variance (the inputs span fewer directions "
+            "than r * rho), and a LoRA rank on such a direction would never train. Feed more varied batches, or "
+            "raise rho for more candidates per layer.",
+            stacklevel=3,
+        )
     components: dict[str, torch.Tensor] = {}
     explained: dict[str, float] = {}
     for n in names:
@@ -623,7 +648,9 @@ def compute_eva(
         a = s.components[: ranks[n]].clone()
         if config.whiten:
             # PEFT's and the original's whitening: divide by sqrt(singular value) = eigenvalue ** (1/4)
-            a = a / s.eigvals[: ranks[n]].clamp_min(1e-30).pow(0.25).unsqueeze(1).to(a.dtype)
+            # (floored relative to the layer's largest: a min_rank component on a null direction is not blown up)
+            floor = max(float(s.eigvals[0]) * NULL_RATIO, 1e-30)
+            a = a / s.eigvals[: ranks[n]].clamp_min(floor).pow(0.25).unsqueeze(1).to(a.dtype)
         components[n] = _broadcast(a.contiguous())
         explained[n] = float(s.ratios[: ranks[n]].sum())
     return {
@@ -634,11 +661,21 @@ def compute_eva(
         "iterations": iteration,
         "converged": not unconverged,
         "unconverged": unconverged,
-        "tokens": max(stats[n].n for n in leaders),
+        "tokens": max((distinct or {n: stats[n].n for n in leaders}).values()),  # distinct: one pass at most
         "groups": {lead: [m for m in names if leader_of[m] == lead] for lead in leaders},
         "budget": budget,
         "time_s": time.perf_counter() - start,
     }
+
+
+def _refuse_too_few_tokens(stats: Mapping[str, LayerStats], leaders: list[str]) -> None:
+    no_components = [n for n in leaders if stats[n].components is None]
+    if no_components:
+        raise ValueError(
+            f"EVA: too few valid tokens for layers {no_components} (seen {[stats[n].n for n in no_components]}, need "
+            f"more than {[stats[n].k for n in no_components]}); feed more batches or lower r / rho (masked tokens "
+            "do not count)."
+        )
 
 
 def _check_finite(finite: Mapping[str, torch.Tensor], batch_index: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Optional
 
@@ -9,6 +10,8 @@ import torch
 from transformers import TrainerCallback
 
 from .model import refresh_lift_masks
+
+logger = logging.getLogger(__name__)
 
 
 class LiftRefreshCallback(TrainerCallback):
@@ -77,8 +80,17 @@ class LiftRefreshCallback(TrainerCallback):
             )
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if model is not None and self._interval(model) is not None:
-            self._check_supported(args, model, optimizer)
+        interval = self._interval(model) if model is not None else None
+        if interval is None:
+            return
+        self._check_supported(args, model, optimizer)
+        first = (state.global_step // interval + 1) * interval
+        if getattr(state, "max_steps", 0) and first > state.max_steps:
+            logger.warning(
+                "LiftRefreshCallback: the first mask refresh falls at step %d, after this run's max_steps=%d, so the "
+                "mask stays static; lower update_interval (now %d) for the paper's dynamic mask.",
+                first, state.max_steps, interval,
+            )  # fmt: skip
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         interval = self._interval(model) if model is not None else None

@@ -146,6 +146,13 @@ class SaraCallback(TrainerCallback):
         if model is not None:
             sara_layers(model, self.adapter_name)  # raises if the model has no SaRA layers
             self._check_supported(args, model, optimizer)
+            at = self._adjust_at(model, state)
+            if at is not None and getattr(state, "max_steps", 0) and at > state.max_steps:
+                logger.warning(
+                    "SaraCallback: adjust_step=%d is after this run's max_steps=%d, so the progressive adjustment "
+                    "never happens; lower adjust_step, or leave it None to place it at progressive_fraction of the run.",
+                    at, state.max_steps,
+                )  # fmt: skip
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         config = self._config(model) if model is not None else None
