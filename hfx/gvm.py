@@ -38,7 +38,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -258,7 +258,17 @@ class GVMAllocation:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GVMAllocation:
-        return cls(**data)
+        """The record of :meth:`to_dict`; keys a newer hfx added are ignored (as in the other state files), and
+        per-prompt lists of different lengths or counts that do not sum to ``budget`` are a ``ValueError``."""
+        names = {f.name for f in fields(cls)}
+        record = cls(**{k: v for k, v in data.items() if k in names})
+        lengths = {key: len(getattr(record, key)) for key in ("indices", "p", "G", "n")}
+        if len(set(lengths.values())) != 1 or sum(record.n) != record.budget:
+            raise ValueError(
+                f"GVM allocation record: per-prompt lists of lengths {lengths} and counts summing to {sum(record.n)} "
+                f"for a budget of {record.budget}; the state file was edited or is damaged."
+            )
+        return record
 
     def save(self, path: str | os.PathLike[str]) -> None:
         with open(path, "w", encoding="utf-8") as f:

@@ -47,6 +47,8 @@ import torch
 _INITIALIZERS: dict[type, Callable[..., dict[str, Any]]] = {}
 # config class -> what to run before resuming a checkpoint written after the step (in the size-mismatch error)
 _RESUME_HINTS: dict[type, str] = {}
+# config class -> warning for weights that fit an adapter never initialised, when fitting does not make them valid
+_FITTING_LOAD_WARNINGS: dict[type, str] = {}
 
 _STATE = "_hfx_initialized"  # attribute on the adapter's config: True once initialised or loaded
 _WARNED = "_hfx_init_warned"  # attribute on the adapter's config: the forgotten-initialize warning was given
@@ -57,17 +59,26 @@ _PRISTINE = "_hfx_pristine"  # attribute on the adapter's config: a copy as it w
 
 
 def register_initializer(
-    config_cls: type, fn: Callable[..., dict[str, Any]], *, resume_hint: str | None = None
+    config_cls: type,
+    fn: Callable[..., dict[str, Any]],
+    *,
+    resume_hint: str | None = None,
+    fitting_load_warning: str | None = None,
 ) -> None:
     """Make ``initialize`` run ``fn(peft_model, batches, adapter_name, **options)`` for adapters of ``config_cls``;
     ``fn``'s keyword-only parameters are its options (``initialize`` refuses a keyword no initialiser takes).
 
     ``resume_hint``: the call that rebuilds an adapter's post-initialisation shapes before a checkpoint is loaded
     into it (shown when a checkpoint does not fit an adapter that was never initialised).
+    ``fitting_load_warning``: warned (with ``{adapter}`` filled in) when weights that *do* fit are loaded into such an
+    adapter, for methods where the initialisation also changes something the weights do not carry (LoRA-GA's
+    offset base).
     """
     _INITIALIZERS[config_cls] = fn
     if resume_hint is not None:
         _RESUME_HINTS[config_cls] = resume_hint
+    if fitting_load_warning is not None:
+        _FITTING_LOAD_WARNINGS[config_cls] = fitting_load_warning
     _install_lora_inject_hook()
 
 
@@ -174,7 +185,7 @@ def _check_loaded_shapes(
 ) -> None:
     """``load_state_dict`` pre-hook on the model: for each never-initialised adapter the state dict holds weights
     of, raise a clear error when their LoRA shapes do not fit (a checkpoint written after the step), else mark the
-    adapter initialised (its weights are being loaded)."""
+    adapter initialised (its weights are being loaded), with the method's warning where fitting is not enough."""
     from peft.tuners.lora import LoraLayer
 
     configs = getattr(module, "peft_config", {}) or {}
@@ -214,6 +225,8 @@ def _check_loaded_shapes(
                 "it further, load it with PeftModel.from_pretrained(base_model, <checkpoint>) (a plain LoRA)."
             )
         if found:
+            if type(config) in _FITTING_LOAD_WARNINGS:
+                warnings.warn(_FITTING_LOAD_WARNINGS[type(config)].format(adapter=adapter), UserWarning, stacklevel=2)
             mark_initialized(config)
 
 

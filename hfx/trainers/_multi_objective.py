@@ -12,6 +12,7 @@ name → index resolution with clear errors, and JSON checkpoint state.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -145,7 +146,15 @@ class MultiObjectiveMixin(DivergenceCheckMixin, JsonCheckpointStateMixin):
                 "resume with the same reward_funcs in the same order"
             )
         if "reward_weights" in state:
-            self._set_reward_weights(state["reward_weights"])
+            weights = state["reward_weights"]
+            if len(weights) != len(self.reward_func_names) or not all(
+                isinstance(w, (int, float)) and math.isfinite(w) for w in weights
+            ):
+                raise ValueError(
+                    f"the checkpoint's reward_weights {weights} are not {len(self.reward_func_names)} finite numbers "
+                    f"(one per reward function {list(self.reward_func_names)}); the state file was edited or is damaged"
+                )
+            self._set_reward_weights(weights)
         if "configured_reward_weights" in state and state["configured_reward_weights"] != (
             configured := self._configured_reward_weights()
         ):

@@ -142,8 +142,19 @@ class LagrangeMultipliers:
         weight is ``m``, an ``le`` one's ``α − m``), so resuming would silently apply different reward weights.
         States saved before these fields existed load unchecked.
         """
-        if len(state["raw"]) != len(self.raw):
-            raise ValueError(f"the saved state has {len(state['raw'])} multipliers, this trainer {len(self.raw)}")
+        for field in (
+            "raw",
+            "buffer",
+            "thresholds",
+        ):  # an edited state file used to drop a multiplier at its next step
+            saved = state.get(field)
+            if saved is not None and len(saved) != len(self.raw):
+                raise ValueError(
+                    f"the saved multiplier state's {field!r} has {len(saved)} values for this trainer's {len(self.raw)} "
+                    "constraints; resume with the constraints that saved it, or fix the list"
+                )
+            if saved is not None and not all(isinstance(v, (int, float)) and math.isfinite(v) for v in saved):
+                raise ValueError(f"the saved multiplier state's {field!r} holds a value that is not a finite number")
         kinds = state.get("kinds")
         if kinds is not None and list(kinds) != self.kinds:
             raise ValueError(
@@ -158,6 +169,8 @@ class LagrangeMultipliers:
                 "run (not resume_from_checkpoint) to change it"
             )
         self.raw = [float(v) for v in state["raw"]]
+        if self.parametrization == "projected":  # a hand-edited μ outside [0, max_value] would weight rewards so
+            self.raw = [self._project(i, v) for i, v in enumerate(self.raw)]
         self.buffer = None if state.get("buffer") is None else [float(v) for v in state["buffer"]]
         self.thresholds = [float(v) for v in state.get("thresholds", self.thresholds)]
         self.steps = int(state.get("steps", 0))

@@ -262,6 +262,40 @@ class ResizableBufferDict(BufferDict):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs)
 
 
+def check_index_sets(
+    layer: nn.Module, sets: tuple[tuple[str, str, bool], ...], size_of: Any, method: str, skip: set[str] = frozenset()
+) -> None:
+    """After a load: each adapter's flat indices (``sets``: index attribute, value attribute, whether sorted and
+    unique) lie in ``[0, size_of(adapter))`` and have one value each; else a ``ValueError`` naming the layer.
+
+    A damaged or edited adapter file used to load and then fail in the first forward with a bare ``IndexError`` (on
+    a GPU, a device-side assert), or, for a negative index, apply its value to the last entry silently. Adapters in
+    ``skip`` (another weight shape, reported as a load error already) and meta or ZeRO-3-partitioned tensors are
+    not checked."""
+    for index_attr, value_attr, ordered in sets:
+        values = getattr(layer, value_attr)
+        for adapter, idx in getattr(layer, index_attr).items():
+            vals = values[adapter] if adapter in values else None
+            if adapter in skip or idx is None or vals is None or "meta" in (idx.device.type, vals.device.type):
+                continue
+            if hasattr(vals, "ds_numel"):  # a DeepSpeed ZeRO-3 partition: its length is not the adapter's
+                continue
+            size, count = int(size_of(adapter)), int(vals.shape[-1]) if vals.dim() else 1
+            problem = None
+            if idx.dim() != 1 or idx.numel() != count:
+                problem = f"{idx.numel()} indices for {count} values"
+            elif idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+                problem = f"indices from {int(idx.min())} to {int(idx.max())}, outside [0, {size})"
+            elif ordered and idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                problem = "indices not sorted and unique"
+            if problem is not None:
+                raise ValueError(
+                    f"{method} adapter {adapter!r} of {getattr(layer, 'layer_name', '') or type(layer).__name__}: the "
+                    f"loaded {index_attr} / {value_attr} do not fit ({problem}); the adapter file is damaged or was "
+                    "edited. Load an adapter saved by hfx for this base model."
+                )
+
+
 class WeightShapes(BufferDict):
     """Per-adapter ``(out_features, in_features)`` of the weight an adapter's flat indices point into, saved with it.
 
@@ -276,6 +310,11 @@ class WeightShapes(BufferDict):
         super().__init__(persistent=True)
         self._shapes: dict[str, tuple[int, int]] = {}
         self.mismatched: set[str] = set()  # adapters whose last load had another shape (read by load hooks)
+
+    def numel(self, adapter: str, default: tuple[int, int]) -> int:
+        """Entries of the weight the adapter's indices point into (``default``: the layer's, if none is set)."""
+        out, inp = self._shapes.get(adapter, default)
+        return out * inp
 
     def set(self, adapter: str, shape: tuple[int, int], device: Optional[torch.device] = None) -> None:
         self._shapes[adapter] = (int(shape[0]), int(shape[1]))

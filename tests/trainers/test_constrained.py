@@ -43,6 +43,22 @@ def test_sigmoid_saturates_instead_of_overflowing():
         lm.step([float("inf")])
 
 
+def test_loaded_multiplier_state_is_checked_and_projected():
+    """The trainer's own warning suggests editing the thresholds in constraint_state.json: a list of the wrong length
+    used to load and drop a multiplier at the next step; a projected μ outside [0, max_value] was used as is."""
+    saved = LagrangeMultipliers(["ge", "le"], [0.6, -0.1])
+    saved.step([0.1, 0.9])
+    state = json.loads(json.dumps(saved.state_dict()))
+    for field, value in (("thresholds", [0.5]), ("buffer", [0.1, 0.2, 0.3]), ("raw", [0.1])):
+        with pytest.raises(ValueError, match=rf"'{field}' has {len(value)} values for this trainer's 2 constraints"):
+            LagrangeMultipliers(["ge", "le"], [0.6, -0.1]).load_state_dict({**state, field: value})
+    with pytest.raises(ValueError, match="'thresholds' holds a value that is not a finite number"):
+        LagrangeMultipliers(["ge", "le"], [0.6, -0.1]).load_state_dict({**state, "thresholds": [0.5, None]})
+    projected = LagrangeMultipliers(["ge", "le"], [0.6, -0.1], parametrization="projected", max_value=1.0)
+    projected.load_state_dict({**projected.state_dict(), "raw": [50.0, -3.0]})
+    assert projected.raw == [1.0, 0.0]
+
+
 def test_sigmoid_step_equals_hand_computed():
     mu0 = [0.3, -0.2, 0.5]
     lm = LagrangeMultipliers(["ge", "le", "eq"], [0.5, 0.2, 0.0], lr=0.1, momentum=0.1, init=mu0)

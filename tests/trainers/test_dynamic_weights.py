@@ -573,6 +573,10 @@ def test_resume_with_changed_reward_weights_warns(model_path, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         same.train(resume_from_checkpoint=ckpt)
     assert not [r for r in caplog.records if "reward_weights=" in r.getMessage()]
+    # weights that do not fit the reward functions are named (they failed later as a bare zip() length error)
+    state = json.loads(json.dumps(same.method_state_dict()))
+    with pytest.raises(ValueError, match=r"reward_weights \[0.5, 0.5\] are not 3 finite numbers"):
+        same.load_method_state_dict({**state, "reward_weights": [0.5, 0.5]})
 
 
 def test_reward_functions_sharing_a_name_are_refused(model_path, tmp_path):

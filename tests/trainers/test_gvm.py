@@ -116,6 +116,12 @@ def test_allocation_record_roundtrip(tmp_path):
     summary = alloc.summary()
     assert summary["frac_dropped"] == pytest.approx(1 / 3) and summary["mean_p"] == pytest.approx(0.5)
     assert sum(alloc.histogram(4)["counts"]) == 3
+    # a key from a newer hfx is ignored, as in the other state files (it was a TypeError); inconsistent lists are named
+    assert GVMAllocation.from_dict({**alloc.to_dict(), "added_later": 1}) == alloc
+    with pytest.raises(ValueError, match=r"lengths \{'indices': 3, 'p': 3, 'G': 3, 'n': 2\}"):
+        GVMAllocation.from_dict({**alloc.to_dict(), "n": [4, 4]})
+    with pytest.raises(ValueError, match="counts summing to 9 for a budget of 8"):
+        GVMAllocation.from_dict({**alloc.to_dict(), "n": [1, 4, 4]})
 
 
 # ------------------------------------------------------------------------------------------------ gradient norms

@@ -855,3 +855,46 @@ def test_pruned_config_pickles_and_copies_without_the_model():
     assert config._pruned_model() is model
     for clone in (pickle.loads(pickle.dumps(config)), copy.deepcopy(config)):
         assert clone.pruned and clone._pruned_model is None
+
+
+def test_a_masks_file_that_does_not_fit_is_refused_before_any_weight_changes(tmp_path):
+    """Each mask used to be checked when its turn came, after the earlier ones had zeroed their weights (a half-pruned
+    model); a bias mask's shape was never checked ([1] broadcast over the whole bias), nor a bias-less layer."""
+    from safetensors.torch import save_file
+
+    from hfx.testing import tiny_causal_lm
+    from hfx.tuners.dsee.prune import read_masks
+
+    model = bert_dsee()
+    prune(model, ratio=0.2)
+    save_pruning(model, tmp_path / "good")
+    masks = read_masks(tmp_path / "good")
+    info = (tmp_path / "good" / "dsee_pruning.json").read_text()
+    last = sorted(k for k in masks if k.endswith(".weight") and masks[k].shape[0] != masks[k].shape[1])[-1]
+    bias = next(k for k in masks if k.endswith(".weight")).replace(".weight", ".bias")
+
+    def bad(name: str, **changed) -> str:
+        (tmp_path / name).mkdir()
+        save_file({**masks, **changed}, str(tmp_path / name / "dsee_pruning.safetensors"))  # the unpacked format
+        (tmp_path / name / "dsee_pruning.json").write_text(info)
+        return str(tmp_path / name)
+
+    cases = [
+        (bad("wrong_shape", **{last: masks[last].T.contiguous()}), rf"Pruning mask {last} has shape"),
+        (bad("bias_shape", **{bias: torch.zeros(1, dtype=torch.bool)}), rf"Pruning mask {bias} has shape \(1,\)"),
+        (bad("kind", **{last.replace(".weight", ".scale"): masks[last].clone()}), r"kind 'scale' \(weight or bias\)"),
+    ]
+    for folder, match in cases:
+        fresh = bert_dsee()
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
+        with pytest.raises(ValueError, match=match):
+            load_pruning(fresh, folder)
+        assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    llama = get_peft_model(tiny_causal_lm(), hfx.DseeConfig(r=2, num_sparse=8, target_modules=["q_proj"]))
+    prune(llama, ratio=0.2)
+    save_pruning(llama, tmp_path / "llama")
+    masks, info = read_masks(tmp_path / "llama"), (tmp_path / "llama" / "dsee_pruning.json").read_text()
+    key = next(iter(masks)).replace(".weight", ".bias")
+    with pytest.raises(ValueError, match=rf"a mask '{key}' for a bias, which has none"):
+        load_pruning(get_peft_model(tiny_causal_lm(), hfx.DseeConfig(r=2, num_sparse=8, target_modules=["q_proj"])),
+                     bad("no_bias", **{key: torch.ones(64, dtype=torch.bool)}))  # fmt: skip

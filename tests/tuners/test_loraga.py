@@ -414,6 +414,27 @@ def test_mutated_base_export_is_the_rank_r_adapter(tmp_path):
     hfx.initialize(model, batches, show_progress=False)
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 4
+    # those weights fit a fresh LoRA-GA adapter, but mean something only on the offset base: loading them into one
+    # hfx.initialize never ran on (resume without it) used to give another model without a word
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    saved = load_peft_weights(str(tmp_path), device="cpu")
+    config = hfx.LoraGAConfig(r=4, target_modules=TARGETS, export="mutated_base")
+    fresh = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+    with pytest.warns(UserWarning, match=r"valid only on the offset base(?s:.*)run hfx.initialize\(model, "):
+        set_peft_model_state_dict(fresh, saved)
+    again = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+    hfx.initialize(again, batches, show_progress=False)  # the way to resume such a checkpoint: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        set_peft_model_state_dict(again, saved)
+    x = batches[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x).logits, model.eval()(x).logits, rtol=0, atol=1e-6)
+    # init_from cannot rebuild the init from it, and says so
+    with pytest.raises(ValueError, match="export='mutated_base' holds only the trained rank-r weights"):
+        hfx.initialize(get_peft_model(copy.deepcopy(base), copy.deepcopy(config)), [], init_from=str(tmp_path))
 
 
 def test_trainer_checkpoint_resume(tmp_path):

@@ -309,3 +309,48 @@ def test_flat_index_adapter_without_a_saved_shape_still_loads(method, tmp_path, 
     old = PeftModel.from_pretrained(_Two(32, 16), tmp_path / "a")
     torch.testing.assert_close(old(x), expected, rtol=0, atol=0)
     assert not [w for w in recwarn if "missing" in str(w.message).lower()]
+
+
+@pytest.mark.parametrize(
+    "config, key",
+    [
+        (hfx.LiftConfig(r=2, target_modules=["lin"]), "lift_indices"),
+        (hfx.SaraConfig(ratio=0.05, target_modules=["lin"]), "sara_indices"),
+        (hfx.DseeConfig(r=2, target_modules=["lin"]), "dsee_s_indices"),
+        (hfx.PacaConfig(r=4, target_modules=["lin"]), "paca_indices"),
+    ],
+    ids=["lift", "sara", "dsee", "paca"],
+)
+def test_loaded_indices_that_do_not_fit_the_weight_are_a_load_error(config, key, tmp_path):
+    """A damaged or edited adapter file used to load, then fail in the first forward with a bare IndexError (a
+    device-side assert on a GPU); a negative DSEE index went to the weight's last entry, silently."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    def base():
+        torch.manual_seed(0)
+        model = nn.Sequential()
+        model.add_module("lin", nn.Linear(16, 12))
+        return model
+
+    get_peft_model(base(), config).save_pretrained(tmp_path / "good")
+    state = load_file(tmp_path / "good" / "adapter_model.safetensors")
+    name = next(k for k in state if key in k)
+    size = 16 if key == "paca_indices" else 12 * 16
+    good = state[name]
+    cases = {
+        "out of range": (torch.cat([good[:-1], good.new_tensor([size])]), rf"indices from \d+ to {size}, outside"),
+        "negative": (torch.cat([good.new_tensor([-1]), good[1:]]), r"indices from -1 to"),
+        "unsorted": (good.flip(0).contiguous(), "not sorted and unique"),
+        "length": (good[:-1].contiguous(), rf"{good.numel() - 1} indices for {good.numel()} values"),
+    }
+    if key == "paca_indices":  # a fixed-size buffer: torch's own size-mismatch load error says it already
+        del cases["length"]
+    for case, (indices, match) in cases.items():
+        folder = tmp_path / case.replace(" ", "_")
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text((tmp_path / "good" / "adapter_config.json").read_text())
+        save_file({**state, name: indices}, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=rf"adapter 'default' of lin: the loaded {key} .*" + match):
+            PeftModel.from_pretrained(base(), str(folder))
+    PeftModel.from_pretrained(base(), str(tmp_path / "good"))  # the file as saved loads

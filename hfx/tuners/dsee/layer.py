@@ -26,6 +26,7 @@ from .._mixed_batch import mixed_batch_forward, pop_adapter_names
 from .._sparse import (
     ResizableBufferDict,
     SparseValues,
+    check_index_sets,
     compute_dtype,
     index_dtype,
     scatter_dense,
@@ -174,6 +175,12 @@ def dsee_select(
 
 
 # ---- layers ------------------------------------------------------------------------------------------------------
+def _check_loaded_indices(layer: nn.Module, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook: the loaded index sets fit the weight (:func:`check_index_sets`)."""
+    sets = (("dsee_s_indices", "dsee_s_values", True),)
+    check_index_sets(layer, sets, lambda adapter: layer.out_features * layer.in_features, "DSEE", frozenset())
+
+
 class DseeLayer(IndexedTunerLayer):
     """Mixin holding the per-adapter DSEE state of one adapted layer."""
 
@@ -205,6 +212,7 @@ class DseeLayer(IndexedTunerLayer):
         if in_features is None or out_features is None:
             raise TypeError(f"DSEE cannot adapt {layer_name or 'layer'} of type {type(base_layer).__name__}.")
         self.in_features, self.out_features = in_features, out_features
+        self.register_load_state_dict_post_hook(_check_loaded_indices)
 
     def update_layer(
         self,

@@ -473,16 +473,24 @@ def load_pruning(model: nn.Module, directory: str | os.PathLike) -> dict[str, An
     missing = sorted({k.rsplit(".", 1)[0] for k in masks} - modules.keys())
     if missing:
         raise ValueError(f"hfx.dsee.load_pruning: the model has no linear layers named {missing[:5]}.")
+    # every mask is checked before any weight changes: a bad last mask used to leave the model half-pruned
     for key, mask in masks.items():
         name, kind = key.rsplit(".", 1)
-        module = modules[name]
+        base = _base_linear(modules[name])
+        target = base.weight if kind == "weight" else base.bias if kind == "bias" else None
+        if kind not in ("weight", "bias") or target is None:
+            what = f"kind {kind!r} (weight or bias)" if kind not in ("weight", "bias") else "a bias, which has none"
+            raise ValueError(f"hfx.dsee.load_pruning: {os.path.join(directory, MASKS_FILE)} has a mask {key!r} for "
+                             f"{what}; the file is damaged or was made for another model.")  # fmt: skip
+        if mask.shape != target.shape:
+            raise ValueError(
+                f"Pruning mask {key} has shape {tuple(mask.shape)}, the {kind} {tuple(target.shape)}; the masks file "
+                "was made for another model."
+            )
+    for key, mask in masks.items():
+        name, kind = key.rsplit(".", 1)
         if kind == "weight":
-            weight = _base_linear(module).weight
-            if mask.shape != weight.shape:
-                raise ValueError(
-                    f"Pruning mask {key} has shape {tuple(mask.shape)}, the weight {tuple(weight.shape)}."
-                )
-            _set_mask(module, mask.bool())
+            _set_mask(modules[name], mask.bool())
     for key, mask in masks.items():
         name, kind = key.rsplit(".", 1)
         if kind == "bias":

@@ -141,7 +141,14 @@ def read_export_init(
         A, B = state[ka], state[kb]
         if A.shape[0] != 2 * r:
             raise ValueError(
-                f"LoRA-GA init_from={path!r}: {ka} has {A.shape[0]} ranks; expected the rank-2r export (2r={2 * r})."
+                f"LoRA-GA init_from={path!r}: {ka} has {A.shape[0]} ranks; expected the rank-2r export (2r={2 * r}). "
+                + (
+                    "A checkpoint saved with export='mutated_base' holds only the trained rank-r weights, not the "
+                    "init they started from: resume it by running hfx.initialize(model, <the batches of the run that "
+                    "saved it>) (same seed) instead of init_from, then trainer.train(resume_from_checkpoint=...)."
+                    if A.shape[0] == r
+                    else ""
+                )
             )
         out[name] = (-B[:, r:].clone(), A[r:].clone())
     return out

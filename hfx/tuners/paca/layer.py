@@ -44,6 +44,7 @@ from .._compat import IndexedTunerLayer
 from .._config import is_int
 from .._mixed_batch import mixed_batch_forward, pop_adapter_names
 from .._quantized import quantized_state, restore_quantized_state
+from .._sparse import check_index_sets
 
 
 def paca_column_indices(in_features: int, r: int, seed: int, layer_name: str) -> torch.Tensor:
@@ -140,6 +141,12 @@ class PacaWeights(nn.ParameterDict):
         return fn(self, *args)
 
 
+def _check_loaded_indices(layer: nn.Module, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook: the loaded index sets fit the weight (:func:`check_index_sets`)."""
+    sets = (("paca_indices", "paca_w", True),)
+    check_index_sets(layer, sets, lambda adapter: layer.in_features, "PaCA", frozenset())
+
+
 class PacaLayer(IndexedTunerLayer):
     """Mixin holding the per-adapter PaCA state of one adapted layer."""
 
@@ -169,6 +176,7 @@ class PacaLayer(IndexedTunerLayer):
         if in_features is None or out_features is None:
             raise TypeError(f"PaCA cannot adapt {layer_name or 'layer'} of type {type(base_layer).__name__}.")
         self.in_features, self.out_features = in_features, out_features
+        self.register_load_state_dict_post_hook(_check_loaded_indices)
 
     def _describe(self) -> str:
         return f"layer {self.layer_name!r} (in_features={self.in_features}, out_features={self.out_features})"

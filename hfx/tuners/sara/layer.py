@@ -35,6 +35,7 @@ from .._sparse import (
     ResizableBufferDict,
     SparseValues,
     WeightShapes,
+    check_index_sets,
     entry_index,
     index_dtype,
     scatter_dense,
@@ -206,6 +207,14 @@ def check_sara_base(base: nn.Module, layer_name: str) -> None:
         )
 
 
+def _check_loaded_indices(layer: nn.Module, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook: the loaded index sets fit the weight (:func:`check_index_sets`)."""
+    sets = (("sara_indices", "sara_values", True), ("sara_frozen_indices", "sara_frozen_values", False))
+    check_index_sets(
+        layer, sets, lambda adapter: layer.sara_shape.numel(adapter, layer.shape), "SaRA", layer.sara_shape.mismatched
+    )
+
+
 class SaraLayer(IndexedTunerLayer):
     """Mixin holding the per-adapter SaRA state of one adapted linear layer."""
 
@@ -236,6 +245,7 @@ class SaraLayer(IndexedTunerLayer):
         self.kwargs = kwargs
         in_features, out_features = _get_in_out_features(self.get_base_layer())
         self.in_features, self.out_features = in_features, out_features
+        self.register_load_state_dict_post_hook(_check_loaded_indices)
 
     def _describe(self) -> str:
         return f"layer {self.layer_name!r} (in_features={self.in_features}, out_features={self.out_features})"
