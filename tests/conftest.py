@@ -35,13 +35,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def fake_hub(monkeypatch) -> dict[str, list[str]]:
+def fake_hub(monkeypatch) -> dict[str, dict[str, tuple[int, int, int]]]:
     """Stand-in for the Hub during ``push_to_hub``: maps each upload's ``path_in_repo`` (``"."`` for the root) to the
-    files its folder held when the upload started (transformers starts it in the background inside
-    ``_save_checkpoint``; what a file written later gets is a race)."""
+    files its folder held when the upload started, each with its (inode, mtime_ns, size): transformers starts the
+    upload in the background inside ``_save_checkpoint``, so a file written or rewritten later races with it."""
     import transformers.trainer as tt
 
-    pushed: dict[str, list[str]] = {}
+    pushed: dict[str, dict[str, tuple[int, int, int]]] = {}
 
     class Done:
         def is_done(self) -> bool:
@@ -54,7 +54,8 @@ def fake_hub(monkeypatch) -> dict[str, list[str]]:
         repo_id = "user/hfx-test"
 
     def upload_folder(*, folder_path, path_in_repo=None, **kwargs):
-        pushed[str(path_in_repo or ".")] = sorted(os.listdir(folder_path))
+        stats = {name: os.stat(os.path.join(folder_path, name)) for name in sorted(os.listdir(folder_path))}
+        pushed[str(path_in_repo or ".")] = {n: (st.st_ino, st.st_mtime_ns, st.st_size) for n, st in stats.items()}
         return Done()
 
     def create_repo(*args, **kwargs):

@@ -85,8 +85,9 @@ TEST_FRACTION = 0.1
 
 ANSWER_PREFIX = "####"
 _MAX_MISSES = 20_000
-# the integer, not the start of a longer number: "#### 12.5", "12e3" or "12/5" is no answer (it used to parse as 12)
-_ANSWER_RE = re.compile(r"####[ \t]*([+-]?\d+(?:,\d{3})*)(?![\d,]*\d)(?!\.\d|[eE][+-]?\d|/\d)")
+# the integer, written as one ("12", "1,024", "12.0"), not the start of a longer number: "#### 12.5", "12e3",
+# "12/5" or "12 / 5" is no answer (these used to parse as 12)
+_ANSWER_RE = re.compile(r"####[ \t]*([+-]?\d+(?:,\d{3})*)(?:\.0+)?(?![\d,]*\d)(?!\.\d|[eE][+-]?\d|[ \t]*/[ \t]*\d)")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -246,7 +247,8 @@ def extract_answer(text: str | None, *, first: bool = False) -> int | None:
     """Parse the integer of the **last** ``#### <int>`` in ``text`` (the first with ``first=True``); else ``None``.
 
     Tolerates spaces/tabs after the marker, a sign and thousands separators (``#### 1,024``); the integer must
-    follow the marker on the same line, and not continue as a decimal, exponent or fraction (``#### 12.5``: None).
+    follow the marker on the same line; ``12.0`` is 12, but a number that goes on as a decimal, exponent or fraction
+    (``#### 12.5``, ``#### 3 / 4``) is no answer.
     """
     if not text:
         return None

@@ -48,6 +48,24 @@ def read_state_json(path: str) -> dict[str, Any]:
     return state
 
 
+def write_state_file(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` unless it holds them already, through a temporary file and ``os.replace``: the
+    state is written again after transformers started a background Hub upload of the folder, which must not read a
+    truncated file (the bytes are the same then, so nothing is rewritten)."""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            if f.read() == data:
+                return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_state_json(path: str, state: dict[str, Any]) -> None:
+    write_state_file(path, json.dumps(state, indent=2).encode("utf-8"))
+
+
 def read_state_tensors(path: str) -> dict[str, Any]:
     """The safetensors method state at ``path``; a damaged file is a ``ValueError`` naming it and what to do."""
     from safetensors import SafetensorError
@@ -91,8 +109,7 @@ class JsonCheckpointStateMixin:
         cycle = self._generation_cycle_state()
         if cycle is not None:
             state["generation_cycle"] = cycle
-        with open(os.path.join(folder, self._state_json), "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=2)
+        write_state_json(os.path.join(folder, self._state_json), state)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -43,7 +43,7 @@ from trl.data_utils import is_conversational
 
 from ._data import check_not_empty
 from ._divergence import DivergenceCheckMixin
-from ._state import read_state_json, read_state_tensors
+from ._state import read_state_json, read_state_tensors, write_state_file, write_state_json
 from .bvpo_config import BVPOConfig
 
 __all__ = [
@@ -762,11 +762,11 @@ class BVPOTrainer(DivergenceCheckMixin, DPOTrainer):
             scalars, tensors = self._estimator.state_dict()
             state["estimator"] = scalars
             if tensors:
-                from safetensors.torch import save_file
+                from safetensors.torch import save
 
-                save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, STATE_TENSORS))
-        with open(os.path.join(folder, STATE_JSON), "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=2)
+                data = save({k: v.contiguous() for k, v in tensors.items()})
+                write_state_file(os.path.join(folder, STATE_TENSORS), data)
+        write_state_json(os.path.join(folder, STATE_JSON), state)
 
     def load_bvpo_state(self, folder: str) -> None:
         """Restore the α state written by :meth:`save_bvpo_state` (a missing file leaves the state as it is)."""

@@ -263,36 +263,42 @@ class ResizableBufferDict(BufferDict):
 
 
 def check_index_sets(
-    layer: nn.Module, sets: tuple[tuple[str, str, bool], ...], size_of: Any, method: str, skip: set[str] = frozenset()
+    state_dict: dict[str, Any],
+    prefix: str,
+    sets: tuple[tuple[str, str, bool], ...],
+    size: int,
+    where: str,
+    error_msgs: list[str],
+    shape_attr: Optional[str] = None,
 ) -> None:
-    """After a load: each adapter's flat indices (``sets``: index attribute, value attribute, whether sorted and
-    unique) lie in ``[0, size_of(adapter))`` and have one value each; else a ``ValueError`` naming the layer.
+    """``load_state_dict`` pre-hook body: each incoming adapter's flat indices (``sets``: index key, value key,
+    whether sorted and unique) have one value each and lie in ``[0, size)`` (or in the incoming ``shape_attr``'s
+    ``out * in``, which :class:`WeightShapes` compares with the layer's); else a load error naming the layer.
 
-    A damaged or edited adapter file used to load and then fail in the first forward with a bare ``IndexError`` (on
-    a GPU, a device-side assert), or, for a negative index, apply its value to the last entry silently. Adapters in
-    ``skip`` (another weight shape, reported as a load error already) and meta or ZeRO-3-partitioned tensors are
-    not checked."""
+    A damaged or edited adapter file used to load, then fail in the first forward with a bare ``IndexError`` (on a
+    GPU, a device-side assert), or, for a negative index, apply its value to the last entry silently. The file's own
+    pairs are checked, not the layer's: a values vector sized by another config is torch's size-mismatch error."""
     for index_attr, value_attr, ordered in sets:
-        values = getattr(layer, value_attr)
-        for adapter, idx in getattr(layer, index_attr).items():
-            vals = values[adapter] if adapter in values else None
-            if adapter in skip or idx is None or vals is None or "meta" in (idx.device.type, vals.device.type):
+        head = f"{prefix}{index_attr}."
+        for key in [k for k in state_dict if k.startswith(head)]:
+            adapter = key[len(head) :]
+            idx, vals = state_dict[key], state_dict.get(f"{prefix}{value_attr}.{adapter}")
+            if vals is None or "meta" in (idx.device.type, vals.device.type):
                 continue
-            if hasattr(vals, "ds_numel"):  # a DeepSpeed ZeRO-3 partition: its length is not the adapter's
-                continue
-            size, count = int(size_of(adapter)), int(vals.shape[-1]) if vals.dim() else 1
+            shape = state_dict.get(f"{prefix}{shape_attr}.{adapter}") if shape_attr else None
+            bound = int(shape.prod()) if shape is not None and shape.numel() == 2 else size
+            count = int(vals.shape[-1]) if vals.dim() else 1
             problem = None
             if idx.dim() != 1 or idx.numel() != count:
                 problem = f"{idx.numel()} indices for {count} values"
-            elif idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
-                problem = f"indices from {int(idx.min())} to {int(idx.max())}, outside [0, {size})"
+            elif idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= bound):
+                problem = f"indices from {int(idx.min())} to {int(idx.max())}, outside [0, {bound})"
             elif ordered and idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
                 problem = "indices not sorted and unique"
             if problem is not None:
-                raise ValueError(
-                    f"{method} adapter {adapter!r} of {getattr(layer, 'layer_name', '') or type(layer).__name__}: the "
-                    f"loaded {index_attr} / {value_attr} do not fit ({problem}); the adapter file is damaged or was "
-                    "edited. Load an adapter saved by hfx for this base model."
+                error_msgs.append(
+                    f"{where}, adapter {adapter!r}: {key} and {value_attr}.{adapter} do not fit ({problem}); the "
+                    "adapter file is damaged or was edited. Load an adapter saved by hfx for this base model."
                 )
 
 
@@ -310,11 +316,6 @@ class WeightShapes(BufferDict):
         super().__init__(persistent=True)
         self._shapes: dict[str, tuple[int, int]] = {}
         self.mismatched: set[str] = set()  # adapters whose last load had another shape (read by load hooks)
-
-    def numel(self, adapter: str, default: tuple[int, int]) -> int:
-        """Entries of the weight the adapter's indices point into (``default``: the layer's, if none is set)."""
-        out, inp = self._shapes.get(adapter, default)
-        return out * inp
 
     def set(self, adapter: str, shape: tuple[int, int], device: Optional[torch.device] = None) -> None:
         self._shapes[adapter] = (int(shape[0]), int(shape[1]))

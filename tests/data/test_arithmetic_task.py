@@ -182,9 +182,11 @@ def test_format_prompt_and_question_text():
         ("#### 12 apples", 12),
         ("#### 12.", 12),
         ("#### 12.5", None),  # a longer number than the integer: no answer (these parsed as 12)
-        ("#### 12.0", None),
+        ("#### 12.0", 12),  # an integer-valued decimal is the integer (as a float answer column is)
+        ("#### 12.05", None),
         ("#### 12e3", None),
         ("#### 12/5", None),
+        ("#### 3 / 4", None),
         ("#### 1,024.5", None),
         ("#### 12. Next", 12),
         ("#### twelve", None),

@@ -521,3 +521,5 @@ def test_pushed_checkpoint_holds_the_alpha_state(model_path, tokenizer, tmp_path
     trainer = hfx.BVPOTrainer(model_path, args=args, train_dataset=ds, processing_class=tokenizer)
     trainer.train()
     assert "bvpo_state.json" in fake_hub["last-checkpoint"]
+    st = os.stat(os.path.join(args.output_dir, "checkpoint-1", "bvpo_state.json"))  # not rewritten during the upload
+    assert fake_hub["last-checkpoint"]["bvpo_state.json"] == (st.st_ino, st.st_mtime_ns, st.st_size)

@@ -833,6 +833,9 @@ def test_pushed_checkpoint_holds_the_multipliers(model_path, tmp_path, fake_hub)
                   hub_model_id="user/hfx-test", hub_strategy="checkpoint")  # fmt: skip
     hfx.ConstrainedGRPOTrainer(model_path, reward_funcs=REWARDS, args=args, train_dataset=prompt_dataset(8)).train()
     assert "constraint_state.json" in fake_hub["last-checkpoint"]
+    # and it is not rewritten (truncated) while that upload runs
+    st = os.stat(os.path.join(args.output_dir, "checkpoint-1", "constraint_state.json"))
+    assert fake_hub["last-checkpoint"]["constraint_state.json"] == (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def test_threshold_search_warns_when_no_phase_fits_in_the_run(model_path, tmp_path, caplog):

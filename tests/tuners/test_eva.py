@@ -166,6 +166,12 @@ def test_rank_deficient_inputs_get_no_rank_on_null_directions(whiten):
     assert summary["ranks"] == {"a": 2} and a.shape == (2, 16)
     torch.testing.assert_close(a @ basis.T @ basis, a, atol=1e-5, rtol=0)  # rows in the inputs' span
     assert float(a.norm(dim=1).max()) < 10
+    # a budget beyond the candidates (r * rho, in_features) is capped as before, without that warning
+    full = [{"x": torch.randn(64, 16, generator=gen)} for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        capped = hfx.initialize(one_linear_eva(rank_budget=20, rho=1.0), full, show_progress=False)["default"]
+    assert capped["ranks"] == {"a": 4}
 
 
 def test_cycled_batches_do_not_count_their_tokens_twice():

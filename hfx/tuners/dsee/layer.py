@@ -175,10 +175,12 @@ def dsee_select(
 
 
 # ---- layers ------------------------------------------------------------------------------------------------------
-def _check_loaded_indices(layer: nn.Module, incompatible_keys: Any) -> None:
-    """``load_state_dict`` post-hook: the loaded index sets fit the weight (:func:`check_index_sets`)."""
+def _check_loaded_indices(layer, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs) -> None:
+    """``load_state_dict`` pre-hook: the incoming index sets fit the weight (:func:`check_index_sets`)."""
     sets = (("dsee_s_indices", "dsee_s_values", True),)
-    check_index_sets(layer, sets, lambda adapter: layer.out_features * layer.in_features, "DSEE", frozenset())
+    check_index_sets(
+        state_dict, prefix, sets, layer.out_features * layer.in_features, "DSEE " + layer._describe(), error_msgs
+    )
 
 
 class DseeLayer(IndexedTunerLayer):
@@ -212,7 +214,7 @@ class DseeLayer(IndexedTunerLayer):
         if in_features is None or out_features is None:
             raise TypeError(f"DSEE cannot adapt {layer_name or 'layer'} of type {type(base_layer).__name__}.")
         self.in_features, self.out_features = in_features, out_features
-        self.register_load_state_dict_post_hook(_check_loaded_indices)
+        self.register_load_state_dict_pre_hook(_check_loaded_indices)
 
     def update_layer(
         self,

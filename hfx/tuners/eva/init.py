@@ -633,9 +633,10 @@ def compute_eva(
         )
     rank_t = _broadcast(torch.tensor([ranks[n] for n in names], dtype=torch.float64))
     ranks = dict(zip(names, (int(v) for v in rank_t.tolist())))
-    if sum(ranks.values()) < budget:
+    unused = min(budget, sum(k.values())) - sum(ranks.values())  # beyond the candidates: the cap, as before
+    if unused > 0:
         warnings.warn(
-            f"EVA: {budget - sum(ranks.values())} of the rank budget {budget} are not used: the remaining candidate "
+            f"EVA: {unused} of the rank budget {budget} are not used: the remaining candidate "
             f"components explain less than {NULL_RATIO:g} of their layer's variance (the inputs span fewer directions "
             "than r * rho), and a LoRA rank on such a direction would never train. Feed more varied batches, or "
             "raise rho for more candidates per layer.",

@@ -77,15 +77,17 @@ def broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
 
 
 # ---- layers ----------------------------------------------------------------------------------------------------
-def _check_loaded_indices(layer: nn.Module, incompatible_keys: Any) -> None:
-    """``load_state_dict`` post-hook: the loaded index sets fit the weight (:func:`check_index_sets`)."""
+def _check_loaded_indices(layer, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs) -> None:
+    """``load_state_dict`` pre-hook: the incoming index sets fit the weight (:func:`check_index_sets`)."""
     sets = (("lift_indices", "lift_values", True), ("lift_past_indices", "lift_past_values", False))
     check_index_sets(
-        layer,
+        state_dict,
+        prefix,
         sets,
-        lambda adapter: layer.lift_shape.numel(adapter, (layer.out_features, layer.in_features)),
-        "LIFT",
-        layer.lift_shape.mismatched,
+        layer.out_features * layer.in_features,
+        "LIFT " + layer._describe(),
+        error_msgs,
+        shape_attr="lift_shape",
     )
 
 
@@ -124,7 +126,7 @@ class LiftLayer(IndexedTunerLayer):
         if in_features is None or out_features is None:
             raise TypeError(f"LIFT cannot adapt {layer_name or 'layer'} of type {type(base_layer).__name__}.")
         self.in_features, self.out_features = in_features, out_features
-        self.register_load_state_dict_post_hook(_check_loaded_indices)
+        self.register_load_state_dict_pre_hook(_check_loaded_indices)
 
     def select(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """Indices of adapter ``adapter_name`` selected on ``weight`` (broadcast from rank 0 if so configured)."""

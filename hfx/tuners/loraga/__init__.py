@@ -41,10 +41,11 @@ register_initializer(
         "trainer.train(resume_from_checkpoint=<checkpoint>)"
     ),
     fitting_load_warning=(
-        "Rank-r weights were loaded into LoRA-GA adapter {adapter!r}, which hfx.initialize never ran on. Such weights "
-        "(a checkpoint saved with export='mutated_base', or a PEFT state dict) are valid only on the offset base "
-        "W - s*B0*A0 of the run that saved them: on the original base they give a different model. If this base is "
-        "the original one, run hfx.initialize(model, <that run's batches>) (same seed) before loading; the default "
-        "export='relative_to_base' saves a rank-2r adapter that needs no offset."
+        "Rank-r weights were loaded into LoRA-GA adapter {adapter!r}, which hfx.initialize never ran on. If they were "
+        "saved with export='mutated_base' (trained after hfx.initialize), they are valid only on the offset base "
+        "W - s*B0*A0 of that run, and on the original base they give a different model: run hfx.initialize(model, "
+        "<that run's batches>) (same seed) before loading. If the saving run never ran hfx.initialize either (a "
+        "plain LoRA), they are right as loaded. The default export='relative_to_base' saves a rank-2r adapter that "
+        "needs no offset."
     ),
 )

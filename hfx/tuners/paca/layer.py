@@ -141,10 +141,10 @@ class PacaWeights(nn.ParameterDict):
         return fn(self, *args)
 
 
-def _check_loaded_indices(layer: nn.Module, incompatible_keys: Any) -> None:
-    """``load_state_dict`` post-hook: the loaded index sets fit the weight (:func:`check_index_sets`)."""
+def _check_loaded_indices(layer, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs) -> None:
+    """``load_state_dict`` pre-hook: the incoming index sets fit the weight (:func:`check_index_sets`)."""
     sets = (("paca_indices", "paca_w", True),)
-    check_index_sets(layer, sets, lambda adapter: layer.in_features, "PaCA", frozenset())
+    check_index_sets(state_dict, prefix, sets, layer.in_features, "PaCA " + layer._describe(), error_msgs)
 
 
 class PacaLayer(IndexedTunerLayer):
@@ -176,7 +176,7 @@ class PacaLayer(IndexedTunerLayer):
         if in_features is None or out_features is None:
             raise TypeError(f"PaCA cannot adapt {layer_name or 'layer'} of type {type(base_layer).__name__}.")
         self.in_features, self.out_features = in_features, out_features
-        self.register_load_state_dict_post_hook(_check_loaded_indices)
+        self.register_load_state_dict_pre_hook(_check_loaded_indices)
 
     def _describe(self) -> str:
         return f"layer {self.layer_name!r} (in_features={self.in_features}, out_features={self.out_features})"

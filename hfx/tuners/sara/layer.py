@@ -207,11 +207,17 @@ def check_sara_base(base: nn.Module, layer_name: str) -> None:
         )
 
 
-def _check_loaded_indices(layer: nn.Module, incompatible_keys: Any) -> None:
-    """``load_state_dict`` post-hook: the loaded index sets fit the weight (:func:`check_index_sets`)."""
+def _check_loaded_indices(layer, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs) -> None:
+    """``load_state_dict`` pre-hook: the incoming index sets fit the weight (:func:`check_index_sets`)."""
     sets = (("sara_indices", "sara_values", True), ("sara_frozen_indices", "sara_frozen_values", False))
     check_index_sets(
-        layer, sets, lambda adapter: layer.sara_shape.numel(adapter, layer.shape), "SaRA", layer.sara_shape.mismatched
+        state_dict,
+        prefix,
+        sets,
+        layer.shape[0] * layer.shape[1],
+        "SaRA " + layer._describe(),
+        error_msgs,
+        shape_attr="sara_shape",
     )
 
 
@@ -245,7 +251,7 @@ class SaraLayer(IndexedTunerLayer):
         self.kwargs = kwargs
         in_features, out_features = _get_in_out_features(self.get_base_layer())
         self.in_features, self.out_features = in_features, out_features
-        self.register_load_state_dict_post_hook(_check_loaded_indices)
+        self.register_load_state_dict_pre_hook(_check_loaded_indices)
 
     def _describe(self) -> str:
         return f"layer {self.layer_name!r} (in_features={self.in_features}, out_features={self.out_features})"
