@@ -8,7 +8,9 @@
   shape, interleaved in one run.
 - :mod:`hfx.bench.report`: per-run JSON, the Markdown summary and the plots.
 
-Each run writes ``<out>/runs/<name>.json`` and is skipped when that file exists (``--force`` redoes it).
+Each run writes ``<out>/runs/<name>.json`` and is skipped when that file exists with the same settings (recipe, method
+config, versions, model files); a record made with other settings is not replaced unless ``--force`` (which redoes
+the run), and an unreadable one is redone with a warning.
 """
 
 

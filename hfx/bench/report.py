@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 __all__ = [
     "environment",
+    "environments_text",
+    "ensure_writable",
     "finished",
+    "jsonable",
     "load_runs",
     "mean_std",
+    "model_fingerprint",
+    "paired",
+    "run_status",
+    "verdict",
+    "versions",
     "run_path",
     "save_run",
     "summarize",
@@ -24,11 +34,25 @@ __all__ = [
 ]
 
 
-def environment() -> dict[str, Any]:
-    """Versions and device, stored in every run record."""
+def versions() -> dict[str, str]:
+    """The versions a run's numbers depend on; a saved run made with others is not reused."""
     import peft
     import torch
     import transformers
+
+    import hfx
+
+    return {
+        "hfx": getattr(hfx, "__version__", "?"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+def environment() -> dict[str, Any]:
+    """Versions and device, stored in every run record."""
+    import torch
     import trl
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
@@ -36,11 +60,79 @@ def environment() -> dict[str, Any]:
         "device": device,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
+        **versions(),
         "trl": trl.__version__,
     }
+
+
+_ENV_KEYS = ("device", "hfx", "torch", "transformers", "peft", "trl")
+
+
+def environments_text(runs: Sequence[dict[str, Any]]) -> str:
+    """One line per distinct environment (device and versions) among ``runs``, with its run count and dates: a
+    table averaged over runs from different set-ups says so."""
+    groups: dict[tuple, list[str]] = {}
+    for run in runs:
+        env = run.get("env") or {}
+        groups.setdefault(tuple(env.get(k) for k in _ENV_KEYS), []).append(str(env.get("date", "?")))
+    if not groups:
+        return "Device: ?; no runs.\n"
+
+    def line(key: tuple, dates: list[str]) -> str:
+        env = dict(zip(_ENV_KEYS, key))
+        libs = ", ".join(f"{k} {env[k]}" for k in _ENV_KEYS[1:] if env[k] is not None)
+        when = dates[0] if len(set(dates)) == 1 else f"{min(dates)} to {max(dates)}"
+        return f"Device: {env['device'] or '?'}; {libs or 'versions ?'}; {when}"
+
+    if len(groups) == 1:
+        ((key, dates),) = groups.items()
+        return line(key, dates) + ".\n"
+    lines = [f"{len(groups)} environments among these runs:"]
+    lines += [f"- {line(key, dates)} ({len(dates)} runs)" for key, dates in groups.items()]
+    return "\n".join(lines) + "\n"
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON (sets sorted, enums and other objects as strings), so it compares equal to itself
+    read back from a run record."""
+
+    def default(obj: Any) -> Any:
+        if isinstance(obj, (set, frozenset)):
+            return sorted(obj, key=str)
+        return getattr(obj, "value", None) if hasattr(obj, "value") and not callable(obj.value) else str(obj)
+
+    return json.loads(json.dumps(value, default=default, sort_keys=True))
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def model_fingerprint(path: str | None) -> dict[str, Any] | None:
+    """sha256 of a saved model folder's config.json and the total size of its weight files: a model re-saved at the
+    same path (another base, retrained) does not pass for the one a run was made with."""
+    if path is None:
+        return None
+    with open(os.path.join(path, "config.json"), "rb") as f:
+        config_sha256 = hashlib.sha256(f.read()).hexdigest()
+    weights = sorted(n for n in os.listdir(path) if n.endswith(WEIGHT_SUFFIXES))
+    return {
+        "config_sha256": config_sha256,
+        "weights_bytes": sum(os.path.getsize(os.path.join(path, n)) for n in weights),
+        "weight_files": len(weights),
+    }
+
+
+def ensure_writable(folder: str, option: str, error: Callable[[str], Any]) -> None:
+    """Create ``folder`` and write a probe file in it before any run, so that an unwritable ``--out`` is named at
+    once, not after the work is done; ``error`` is the parser's ``error`` (it exits)."""
+    probe = os.path.join(folder, f".hfx-write-probe-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        error(f"{option} {folder!r} is not writable ({err.strerror or err}); choose another folder")
 
 
 def run_path(out: str, name: str) -> str:
@@ -57,27 +149,123 @@ def save_run(out: str, name: str, record: dict[str, Any]) -> str:
     return path
 
 
-def finished(out: str, name: str, **expected: Any) -> bool | None:
+def _warn(message: str) -> None:
+    print(f"[hfx bench] warning: {message}", file=sys.stderr, flush=True)
+
+
+def _read_record(path: str) -> dict[str, Any] | None:
+    """The record at ``path``; None, with a warning naming the file, where it cannot be read (truncated, corrupt)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        _warn(f"{path} cannot be read ({type(err).__name__}: {err}); it is left out, and redone where asked for")
+        return None
+    if not isinstance(record, dict):
+        _warn(
+            f"{path} is not a run record (a JSON {type(record).__name__}); it is left out, and redone where asked for"
+        )
+        return None
+    return record
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def differences(saved: Any, expected: Any, name: str) -> list[str]:
+    """``name.key: saved X, now Y`` for each leaf where ``saved`` and ``expected`` differ."""
+    if isinstance(saved, dict) and isinstance(expected, dict):
+        out = []
+        for k in sorted(set(saved) | set(expected), key=str):
+            if saved.get(k) != expected.get(k):
+                out += differences(saved.get(k), expected.get(k), f"{name}.{k}")
+        return out
+    if saved == expected:
+        return []
+    return [f"{name}: saved {'(none)' if saved is None else _short(saved)}, now {_short(expected)}"]
+
+
+def run_status(out: str, name: str, **expected: Any) -> tuple[bool | None, list[str]]:
     """Whether run ``name`` has a record in ``out`` made with the ``expected`` settings (e.g. ``recipe=...``,
-    ``model=...``): True; no record: False; a record made with other settings: None (it must be redone)."""
+    ``model=...``, ``versions=...``): ``(True, [])``; no record, or one that cannot be read (a warning names it):
+    ``(False, [])``; a record made with other settings: ``(None, what differs)``."""
     path = run_path(out, name)
     if not os.path.exists(path):
-        return False
-    with open(path, encoding="utf-8") as f:
-        record = json.load(f)
-    return True if all(record.get(k) == v for k, v in expected.items()) else None
+        return False, []
+    record = _read_record(path)
+    if record is None:
+        return False, []
+    diffs = [d for k, v in expected.items() for d in differences(record.get(k), jsonable(v), k)]
+    return (None, diffs) if diffs else (True, [])
+
+
+def finished(out: str, name: str, **expected: Any) -> bool | None:
+    """:func:`run_status` without the differences: True, False, or None (made with other settings)."""
+    return run_status(out, name, **expected)[0]
 
 
 def load_runs(out: str) -> list[dict[str, Any]]:
+    """Every readable record in ``out/runs``; one that cannot be read is skipped with a warning naming it."""
     folder = os.path.join(out, "runs")
     if not os.path.isdir(folder):
         return []
     runs = []
     for name in sorted(os.listdir(folder)):
         if name.endswith(".json"):
-            with open(os.path.join(folder, name), encoding="utf-8") as f:
-                runs.append(json.load(f))
+            record = _read_record(os.path.join(folder, name))
+            if record is not None:
+                runs.append(record)
     return runs
+
+
+def paired(runs: Iterable[dict[str, Any]], key: str, a: str, b: str, metric: str, by: str = "seed") -> dict[str, Any]:
+    """Paired differences ``a − b`` of ``metric`` between the runs with ``run[key] == a`` and ``== b`` that share
+    ``run[by]`` (the seed): ``{"n", "diffs", "mean", "se"}``, se = sample std (n−1) / √n (nan for n < 2)."""
+    side: dict[str, dict[Any, float]] = {a: {}, b: {}}
+    for run in runs:
+        if run.get(key) in side:
+            value = run["metrics"].get(metric)
+            if value is not None and not math.isnan(float(value)):
+                side[run[key]][run.get(by)] = float(value)
+    shared = sorted(set(side[a]) & set(side[b]), key=str)
+    diffs = [side[a][s] - side[b][s] for s in shared]
+    n = len(diffs)
+    mean = statistics.mean(diffs) if diffs else math.nan
+    se = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else math.nan
+    return {"n": n, "diffs": diffs, "mean": mean, "se": se}
+
+
+def verdict(stats: dict[str, Any], direction: int) -> str:
+    """The rule of benchmarks/RESULTS.md: "reproduced" when the paired mean difference is in the claimed direction
+    (``direction`` +1: ``a`` above ``b``; −1: below) by more than 2 standard errors, "not reproduced" when it is in
+    the opposite direction by more than 2 SE, otherwise (or with fewer than 2 pairs) "inconclusive"."""
+    mean, se = stats["mean"], stats["se"]
+    if stats["n"] < 2 or math.isnan(mean) or math.isnan(se):
+        return "inconclusive"
+    if direction * mean > 2 * se:
+        return "reproduced"
+    if -direction * mean > 2 * se:
+        return "not reproduced"
+    return "inconclusive"
+
+
+def paired_table(
+    runs: Sequence[dict[str, Any]], key: str, pairs: Sequence[tuple[str, str]], metrics: Sequence[tuple[str, int]]
+) -> str:
+    """Markdown: one row per ``(a, b)`` in ``pairs``, the paired (same-seed) difference a − b of each metric as
+    ``mean ± SE (n)``."""
+    head = "| a − b (same seed) | " + " | ".join(m for m, _ in metrics) + " |"
+    rule = "|---|" + "---|" * len(metrics)
+    rows = []
+    for a, b in pairs:
+        cells = []
+        for metric, digits in metrics:
+            st = paired(runs, key, a, b, metric)
+            cells.append("–" if not st["n"] else f"{st['mean']:+.{digits}f} ± {st['se']:.{digits}f} ({st['n']})")
+        rows.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    return "\n".join([head, rule, *rows]) + "\n"
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -5,6 +5,9 @@ Each method runs in a fresh subprocess on a random-init Llama-shaped model: Adam
 targeted, median step time of ``--steps`` steps after ``--warmup`` warm-up steps. Memory is the peak allocated
 by torch (CUDA) or the growth of the process's peak RSS over its RSS once model and optimizer are built (CPU), so
 that it counts activations, gradients and optimizer state. Ratios are against PEFT LoRA measured in the same run.
+On CPU the freed set-up temporaries are first handed back to the OS (``gc.collect()``, glibc's ``malloc_trim(0)``)
+and the peak-RSS mark is reset (``/proc/self/clear_refs``), so that a method whose set-up freed large buffers does
+not train in memory the baseline already counted; each row's ``mem_method`` says which measurement was used.
 
     hfx bench speed                                           # CPU, small shape (a few minutes on 2 cores)
     hfx bench speed --device cuda --shape 1b --dtype bf16 --seq 1024 --bs 4   # Llama-3.2-1B shape on a GPU
@@ -36,31 +39,86 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def method_configs(r: int) -> dict:
-    """name -> PEFT config factory (None = full fine-tuning). PaCA's r is doubled: equal parameters on square layers,
-    the paper's pairing; LIFT's budget r gives exactly LoRA's count."""
+    """name -> PEFT config factory given the base model (None = full fine-tuning). PaCA's r is doubled: equal
+    parameters on square layers, the paper's pairing; LIFT's budget r gives exactly LoRA's count; SaRA's ratio gives
+    LoRA r's count on this model (:func:`hfx.bench.tuners.sara_like_lora`)."""
     from peft import LoraConfig
 
     import hfx
 
+    def lora():
+        return LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS)
+
     methods = {
-        "lora": lambda: LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS),
-        "bone": lambda: hfx.BoneConfig(r=2 * r, target_modules=TARGETS),
+        "lora": lambda model: lora(),
+        "bone": lambda model: hfx.BoneConfig(r=2 * r, target_modules=TARGETS),
         "full": None,
     }
     if hasattr(hfx, "PacaConfig"):
-        methods["paca"] = lambda: hfx.PacaConfig(r=2 * r, target_modules=TARGETS)
+        methods["paca"] = lambda model: hfx.PacaConfig(r=2 * r, target_modules=TARGETS)
     if hasattr(hfx, "LiftConfig"):
-        methods["lift"] = lambda: hfx.LiftConfig(r=r, target_modules=TARGETS, update_interval=None)
+        methods["lift"] = lambda model: hfx.LiftConfig(r=r, target_modules=TARGETS, update_interval=None)
     if hasattr(hfx, "DseeConfig"):  # LoRA rank r plus 64 sparse entries per matrix
-        methods["dsee"] = lambda: hfx.DseeConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS)
-    if hasattr(hfx, "SaraConfig"):  # ~5 % of each matrix: about LoRA r=16's count at the small shape
-        methods["sara"] = lambda: hfx.SaraConfig(ratio=0.05, target_modules=TARGETS)
+        methods["dsee"] = lambda model: hfx.DseeConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS)
+    if hasattr(hfx, "SaraConfig"):  # the share of each matrix that gives LoRA r's trainable count on this model
+        from .tuners import sara_like_lora
+
+        methods["sara"] = lambda model: sara_like_lora(model, lora(), TARGETS)
     return methods
 
 
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _status_bytes(field: str) -> int | None:
+    """``VmHWM`` / ``VmRSS`` of this process from /proc/self/status, in bytes (None where it is not there)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        return None
+    return None
+
+
+def cpu_memory_baseline() -> tuple[int, str]:
+    """Hand freed memory back to the OS and reset the peak-RSS mark, then return (RSS, how the peak will be read).
+
+    Without this, buffers that a tuner's set-up freed stay resident (glibc keeps them), count in the baseline, and
+    the training loop reuses them: its growth over the baseline under-counts (LIFT, SaRA and DSEE came out at
+    0.75-0.92x LoRA). Where /proc/self/clear_refs cannot be written (old kernels, some containers), the peak is the
+    process's lifetime ``ru_maxrss``, which may still predate the loop; ``mem_method`` in the JSON says which."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    steps = ["gc"]
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+        steps.append("malloc_trim")
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        hwm = _status_bytes("VmHWM") is not None
+    except OSError:
+        hwm = False
+    steps.append("clear_refs+VmHWM" if hwm else "ru_maxrss")
+    return rss_bytes(), "+".join(steps)
+
+
+def cpu_peak_bytes(mem_method: str) -> int:
+    if mem_method.endswith("VmHWM"):
+        peak = _status_bytes("VmHWM")
+        if peak is not None:
+            return peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def run_one(args: argparse.Namespace) -> dict:
@@ -88,7 +146,7 @@ def run_one(args: argparse.Namespace) -> dict:
         hfx.set_fused_adapters(True)
     factory = method_configs(args.r)[args.method.removesuffix("_fused")]
     if factory is not None:
-        model = get_peft_model(model, factory())
+        model = get_peft_model(model, factory(model))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
@@ -98,8 +156,9 @@ def run_one(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start_mem = torch.cuda.memory_allocated()
+        mem_method = "cuda.max_memory_allocated"
     else:
-        start_mem = rss_bytes()
+        start_mem, mem_method = cpu_memory_baseline()
     times = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
@@ -111,18 +170,15 @@ def run_one(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated()
-        extra = peak - start_mem
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        extra = peak - start_mem
+    peak = torch.cuda.max_memory_allocated() if cuda else cpu_peak_bytes(mem_method)
+    extra = peak - start_mem
     return {
         "method": args.method,
         "trainable": sum(p.numel() for p in params),
         "step_ms": 1000 * statistics.median(times),
         "peak_gib": peak / 2**30,
         "train_mem_gib": extra / 2**30,
+        "mem_method": mem_method,
         "loss": float(loss),
     }
 
@@ -159,15 +215,28 @@ def main(argv: list[str] | None = None) -> None:
                 f"--device {args.device}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu"
             )
     known = list(method_configs(args.r)) + ["paca_fused", "bone_fused"]
-    unknown = [m for m in (args.methods or "").split(",") if args.methods and m not in known]
-    if unknown:
-        p.error(f"--methods: unknown method(s) {unknown}; choose from {known}")
+    if args.methods is not None:
+        asked = args.methods.split(",")
+        if not all(m.strip() for m in asked):
+            p.error(f"--methods {args.methods!r}: an empty method name; give comma-separated names of {known} "
+                    "(or leave --methods out for all)")  # fmt: skip
+        unknown = [m for m in asked if m not in known]
+        if unknown:
+            p.error(f"--methods: unknown method(s) {unknown}; choose from {known}")
 
     if args.method:
         print(json.dumps(run_one(args)))
         return
-    names = args.methods.split(",") if args.methods else list(method_configs(args.r))
-    if not args.methods and args.device.startswith("cuda"):
+    if args.out:
+        from .report import ensure_writable
+
+        ensure_writable(args.out, "--out", p.error)
+    if args.json:
+        from .report import ensure_writable
+
+        ensure_writable(os.path.dirname(os.path.abspath(args.json)), "--json", p.error)
+    names = args.methods.split(",") if args.methods is not None else list(method_configs(args.r))
+    if args.methods is None and args.device.startswith("cuda"):
         names += ["paca_fused", "bone_fused"]
     # Methods run interleaved over several rounds (order rotated each round) and each keeps its fastest round, so
     # that load from other processes on the machine does not favour whichever method ran in a quiet moment.
@@ -200,8 +269,11 @@ def main(argv: list[str] | None = None) -> None:
             )
     import torch
 
+    from .report import versions
+
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
-    meta = {"device": device, "torch": torch.__version__, "args": vars(args), "date": time.strftime("%Y-%m-%d")}
+    meta = {"device": device, "torch": torch.__version__, "versions": versions(), "args": vars(args),
+            "date": time.strftime("%Y-%m-%d"), "mem_method": sorted({r["mem_method"] for r in rows})}  # fmt: skip
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
@@ -223,9 +295,12 @@ def write_report(out: str, result: dict) -> None:
     base = next((r for r in rows if r["method"] == "lora"), rows[0])  # without a LoRA row: the first method
     ref = "LoRA" if base["method"] == "lora" else base["method"]
     a = result["args"]
+    v = result.get("versions") or {"torch": result["torch"]}
+    versions_text = ", ".join(f"{k} {v[k]}" for k in ("hfx", "torch", "transformers", "peft") if k in v)
     lines = [
-        f"Device: {result['device']}; torch {result['torch']}; {result['date']}; shape {a['shape']}, {a['dtype']}, "
-        f"batch {a['bs']} x {a['seq']} tokens, LoRA r={a['r']}, best of {a['rounds']} interleaved rounds.\n",
+        f"Device: {result['device']}; {versions_text}; {result['date']}; shape {a['shape']}, {a['dtype']}, "
+        f"batch {a['bs']} x {a['seq']} tokens, LoRA r={a['r']}, best of {a['rounds']} interleaved rounds; "
+        f"training memory: {', '.join(result.get('mem_method', [])) or '?'}.\n",
         f"| method | trainable | step (ms) | × {ref} time | training memory (GiB) | × {ref} memory |",
         "|---|---|---|---|---|---|",
     ]

@@ -23,7 +23,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import help_description
-from .report import environment, finished, load_runs, markdown_table, plot, save_run, summarize
+from .report import (
+    ensure_writable,
+    environment,
+    environments_text,
+    load_runs,
+    markdown_table,
+    model_fingerprint,
+    paired,
+    plot,
+    run_path,
+    run_status,
+    save_run,
+    summarize,
+    versions,
+)
 
 __all__ = ["PAIRS", "Pair", "main"]
 
@@ -79,6 +93,16 @@ def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
         out[prefix.rstrip("/")] = float(value)
 
 
+def method_config(pair: str, arm: str, quick: bool) -> dict[str, Any]:
+    """What one arm of a pair runs, as stored in its record and compared on resume: the example and its flags."""
+    spec = PAIRS[pair]
+    return {
+        "script": spec.script,
+        "flags": list(spec.method if arm == "method" else spec.baseline),
+        "quick_flags": list(spec.quick) if quick else [],
+    }
+
+
 def run_one(pair: str, arm: str, seed: int, quick: bool, model: str | None) -> dict[str, Any]:
     """Run one arm of a pair in a subprocess; the record holds the example's ``after`` metrics."""
     spec = PAIRS[pair]
@@ -117,6 +141,9 @@ def run_one(pair: str, arm: str, seed: int, quick: bool, model: str | None) -> d
         "seed": seed,
         "quick": quick,
         "model": model,
+        "model_fingerprint": model_fingerprint(model),
+        "method_config": method_config(pair, arm, quick),
+        "versions": versions(),
         "command": cmd,
         "env": environment(),
         "metrics": metrics,
@@ -157,13 +184,18 @@ def write_report(
             continue
         keys = sorted({k for r in rs for k in r["metrics"]})
         summary = summarize(rs, "label", keys)
-        parts.append(
-            f"### {pair}\n\nClaim: {PAIRS[pair].claim}.\n\n"
-            + markdown_table(summary, [(k, k, 3) for k in keys], "arm")
-        )
-    env = runs[0]["env"] if runs else {}
-    text = f"Device: {env.get('device', '?')}; torch {env.get('torch', '?')}; {env.get('date', '?')}.\n\n" + "\n".join(
-        parts
+        table = markdown_table(summary, [(k, k, 3) for k in keys], "arm")
+        cells = []
+        for k in keys:
+            st = paired(rs, "arm", "method", "baseline", k)
+            cells.append("–" if not st["n"] else f"{st['mean']:+.3f} ± {st['se']:.3f}")
+        n = paired(rs, "arm", "method", "baseline", keys[0])["n"] if keys else 0
+        table += f"| method − baseline, paired: mean ± SE | {n} | " + " | ".join(cells) + " |\n"
+        parts.append(f"### {pair}\n\nClaim: {PAIRS[pair].claim}.\n\n" + table)
+    text = (
+        environments_text(runs)
+        + "± is the sample standard deviation over seeds; the last row of each table is the same-seed difference"
+        " method − baseline, mean ± its standard error.\n\n" + "\n".join(parts)
     )
     with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
         f.write(text)
@@ -195,21 +227,37 @@ def main(argv: list[str] | None = None) -> None:
     if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
         p.error(f"--model {args.model!r} is not a saved model folder (no config.json); hfx bench does not use the hub")
     pairs = args.pairs.split(",")
+    if not all(x.strip() for x in pairs):
+        p.error(f"--pairs {args.pairs!r}: an empty pair name; give comma-separated names of {list(PAIRS)}")
     unknown = [x for x in pairs if x not in PAIRS]
     if unknown:
-        raise SystemExit(f"hfx bench trainers: unknown pair(s) {unknown}; choose from {list(PAIRS)}")
+        p.error(f"--pairs: unknown pair(s) {unknown}; choose from {list(PAIRS)}")
     out = args.out or os.path.join("bench_results", "trainers-quick" if args.quick else "trainers")
+    ensure_writable(out, "--out", p.error)
     from tqdm.auto import tqdm
 
-    jobs = [(pair, arm, seed) for seed in args.seeds for pair in pairs for arm in ("method", "baseline")]
+    settings = {"quick": args.quick, "model": args.model, "model_fingerprint": model_fingerprint(args.model),
+                "versions": versions()}  # fmt: skip
+    jobs, refused = [], []
+    for seed in args.seeds:
+        for pair in pairs:
+            for arm in ("method", "baseline"):
+                name = f"{pair}-{arm}-seed{seed}"
+                done, diffs = run_status(out, name, **settings, method_config=method_config(pair, arm, args.quick))
+                if done and not args.force:
+                    continue
+                if done is None and not args.force:
+                    refused.append(f"  {run_path(out, name)}: " + "; ".join(diffs))
+                jobs.append((pair, arm, seed))
+    if refused:
+        raise SystemExit(
+            f"hfx bench trainers: {len(refused)} saved run(s) in {out} were made with other settings, and this run "
+            "would replace them:\n" + "\n".join(refused) + "\nUse --out <another dir> to keep both, or --force to "
+            "redo (replace) them."
+        )
     bar = tqdm(jobs, desc="hfx bench trainers", unit="run")
     for pair, arm, seed in bar:
         name = f"{pair}-{arm}-seed{seed}"
-        done = finished(out, name, quick=args.quick, model=args.model)
-        if done and not args.force:
-            continue
-        if done is None:
-            bar.write(f"[hfx bench] {name}: the saved run used other settings (--quick, --model); redoing it")
         bar.set_postfix_str(name)
         save_run(out, name, run_one(pair, arm, seed, args.quick, args.model))
     print(write_report(out, pairs, args.quick, args.model, args.seeds))

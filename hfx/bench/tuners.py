@@ -24,7 +24,22 @@ from typing import Any
 
 from ..compat import activation_checkpointing
 from . import help_description
-from .report import environment, finished, load_runs, markdown_table, plot, save_run, summarize
+from .report import (
+    ensure_writable,
+    environment,
+    environments_text,
+    jsonable,
+    load_runs,
+    markdown_table,
+    model_fingerprint,
+    paired_table,
+    plot,
+    run_path,
+    run_status,
+    save_run,
+    summarize,
+    versions,
+)
 
 __all__ = ["METHODS", "QUICK", "FULL", "TunerRecipe", "main", "run_one"]
 
@@ -55,16 +70,23 @@ def _lora(r: int = 8):
     return LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS)
 
 
-def _sara(model) -> Any:
-    # the same number of trainable entries as LoRA r=8: a ratio of each target matrix
+def sara_like_lora(model, lora_config, target_modules) -> Any:
+    """A SaraConfig with the same number of trainable entries as ``lora_config`` on ``model``: that count over the
+    targeted matrices' size as ``ratio`` (at most 0.5). Used by ``hfx bench tuners`` and ``hfx bench speed``."""
     from peft import get_peft_model
 
     import hfx
 
-    probe = get_peft_model(_copy(model), _lora())
+    probe = get_peft_model(_copy(model), lora_config)
     budget = sum(p.numel() for p in probe.parameters() if p.requires_grad)
     linear = sum(m.weight.numel() for n, m in probe.named_modules() if n.endswith("base_layer"))
-    return hfx.SaraConfig(ratio=min(0.5, budget / linear), target_modules=TARGETS)
+    del probe
+    return hfx.SaraConfig(ratio=min(0.5, budget / linear), target_modules=target_modules)
+
+
+def _sara(model) -> Any:
+    # the same number of trainable entries as LoRA r=8: a ratio of each target matrix
+    return sara_like_lora(model, _lora(), TARGETS)
 
 
 def _copy(model):
@@ -89,6 +111,27 @@ METHODS: dict[str, tuple[Callable[[Any], Any], bool, Callable[[], list]]] = {
     "eva": (lambda m: __import__("hfx").EvaConfig(r=8, lora_alpha=16, target_modules=TARGETS), True, list),
     "loraga": (lambda m: __import__("hfx").LoraGAConfig(r=8, lora_alpha=16, target_modules=TARGETS), True, list),
 }
+
+
+def method_config(method: str, config: Any) -> dict[str, Any]:
+    """What a run of ``method`` is made with, as stored in its record and compared on resume: the PEFT config (None:
+    full fine-tuning), whether hfx.initialize runs, and the callbacks."""
+    _, needs_init, callbacks = METHODS[method]
+    return jsonable({
+        "config": None if config is None else {"class": type(config).__name__, **config.to_dict()},
+        "initialize": needs_init,
+        "callbacks": [type(c).__name__ for c in callbacks()],
+    })  # fmt: skip
+
+
+def expected_method_configs(methods: list[str], model_path: str) -> dict[str, dict[str, Any]]:
+    """:func:`method_config` of each method on the base at ``model_path`` (loaded once, here: SaRA's ratio and EVA's
+    layers depend on the model), for the resume check before any run."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    return {m: method_config(m, METHODS[m][0](model)) for m in methods}
 
 
 def _peak_memory_mb() -> float:
@@ -130,6 +173,7 @@ def run_one(method: str, seed: int, recipe: TunerRecipe, model_path: str) -> dic
     train = train.shuffle(seed=seed)
     t0 = time.perf_counter()
     config = factory(model)
+    described = method_config(method, config)  # before get_peft_model, which may fill the config in
     if config is not None:
         model = get_peft_model(model, config)
     init_seconds = time.perf_counter() - t0
@@ -173,6 +217,9 @@ def run_one(method: str, seed: int, recipe: TunerRecipe, model_path: str) -> dic
         "seed": seed,
         "recipe": asdict(recipe),
         "model": model_path,
+        "model_fingerprint": model_fingerprint(model_path),
+        "method_config": described,
+        "versions": versions(),
         "env": environment(),
         "metrics": {
             "hard_accuracy": after[hard],
@@ -202,6 +249,9 @@ COLUMNS = [
 ]
 
 
+PAIRED_METRICS = [("hard_accuracy", 3), ("forgetting", 3), ("final_loss", 3)]
+
+
 def write_report(
     out: str,
     methods: list[str],
@@ -222,13 +272,15 @@ def write_report(
     ]
     runs.sort(key=lambda r: (methods.index(r["method"]), r["seed"]))
     summary = summarize(runs, "method", [k for k, _, _ in COLUMNS])
-    env = runs[0]["env"] if runs else {}
     recipe = runs[0]["recipe"] if runs else {}
-    text = (
-        f"Device: {env.get('device', '?')}; torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, "
-        f"peft {env.get('peft', '?')}, trl {env.get('trl', '?')}; {env.get('date', '?')}.\n"
-        f"Recipe: {json.dumps(recipe)}\n\n" + markdown_table(summary, COLUMNS)
-    )
+    text = environments_text(runs) + f"Recipe: {json.dumps(recipe)}\n\n" + markdown_table(summary, COLUMNS)
+    others = [m for m in summary if m != "lora"]
+    if "lora" in summary and others:
+        text += (
+            "\nPaired differences against LoRA (same seed): mean ± standard error (number of pairs); ± above is the"
+            " sample standard deviation over seeds.\n\n"
+            + paired_table(runs, "method", [(m, "lora") for m in others], PAIRED_METRICS)
+        )
     with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
         f.write(text)
 
@@ -278,6 +330,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-eval", type=int, default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one run in this process
     args = p.parse_args(argv)
+    methods = args.methods.split(",")
+    if not all(m.strip() for m in methods):
+        p.error(f"--methods {args.methods!r}: an empty method name; give comma-separated names of {list(METHODS)}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"--methods: unknown method(s) {unknown}; choose from {list(METHODS)}")
     for option in ("max_steps", "n_train", "n_eval"):
         value = getattr(args, option)
         if value is not None and value < 1:
@@ -291,28 +349,39 @@ def main(argv: list[str] | None = None) -> None:
         record = run_one(spec["method"], spec["seed"], TunerRecipe(**spec["recipe"]), spec["model"])
         save_run(spec["out"], spec["name"], record)
         return
-    methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"hfx bench tuners: unknown method(s) {unknown}; choose from {list(METHODS)}")
     recipe = QUICK if args.quick else FULL
     overrides = {"max_steps": args.max_steps, "n_train": args.n_train, "n_eval": args.n_eval}
     recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     out = args.out or os.path.join("bench_results", "tuners-quick" if args.quick else "tuners")
+    ensure_writable(out, "--out", p.error)
     from tqdm.auto import tqdm
 
     from hfx.testing.pretrained import pretrained_base
 
     model = args.model or pretrained_base()
-    jobs = [(m, s) for s in args.seeds for m in methods]  # seeds outermost: CPU noise hits every method alike
+    configs = expected_method_configs(methods, model)
+    settings = {"recipe": asdict(recipe), "model": model, "model_fingerprint": model_fingerprint(model),
+                "versions": versions()}  # fmt: skip
+    jobs = []  # seeds outermost: CPU noise hits every method alike
+    refused = []
+    for seed in args.seeds:
+        for method in methods:
+            name = f"{method}-seed{seed}"
+            done, diffs = run_status(out, name, **settings, method_config=configs[method])
+            if done and not args.force:
+                continue
+            if done is None and not args.force:
+                refused.append(f"  {run_path(out, name)}: " + "; ".join(diffs))
+            jobs.append((method, seed))
+    if refused:
+        raise SystemExit(
+            f"hfx bench tuners: {len(refused)} saved run(s) in {out} were made with other settings, and this run "
+            "would replace them:\n" + "\n".join(refused) + "\nUse --out <another dir> to keep both, or --force to "
+            "redo (replace) them."
+        )
     bar = tqdm(jobs, desc="hfx bench tuners", unit="run")
     for method, seed in bar:
         name = f"{method}-seed{seed}"
-        done = finished(out, name, recipe=asdict(recipe), model=model)
-        if done and not args.force:
-            continue
-        if done is None:
-            bar.write(f"[hfx bench] {name}: the saved run used another recipe or model; redoing it")
         bar.set_postfix_str(name)
         spec = {"method": method, "seed": seed, "recipe": asdict(recipe), "model": model, "out": out, "name": name}
         cmd = [sys.executable, "-m", "hfx.bench.tuners", "--one", json.dumps(spec)]

@@ -98,8 +98,22 @@ def test_bench_tuners_tiny_and_resumable(tmp_path, monkeypatch):
         json.dump(record, f)
     assert "| eva | 1 |" in tuners_report(str(out), ["lora", "eva"], record["recipe"], record["model"], seeds=[0])
     assert "| eva | 2 |" in tuners_report(str(out), ["lora", "eva"], record["recipe"], record["model"])
-    with pytest.raises(SystemExit, match=r"unknown method\(s\) \['nope'\]"):
-        main(["bench", "tuners", "--methods", "lora,nope", "--model", model])
+    os.remove(out / "runs" / "eva-seed1.json")
+    # the record stores what the run was made with: the method's config, the versions, the model's fingerprint
+    with open(out / "runs" / "lora-seed0.json") as f:
+        lora = json.load(f)
+    assert lora["method_config"]["config"]["class"] == "LoraConfig" and lora["method_config"]["config"]["r"] == 8
+    assert set(lora["versions"]) == {"hfx", "torch", "transformers", "peft"}
+    assert lora["model_fingerprint"]["weights_bytes"] > 0 and len(lora["model_fingerprint"]["config_sha256"]) == 64
+    # made with another torch: refused (not silently replaced), naming the file and what differs
+    lora["versions"]["torch"] = "0.0"
+    with open(out / "runs" / "lora-seed0.json", "w") as f:
+        json.dump(lora, f)
+    with monkeypatch.context() as m:
+        m.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"a run was started: {a}"))
+        with pytest.raises(SystemExit, match=r"lora-seed0\.json: versions\.torch: saved \"0\.0\", now") as err:
+            main(args)
+    assert "--force" in str(err.value) and "--out <another dir>" in str(err.value)
 
 
 @pytest.mark.slow
@@ -112,6 +126,7 @@ def test_bench_speed_tiny(tmp_path):
           "--warmup", "0", "--seq", "16", "--bs", "2", "--out", str(out)])  # fmt: skip
     result = json.loads((out / "speed.json").read_text())
     assert [r["method"] for r in result["rows"]] == ["lora", "bone"] and all(r["step_ms"] > 0 for r in result["rows"])
+    assert all(r["mem_method"] == "gc+malloc_trim+clear_refs+VmHWM" for r in result["rows"])
     assert "| bone |" in (out / "speed.md").read_text() and is_png(out / "speed.png")
 
 
@@ -158,6 +173,11 @@ def test_trainers_plot_has_every_pair():
         ("tuners", ["--model", "/nonexistent"], "--model '/nonexistent' is not a saved model folder"),
         ("trainers", ["--model", "/nonexistent"], "--model '/nonexistent' is not a saved model folder"),
         ("speed", ["--methods", "lora,nope"], "--methods: unknown method(s) ['nope']"),
+        ("speed", ["--methods", ""], "--methods '': an empty method name"),
+        ("tuners", ["--methods", ""], "--methods '': an empty method name"),
+        ("tuners", ["--methods", "lora,nope"], "--methods: unknown method(s) ['nope']"),
+        ("trainers", ["--pairs", "bvpo,"], "--pairs 'bvpo,': an empty pair name"),
+        ("trainers", ["--pairs", "nope"], "--pairs: unknown pair(s) ['nope']"),
         ("speed", ["--steps", "0"], "--steps must be >= 1, got 0"),
         ("speed", ["--device", "tpu"], "--device must be 'cpu' or 'cuda' (or 'cuda:N'), got 'tpu'"),
     ],
@@ -224,3 +244,267 @@ def test_help_describes_the_sub_command_in_full_sentences(module, capsys):
     assert "``" not in text and f"hfx bench {module}:" in text
     description = text.split(f"hfx bench {module}:", 2)[-1].split(" options:")[0]
     assert description.rstrip().endswith("."), description
+
+
+CHURN = r"""
+import ctypes, json, sys
+from hfx.bench.speed import cpu_memory_baseline, cpu_peak_bytes, rss_bytes
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+CHUNK, N = 64 * 1024, 3200  # 200 MiB in heap-sized chunks (below glibc's mmap threshold)
+
+def allocate(pins=None):
+    ptrs = []
+    for _ in range(N):
+        ptrs.append(libc.malloc(CHUNK))
+        ctypes.memset(ptrs[-1], 1, CHUNK)  # resident
+        if pins is not None:  # live memory between them: glibc cannot trim them off the heap's top
+            pins.append(libc.malloc(CHUNK // 4))  # (too large for the small holes the imports left)
+    return ptrs
+
+before = rss_bytes()
+pins = []
+setup = allocate(pins)  # a tuner's set-up temporaries
+for p in setup:
+    libc.free(p)  # freed, but glibc keeps them resident
+kept = rss_bytes() - before
+start, method = cpu_memory_baseline()
+train = allocate()  # the training loop reuses that memory
+print(json.dumps({"kept": kept, "extra": cpu_peak_bytes(method) - start, "method": method}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux /proc/self/clear_refs")
+def test_speed_cpu_memory_counts_memory_a_tuner_set_up_freed():
+    """LIFT, SaRA and DSEE free large temporaries in get_peft_model; glibc kept them resident, so they were counted in
+    the baseline RSS and the training loop reused them: its growth over the baseline (with the lifetime ru_maxrss as
+    peak) came out near 0 here, and LIFT/SaRA/DSEE at 0.75-0.92x LoRA's training memory instead of 0.94-1.12x."""
+    proc = subprocess.run([sys.executable, "-c", CHURN], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["kept"] > 150 * 2**20, result  # the situation: freed set-up memory still resident
+    assert result["extra"] > 150 * 2**20, result  # the loop's 200 MiB are counted (the old measurement: ~0)
+    assert result["method"] == "gc+malloc_trim+clear_refs+VmHWM"
+
+
+def test_speed_cpu_memory_falls_back_without_clear_refs(monkeypatch):
+    import builtins
+    import resource
+
+    from hfx.bench import speed
+
+    def no_clear_refs(path, *args, **kwargs):
+        if path == "/proc/self/clear_refs":
+            raise PermissionError(13, "Permission denied", path)
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(speed, "open", no_clear_refs, raising=False)
+    start, method = speed.cpu_memory_baseline()
+    assert method.endswith("+ru_maxrss") and start > 0
+    assert speed.cpu_peak_bytes(method) == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@pytest.mark.parametrize("r", [4, 8])
+def test_speed_sara_is_sized_to_lora_r_on_the_model(r):
+    """SaRA was SaraConfig(ratio=0.05) whatever --r and the shape: at --r 4 it had 4x LoRA's parameters on the small
+    shape (4.3x at the 1B shape); here, at the tiny shape, 0.45x LoRA r=4's."""
+    import copy
+
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hfx.bench.speed import SHAPES, method_configs
+
+    hidden, inter, layers, heads, kv, vocab = SHAPES["tiny"]
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    configs = method_configs(r)
+    counts = {}
+    for name in ("lora", "sara"):
+        peft_model = get_peft_model(copy.deepcopy(model), configs[name](model))
+        counts[name] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert counts["sara"] == pytest.approx(counts["lora"], rel=0.02), counts
+
+
+def _fail_run(*args, **kwargs):
+    pytest.fail(f"a run was started: {args}")
+
+
+def _trainer_record(**changes):
+    from hfx.bench.trainers import method_config
+
+    record = {"bench": "trainers", "pair": "bvpo", "arm": "method", "label": "bvpo / method", "seed": 0,
+              "quick": True, "model": None, "model_fingerprint": None,
+              "method_config": method_config("bvpo", "method", True), "versions": report.versions(),
+              "env": report.environment(), "metrics": {"trace/rewards/accuracies": 0.5}}  # fmt: skip
+    return {**record, **changes}
+
+
+def test_resume_compares_method_config_versions_and_model_files(tmp_path, capsys):
+    """Resume compared only the recipe and the model's path: a record made with another method config, other library
+    versions, or another model saved at the same path passed for finished."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 8}')
+    (model / "model.safetensors").write_bytes(b"0" * 100)
+    settings = {"recipe": {"max_steps": 2}, "model": str(model), "model_fingerprint": report.model_fingerprint(str(model)),
+                "method_config": {"config": {"class": "LoraConfig", "r": 8}}, "versions": report.versions()}  # fmt: skip
+    out = str(tmp_path / "out")
+    report.save_run(out, "lora-seed0", {"method": "lora", **settings})
+    assert report.run_status(out, "lora-seed0", **settings) == (True, [])
+    for key, value, what in (
+        ("method_config", {"config": {"class": "LoraConfig", "r": 16}}, "method_config.config.r: saved 8, now 16"),
+        ("versions", {**settings["versions"], "peft": "0.0"}, 'versions.peft: saved "'),
+    ):
+        done, diffs = report.run_status(out, "lora-seed0", **{**settings, key: value})
+        assert done is None and any(what in d for d in diffs), diffs
+    (model / "config.json").write_text('{"hidden_size": 16}')  # another model re-saved at the same path
+    done, diffs = report.run_status(
+        out, "lora-seed0", **{**settings, "model_fingerprint": report.model_fingerprint(str(model))}
+    )
+    assert done is None and [d.split(":")[0] for d in diffs] == ["model_fingerprint.config_sha256"]
+    (model / "config.json").write_text('{"hidden_size": 8}')
+    (model / "model.safetensors").write_bytes(b"0" * 101)
+    done, diffs = report.run_status(
+        out, "lora-seed0", **{**settings, "model_fingerprint": report.model_fingerprint(str(model))}
+    )
+    assert done is None and diffs == ["model_fingerprint.weights_bytes: saved 100, now 101"]
+
+
+def test_summaries_list_every_environment(tmp_path):
+    """The summary header showed runs[0]["env"] only, also when the runs came from different machines or versions."""
+    out = str(tmp_path)
+    for seed, (device, torch_version) in enumerate(
+        (("CPU (2 cores)", "2.13"), ("CPU (2 cores)", "2.13"), ("H100", "2.14"))
+    ):
+        env = {
+            "device": device,
+            "torch": torch_version,
+            "transformers": "5",
+            "peft": "0.2",
+            "date": f"2026-12-0{seed + 1}",
+        }
+        for arm in ("method", "baseline"):
+            report.save_run(out, f"bvpo-{arm}-seed{seed}", {
+                "bench": "trainers", "pair": "bvpo", "arm": arm, "label": f"bvpo / {arm}", "seed": seed, "env": env,
+                "metrics": {"trace/rewards/accuracies": 0.5 + 0.1 * seed + (arm == "method") * 0.01 * (seed + 1)},
+            })  # fmt: skip
+    text = trainers_report(out, ["bvpo"])
+    assert "2 environments among these runs" in text
+    assert "- Device: CPU (2 cores); torch 2.13, transformers 5, peft 0.2; 2026-12-01 to 2026-12-02 (4 runs)" in text
+    assert "- Device: H100; torch 2.14, transformers 5, peft 0.2; 2026-12-03 (2 runs)" in text
+    # the same-seed differences method − baseline 0.01, 0.02, 0.03: mean 0.02, SE 0.01 / sqrt(3) = 0.006
+    assert "| method − baseline, paired: mean ± SE | 3 | +0.020 ± 0.006 |" in text
+    one = report.environments_text([{"env": {"device": "cpu", "torch": "2", "date": "d"}}])
+    assert one == "Device: cpu; torch 2; d.\n"
+
+
+def test_paired_statistics_and_the_verdict_rule():
+    """RESULTS.md's rule: reproduced when the same-seed mean difference is in the claimed direction by more than
+    2 standard errors of the differences, not reproduced when in the opposite one, otherwise inconclusive."""
+
+    def runs(a, b):
+        return [
+            {"method": m, "seed": s, "metrics": {"x": v}} for m, vs in (("a", a), ("b", b)) for s, v in enumerate(vs)
+        ]
+
+    # LIFT vs full FT, forgetting (lower is the claim): differences -0.010, +0.010, -0.025
+    st = report.paired(runs([0.015, 0.010, 0.010], [0.025, 0.0, 0.035]), "method", "a", "b", "x")
+    assert st["n"] == 3 and st["diffs"] == pytest.approx([-0.010, 0.010, -0.025])
+    assert st["mean"] == pytest.approx(-0.025 / 3) and st["se"] == pytest.approx(0.0101379, rel=1e-4)
+    assert report.verdict(st, -1) == "inconclusive"
+    clear = report.paired(runs([1.0, 1.1, 1.3], [0.5, 0.7, 0.8]), "method", "a", "b", "x")  # +0.5, +0.4, +0.5
+    assert report.verdict(clear, +1) == "reproduced" and report.verdict(clear, -1) == "not reproduced"
+    # only seeds both sides have are paired; one pair is too few to judge
+    single = report.paired(runs([1.0], [0.5, 0.7]), "method", "a", "b", "x")
+    assert single["n"] == 1 and report.verdict(single, +1) == "inconclusive"
+
+
+def test_a_record_of_other_settings_is_refused_not_replaced(tmp_path, monkeypatch):
+    """A different recipe in the same --out used to redo the run and overwrite the earlier record (run names carry only
+    the method and seed); now nothing runs, the file and the difference are named, and --force still redoes."""
+    from hfx.bench.trainers import main
+
+    out = tmp_path / "out"
+    path = report.save_run(str(out), "bvpo-method-seed0", _trainer_record())
+    before = open(path).read()
+    monkeypatch.setattr(subprocess, "run", _fail_run)
+    with pytest.raises(SystemExit) as err:
+        main(["--pairs", "bvpo", "--seeds", "0", "--out", str(out)])  # not --quick
+    message = str(err.value)
+    assert "bvpo-method-seed0.json: quick: saved true, now false" in message
+    assert "method_config.quick_flags" in message and "--out <another dir>" in message and "--force" in message
+    assert open(path).read() == before
+    started = []
+
+    def fake_run_one(pair, arm, seed, quick, model):
+        started.append(f"{pair}-{arm}-seed{seed}")
+        return _trainer_record(arm=arm, quick=quick, label=f"{pair} / {arm}")
+
+    monkeypatch.setattr("hfx.bench.trainers.run_one", fake_run_one)
+    main(["--pairs", "bvpo", "--seeds", "0", "--out", str(out), "--force"])
+    assert started == ["bvpo-method-seed0", "bvpo-baseline-seed0"]
+
+
+def test_a_corrupt_record_is_redone_and_skipped_with_a_warning(tmp_path, monkeypatch, capsys):
+    """A truncated or corrupt run JSON crashed every invocation (also with --force) with a bare JSONDecodeError."""
+    from hfx.bench.trainers import main
+
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    bad = out / "runs" / "bvpo-method-seed0.json"
+    bad.write_text('{"bench": "trainers", "pair": "bv')  # interrupted copy
+    (out / "runs" / "bvpo-baseline-seed0.json").write_bytes(b"\xff\xfe not utf-8")
+    assert report.run_status(str(out), "bvpo-method-seed0", quick=True) == (False, [])
+    assert report.load_runs(str(out)) == []
+    err = capsys.readouterr().err
+    assert (
+        f"{bad} cannot be read (JSONDecodeError" in err
+        and "bvpo-baseline-seed0.json cannot be read (UnicodeDecodeError" in err
+    )
+    started = []
+    monkeypatch.setattr(subprocess, "run", _fail_run)
+    monkeypatch.setattr(
+        "hfx.bench.trainers.run_one",
+        lambda pair, arm, seed, quick, model: started.append(arm) or _trainer_record(arm=arm, label=f"bvpo / {arm}"),
+    )
+    main(["--pairs", "bvpo", "--seeds", "0", "--quick", "--out", str(out)])
+    assert started == ["method", "baseline"] and len(report.load_runs(str(out))) == 2
+
+
+@pytest.mark.parametrize("module", ["tuners", "trainers", "speed"])
+def test_an_unwritable_out_is_named_before_any_run(module, tmp_path, monkeypatch, capsys):
+    """--out under a file (or without write permission) failed only when the first record or the report was written:
+    after a run (tuners, trainers) or after all rounds (speed)."""
+    import importlib
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = ["--out", str(blocker / "out")]
+    if module == "tuners":
+        argv += ["--methods", "lora", "--seeds", "0", "--model", save_tiny_model(tmp_path / "tiny", hidden_size=16)]
+    if module == "trainers":
+        argv += ["--pairs", "bvpo", "--seeds", "0"]
+    if module == "speed":
+        argv += ["--shape", "tiny", "--methods", "lora", "--rounds", "1"]
+    monkeypatch.setattr(subprocess, "run", _fail_run)
+    monkeypatch.setattr("hfx.bench.trainers.run_one", _fail_run)
+    with pytest.raises(SystemExit) as err:
+        importlib.import_module(f"hfx.bench.{module}").main(argv)
+    assert err.value.code == 2 and f"--out '{blocker / 'out'}' is not writable" in capsys.readouterr().err
+
+
+def test_speed_json_records_the_versions(tmp_path, monkeypatch):
+    """speed.json had only the device, torch, args and date; the run JSONs of tuners/trainers carry the versions."""
+    from hfx.bench import speed
+
+    row = {"method": "lora", "trainable": 10, "step_ms": 1.0, "peak_gib": 1.0, "train_mem_gib": 0.5,
+           "mem_method": "gc+malloc_trim+clear_refs+VmHWM", "loss": 1.0}  # fmt: skip
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, json.dumps(row), ""))
+    speed.main(["--shape", "tiny", "--methods", "lora", "--rounds", "1", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert result["versions"] == report.versions() and result["mem_method"] == [row["mem_method"]]
+    assert "hfx " in (tmp_path / "speed.md").read_text() and "clear_refs+VmHWM" in (tmp_path / "speed.md").read_text()
