@@ -90,6 +90,25 @@ def test_buffer_meta_reward_and_minimised_objectives():
     assert other == buf
 
 
+def test_buffer_computes_the_front_hypervolume_once_per_accepted_point(monkeypatch):
+    """Each update used to compute HV(front) afresh (and the trainer's log once more): with 4 objectives a front of
+    ~80 points costs ~0.2 s each. The kept value is the one a fresh computation gives, to the bit."""
+    import hfx.trainers.dynamic_weight_utils as dwu
+
+    gen = torch.Generator().manual_seed(0)
+    points = [[0.0] * 4] + torch.rand(40, 4, generator=gen, dtype=torch.float64).tolist()  # B[0], then trade-offs
+    calls = []
+    real = dwu.hypervolume
+    monkeypatch.setattr(dwu, "hypervolume", lambda *a: calls.append(1) or real(*a))
+    buf = HypervolumeBuffer([True, True, True, True])
+    for p in points:
+        buf.update(p)
+        logged = buf.hypervolume()  # what the trainer logs after each update
+        assert logged == real([buf._orient(q) for q in buf.front], buf._orient(buf.reference))
+    assert len(buf.front) > 3
+    assert len(calls) == len(points)  # one per update with a front (the new point's), plus the empty front's once
+
+
 # ------------------------------------------------------------------------------------------------ mirror descent
 def test_mirror_descent_step_on_known_gram():
     w = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)

@@ -178,7 +178,6 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         direct_w = weight.dtype == cdtype
         dw = torch.zeros_like(weight) if need_w else None
         db = torch.zeros((v,), dtype=cdtype, device=hidden.device) if need_b else None
-        rows = torch.arange(m, device=hidden.device)
 
         for v0 in range(0, v, plan.vocab_chunk):
             v1 = min(v, v0 + plan.vocab_chunk)
@@ -198,10 +197,11 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                 if smooth is not None:
                     dz.sub_(smooth[t0:t1])
                 y = labels[t0:t1]
+                # the label's column, where it lies in this chunk; elsewhere −0.0 into column 0 (exact: x + (−0) = x),
+                # so that no host sync (hit.any(), boolean indexing) stalls a GPU at every tile
                 hit = (y >= v0) & (y < v1)
-                if bool(hit.any()):
-                    r = rows[: t1 - t0][hit]
-                    dz[r, y[hit] - v0] -= onehot_scale[t0:t1][hit]
+                col = (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
+                dz.scatter_add_(1, col, torch.where(hit, -onehot_scale[t0:t1], -0.0).to(dz.dtype).unsqueeze(1))
                 if temperature != 1.0:
                     dz.div_(temperature)
                 if t is not None:  # d(s·tanh(u/s))/du = 1 − tanh²
