@@ -435,6 +435,12 @@ def test_convert_to_miss_loads_in_plain_peft(init, tmp_path):
     assert isinstance(miss.peft_config["default"], MissConfig)
     torch.testing.assert_close(miss(x), y, rtol=1e-6, atol=1e-6)
     assert hfx.BoneConfig(r=4, init_weights=init).to_miss_config().init_weights == init
+    # an adapter saved with safe_serialization=False (adapter_model.bin) converts too (it was a FileNotFoundError)
+    model.save_pretrained(tmp_path / "bone_bin", safe_serialization=False)
+    convert_to_miss(tmp_path / "bone_bin", tmp_path / "miss_bin")
+    torch.testing.assert_close(
+        PeftModel.from_pretrained(fixture_base(), tmp_path / "miss_bin")(x), y, rtol=1e-6, atol=1e-6
+    )
 
 
 def test_convert_to_miss_refuses_other_types(tmp_path):

@@ -6,7 +6,8 @@ import json
 import os
 import shutil
 
-from safetensors.torch import load_file, save_file
+from peft.utils import load_peft_weights
+from safetensors.torch import save_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -23,7 +24,9 @@ def convert_to_miss(bone_dir: str, out_dir: str) -> str:
     if config.get("bias") == "bone_only":
         config["bias"] = "MiSS_only"
     config["peft_type"] = "MISS"
-    weights = load_file(os.path.join(bone_dir, ADAPTER_WEIGHTS))
+    # PEFT's reader: adapter_model.safetensors, or the .bin of save_pretrained(safe_serialization=False), read with
+    # torch.load(weights_only=True)
+    weights = load_peft_weights(str(bone_dir), device="cpu")
     renamed = {k.replace(".bone_block", ".miss_block"): v.contiguous() for k, v in weights.items()}
     os.makedirs(out_dir, exist_ok=True)
     save_file(renamed, os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
