@@ -22,7 +22,9 @@ __all__ = [
     "load_runs",
     "mean_std",
     "model_fingerprint",
+    "code_digest",
     "paired",
+    "plan_jobs",
     "run_status",
     "verdict",
     "versions",
@@ -108,18 +110,37 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def model_fingerprint(path: str | None) -> dict[str, Any] | None:
-    """sha256 of a saved model folder's config.json and the total size of its weight files: a model re-saved at the
-    same path (another base, retrained) does not pass for the one a run was made with."""
+    """sha256 of a saved model folder's config.json and of its weight files' contents: a model re-saved at the same
+    path (another base, retrained) does not pass for the one a run was made with."""
     if path is None:
         return None
     with open(os.path.join(path, "config.json"), "rb") as f:
         config_sha256 = hashlib.sha256(f.read()).hexdigest()
-    weights = sorted(n for n in os.listdir(path) if n.endswith(WEIGHT_SUFFIXES))
-    return {
-        "config_sha256": config_sha256,
-        "weights_bytes": sum(os.path.getsize(os.path.join(path, n)) for n in weights),
-        "weight_files": len(weights),
-    }
+    weights = hashlib.sha256()
+    names = sorted(n for n in os.listdir(path) if n.endswith(WEIGHT_SUFFIXES))
+    for name in names:
+        weights.update(name.encode())
+        with open(os.path.join(path, name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                weights.update(block)
+    return {"config_sha256": config_sha256, "weights_sha256": weights.hexdigest(), "weight_files": len(names)}
+
+
+def code_digest() -> str:
+    """sha256 of hfx's own source files: its version string does not change with its code, and a fix can change a
+    method's results (records made with other code are kept, with a warning, see :func:`plan_jobs`)."""
+    import hfx
+
+    root = os.path.dirname(os.path.abspath(hfx.__file__))
+    digest = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, root).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
 
 
 def ensure_writable(folder: str, option: str, error: Callable[[str], Any]) -> None:
@@ -206,6 +227,34 @@ def finished(out: str, name: str, **expected: Any) -> bool | None:
     return run_status(out, name, **expected)[0]
 
 
+def plan_jobs(out: str, jobs: Sequence[tuple[str, Any, dict[str, Any]]], force: bool, command: str) -> list[Any]:
+    """The jobs to run among ``(name, job, expected settings)``: all with ``force``; else those without a record.
+
+    A record made with other settings is refused (``SystemExit`` naming each file and what differs): replacing it
+    silently lost earlier results. Records made with other hfx code (:func:`code_digest`) are kept, with a warning.
+    """
+    todo, refused, other_code = [], [], 0
+    code = code_digest()
+    for name, job, expected in jobs:
+        done, diffs = run_status(out, name, **expected)
+        if done and not force:
+            record = _read_record(run_path(out, name)) or {}
+            other_code += record.get("hfx_code", code) != code
+            continue
+        if done is None and not force:
+            refused.append(f"  {run_path(out, name)}: " + "; ".join(diffs))
+        todo.append(job)
+    if refused:
+        raise SystemExit(
+            f"{command}: {len(refused)} saved run(s) in {out} were made with other settings, and this run would "
+            "replace them:\n" + "\n".join(refused) + "\nUse --out <another dir> to keep both, delete those files, or "
+            "--force to redo (replace) every run."
+        )
+    if other_code:
+        _warn(f"{other_code} saved run(s) in {out} were made with other hfx code; they are kept (--force redoes them)")
+    return todo
+
+
 def load_runs(out: str) -> list[dict[str, Any]]:
     """Every readable record in ``out/runs``; one that cannot be read is skipped with a warning naming it."""
     folder = os.path.join(out, "runs")
@@ -263,7 +312,10 @@ def paired_table(
         cells = []
         for metric, digits in metrics:
             st = paired(runs, key, a, b, metric)
-            cells.append("–" if not st["n"] else f"{st['mean']:+.{digits}f} ± {st['se']:.{digits}f} ({st['n']})")
+            if st["n"] < 2:  # one pair has no standard error
+                cells.append(f"{st['mean']:+.{digits}f} (1)" if st["n"] else "–")
+            else:
+                cells.append(f"{st['mean']:+.{digits}f} ± {st['se']:.{digits}f} ({st['n']})")
         rows.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
     return "\n".join([head, rule, *rows]) + "\n"
 

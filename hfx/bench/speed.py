@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -113,12 +114,20 @@ def cpu_memory_baseline() -> tuple[int, str]:
     return rss_bytes(), "+".join(steps)
 
 
-def cpu_peak_bytes(mem_method: str) -> int:
+def _ru_maxrss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def cpu_peak_bytes(mem_method: str, set_up_peak: int = 0) -> float:
+    """The peak RSS of the training loop. Without a reset peak mark (``ru_maxrss``) it is the process's lifetime
+    peak, which a loop that stayed below the set-up's peak (``set_up_peak``) never moved: that is unmeasured (NaN),
+    not the set-up's memory passed off as training memory."""
     if mem_method.endswith("VmHWM"):
         peak = _status_bytes("VmHWM")
         if peak is not None:
             return peak
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    peak = _ru_maxrss()
+    return math.nan if peak <= set_up_peak else peak
 
 
 def run_one(args: argparse.Namespace) -> dict:
@@ -159,6 +168,7 @@ def run_one(args: argparse.Namespace) -> dict:
         mem_method = "cuda.max_memory_allocated"
     else:
         start_mem, mem_method = cpu_memory_baseline()
+        set_up_peak = _ru_maxrss()
     times = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
@@ -170,7 +180,7 @@ def run_one(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if cuda else cpu_peak_bytes(mem_method)
+    peak = torch.cuda.max_memory_allocated() if cuda else cpu_peak_bytes(mem_method, set_up_peak)
     extra = peak - start_mem
     return {
         "method": args.method,

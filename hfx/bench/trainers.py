@@ -24,6 +24,7 @@ from typing import Any
 
 from . import help_description
 from .report import (
+    code_digest,
     ensure_writable,
     environment,
     environments_text,
@@ -31,9 +32,8 @@ from .report import (
     markdown_table,
     model_fingerprint,
     paired,
+    plan_jobs,
     plot,
-    run_path,
-    run_status,
     save_run,
     summarize,
     versions,
@@ -144,6 +144,7 @@ def run_one(pair: str, arm: str, seed: int, quick: bool, model: str | None) -> d
         "model_fingerprint": model_fingerprint(model),
         "method_config": method_config(pair, arm, quick),
         "versions": versions(),
+        "hfx_code": code_digest(),
         "command": cmd,
         "env": environment(),
         "metrics": metrics,
@@ -236,25 +237,22 @@ def main(argv: list[str] | None = None) -> None:
     ensure_writable(out, "--out", p.error)
     from tqdm.auto import tqdm
 
-    settings = {"quick": args.quick, "model": args.model, "model_fingerprint": model_fingerprint(args.model),
-                "versions": versions()}  # fmt: skip
-    jobs, refused = [], []
-    for seed in args.seeds:
-        for pair in pairs:
-            for arm in ("method", "baseline"):
-                name = f"{pair}-{arm}-seed{seed}"
-                done, diffs = run_status(out, name, **settings, method_config=method_config(pair, arm, args.quick))
-                if done and not args.force:
-                    continue
-                if done is None and not args.force:
-                    refused.append(f"  {run_path(out, name)}: " + "; ".join(diffs))
-                jobs.append((pair, arm, seed))
-    if refused:
-        raise SystemExit(
-            f"hfx bench trainers: {len(refused)} saved run(s) in {out} were made with other settings, and this run "
-            "would replace them:\n" + "\n".join(refused) + "\nUse --out <another dir> to keep both, or --force to "
-            "redo (replace) them."
-        )
+    settings = {"quick": args.quick, "model_fingerprint": model_fingerprint(args.model), "versions": versions()}
+    jobs = plan_jobs(
+        out,
+        [
+            (
+                f"{pair}-{arm}-seed{seed}",
+                (pair, arm, seed),
+                {**settings, "method_config": method_config(pair, arm, args.quick)},
+            )
+            for seed in args.seeds
+            for pair in pairs
+            for arm in ("method", "baseline")
+        ],
+        args.force,
+        "hfx bench trainers",
+    )
     bar = tqdm(jobs, desc="hfx bench trainers", unit="run")
     for pair, arm, seed in bar:
         name = f"{pair}-{arm}-seed{seed}"

@@ -25,6 +25,7 @@ from typing import Any
 from ..compat import activation_checkpointing
 from . import help_description
 from .report import (
+    code_digest,
     ensure_writable,
     environment,
     environments_text,
@@ -33,9 +34,8 @@ from .report import (
     markdown_table,
     model_fingerprint,
     paired_table,
+    plan_jobs,
     plot,
-    run_path,
-    run_status,
     save_run,
     summarize,
     versions,
@@ -220,6 +220,7 @@ def run_one(method: str, seed: int, recipe: TunerRecipe, model_path: str) -> dic
         "model_fingerprint": model_fingerprint(model_path),
         "method_config": described,
         "versions": versions(),
+        "hfx_code": code_digest(),
         "env": environment(),
         "metrics": {
             "hard_accuracy": after[hard],
@@ -360,25 +361,18 @@ def main(argv: list[str] | None = None) -> None:
 
     model = args.model or pretrained_base()
     configs = expected_method_configs(methods, model)
-    settings = {"recipe": asdict(recipe), "model": model, "model_fingerprint": model_fingerprint(model),
-                "versions": versions()}  # fmt: skip
-    jobs = []  # seeds outermost: CPU noise hits every method alike
-    refused = []
-    for seed in args.seeds:
-        for method in methods:
-            name = f"{method}-seed{seed}"
-            done, diffs = run_status(out, name, **settings, method_config=configs[method])
-            if done and not args.force:
-                continue
-            if done is None and not args.force:
-                refused.append(f"  {run_path(out, name)}: " + "; ".join(diffs))
-            jobs.append((method, seed))
-    if refused:
-        raise SystemExit(
-            f"hfx bench tuners: {len(refused)} saved run(s) in {out} were made with other settings, and this run "
-            "would replace them:\n" + "\n".join(refused) + "\nUse --out <another dir> to keep both, or --force to "
-            "redo (replace) them."
-        )
+    # the model is matched by its files (fingerprint), not by how its path is spelled
+    settings = {"recipe": asdict(recipe), "model_fingerprint": model_fingerprint(model), "versions": versions()}
+    jobs = plan_jobs(
+        out,
+        [
+            (f"{m}-seed{seed}", (m, seed), {**settings, "method_config": configs[m]})
+            for seed in args.seeds
+            for m in methods
+        ],
+        args.force,
+        "hfx bench tuners",
+    )  # seeds outermost: CPU noise hits every method alike
     bar = tqdm(jobs, desc="hfx bench tuners", unit="run")
     for method, seed in bar:
         name = f"{method}-seed{seed}"

@@ -100,8 +100,9 @@ class HypervolumeBuffer:
     r_pareto: float = 1.0
     last_delta: float = 0.0
     num_updates: int = 0
-    # HV(front) under the reference, kept until the front changes: each update needs it, and the trainer logs it
-    _front_hv: float | None = field(default=None, compare=False, repr=False)
+    # (front, reference) -> HV(front): each update needs it and the trainer logs it; recomputed when either changes
+    # (also by direct assignment or dataclasses.replace)
+    _front_hv: tuple[Any, float] | None = field(default=None, init=False, compare=False, repr=False)
 
     def _orient(self, v: Sequence[float]) -> tuple[float, ...]:
         if len(v) != len(self.maximize):
@@ -111,9 +112,10 @@ class HypervolumeBuffer:
     def hypervolume(self) -> float:
         if self.reference is None:
             return 0.0
-        if self._front_hv is None:
-            self._front_hv = hypervolume([self._orient(p) for p in self.front], self._orient(self.reference))
-        return self._front_hv
+        key = (tuple(map(tuple, self.front)), tuple(self.reference))
+        if self._front_hv is None or self._front_hv[0] != key:
+            self._front_hv = key, hypervolume([self._orient(p) for p in self.front], self._orient(self.reference))
+        return self._front_hv[1]
 
     def update(self, v: Sequence[float]) -> float:
         """Add the new evaluation ``v``; returns (and stores) the meta-reward for the next step.
@@ -129,7 +131,7 @@ class HypervolumeBuffer:
         self.num_updates += 1
         if self.reference is None:
             self._orient(v)
-            self.reference, self._front_hv = v, None
+            self.reference = v
             self.last_delta = 0.0
             return self.r_pareto
         ref = self._orient(self.reference)
@@ -142,7 +144,8 @@ class HypervolumeBuffer:
         if delta > 0:
             keep = pareto_front([*oriented, self._orient(v)])
             self.front = [p for p in [*self.front, v] if self._orient(p) in keep]
-            self._front_hv = after  # the same points in the same order: hypervolume() would give these bits
+            # the same points in the same order: hypervolume() would give these bits
+            self._front_hv = (tuple(map(tuple, self.front)), tuple(self.reference)), after
         return self.r_pareto
 
     def state_dict(self) -> dict[str, Any]:
@@ -160,7 +163,6 @@ class HypervolumeBuffer:
             raise ValueError(f"the checkpoint's maximize {state['maximize']} differs from {self.maximize}")
         self.reference = None if state["reference"] is None else [float(x) for x in state["reference"]]
         self.front = [[float(x) for x in p] for p in state["front"]]
-        self._front_hv = None
         self.r_pareto = float(state["r_pareto"])
         self.last_delta = float(state.get("last_delta", 0.0))
         self.num_updates = int(state.get("num_updates", 0))

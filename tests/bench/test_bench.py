@@ -4,6 +4,7 @@ resume) and `hfx bench speed` through the console entry point."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -104,7 +105,11 @@ def test_bench_tuners_tiny_and_resumable(tmp_path, monkeypatch):
         lora = json.load(f)
     assert lora["method_config"]["config"]["class"] == "LoraConfig" and lora["method_config"]["config"]["r"] == 8
     assert set(lora["versions"]) == {"hfx", "torch", "transformers", "peft"}
-    assert lora["model_fingerprint"]["weights_bytes"] > 0 and len(lora["model_fingerprint"]["config_sha256"]) == 64
+    assert (
+        len(lora["model_fingerprint"]["weights_sha256"]) == 64
+        and len(lora["model_fingerprint"]["config_sha256"]) == 64
+    )
+    assert lora["hfx_code"] == report.code_digest()
     # made with another torch: refused (not silently replaced), naming the file and what differs
     lora["versions"]["torch"] = "0.0"
     with open(out / "runs" / "lora-seed0.json", "w") as f:
@@ -303,7 +308,10 @@ def test_speed_cpu_memory_falls_back_without_clear_refs(monkeypatch):
     monkeypatch.setattr(speed, "open", no_clear_refs, raising=False)
     start, method = speed.cpu_memory_baseline()
     assert method.endswith("+ru_maxrss") and start > 0
-    assert speed.cpu_peak_bytes(method) == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert speed.cpu_peak_bytes(method, set_up_peak=lifetime - 1) == lifetime  # the loop set a new peak: measured
+    # a loop below the set-up's peak leaves the lifetime peak where set-up put it: unmeasured, not set-up memory
+    assert math.isnan(speed.cpu_peak_bytes(method, set_up_peak=lifetime))
 
 
 @pytest.mark.parametrize("r", [4, 8])
@@ -367,11 +375,11 @@ def test_resume_compares_method_config_versions_and_model_files(tmp_path, capsys
     )
     assert done is None and [d.split(":")[0] for d in diffs] == ["model_fingerprint.config_sha256"]
     (model / "config.json").write_text('{"hidden_size": 8}')
-    (model / "model.safetensors").write_bytes(b"0" * 101)
+    (model / "model.safetensors").write_bytes(b"1" * 100)  # retrained: same config, same size, other weights
     done, diffs = report.run_status(
         out, "lora-seed0", **{**settings, "model_fingerprint": report.model_fingerprint(str(model))}
     )
-    assert done is None and diffs == ["model_fingerprint.weights_bytes: saved 100, now 101"]
+    assert done is None and [d.split(":")[0] for d in diffs] == ["model_fingerprint.weights_sha256"]
 
 
 def test_summaries_list_every_environment(tmp_path):
@@ -508,3 +516,20 @@ def test_speed_json_records_the_versions(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "speed.json").read_text())
     assert result["versions"] == report.versions() and result["mem_method"] == [row["mem_method"]]
     assert "hfx " in (tmp_path / "speed.md").read_text() and "clear_refs+VmHWM" in (tmp_path / "speed.md").read_text()
+
+
+def test_plan_jobs_skips_refuses_and_warns(tmp_path, capsys):
+    """The resume plan shared by tuners and trainers: finished runs are skipped (the model is matched by its files,
+    so another spelling of its path no longer refuses every record), a record made with other settings is refused
+    with what differs, one made with other hfx code is kept with a warning, and --force redoes everything."""
+    out = str(tmp_path)
+    settings = {"recipe": {"max_steps": 2}, "model_fingerprint": {"config_sha256": "a"}}
+    report.save_run(out, "lora-seed0", {**settings, "model": "/models/tiny", "hfx_code": report.code_digest()})
+    report.save_run(out, "eva-seed0", {**settings, "model": "/models/tiny/", "hfx_code": "older"})
+    jobs = [("lora-seed0", "lora", settings), ("eva-seed0", "eva", settings), ("bone-seed0", "bone", settings)]
+    assert report.plan_jobs(out, jobs, False, "hfx bench tuners") == ["bone"]
+    assert "1 saved run(s) in" in capsys.readouterr().err  # eva's, made with other code: kept
+    other = {**settings, "recipe": {"max_steps": 3}}
+    with pytest.raises(SystemExit, match=r"lora-seed0.json: recipe.max_steps: saved 2, now 3"):
+        report.plan_jobs(out, [("lora-seed0", "lora", other)], False, "hfx bench tuners")
+    assert report.plan_jobs(out, [("lora-seed0", "lora", other), *jobs], True, "x") == ["lora", "lora", "eva", "bone"]

@@ -117,6 +117,16 @@ def test_2d_inputs_and_no_valid_tokens():
     assert hidden.grad is not None and not hidden.grad.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_other_integer_label_dtypes_are_class_indices(dtype):
+    """uint8 labels used to be read as a boolean mask (an IndexError about "the shape of the mask"), int16 ones
+    failed as a bare IndexError."""
+    hidden, weight, b, labels = make(n=(2, 5))
+    labels = labels.clamp_min(0)  # no ignore_index: uint8 cannot hold -100
+    want = hfx.linear_cross_entropy(hidden, weight, labels, b)
+    torch.testing.assert_close(hfx.linear_cross_entropy(hidden, weight, labels.to(dtype), b), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("bias", [False, True])

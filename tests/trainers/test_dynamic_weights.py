@@ -107,6 +107,13 @@ def test_buffer_computes_the_front_hypervolume_once_per_accepted_point(monkeypat
         assert logged == real([buf._orient(q) for q in buf.front], buf._orient(buf.reference))
     assert len(buf.front) > 3
     assert len(calls) == len(points)  # one per update with a front (the new point's), plus the empty front's once
+    # a front or reference changed from outside is not answered from the kept value
+    import dataclasses
+
+    other = dataclasses.replace(buf, front=[[1.0] * 4])
+    assert other.hypervolume() == real([(1.0,) * 4], other._orient(other.reference))
+    buf.front.append([2.0] * 4)
+    assert buf.hypervolume() == real([buf._orient(q) for q in buf.front], buf._orient(buf.reference))
 
 
 # ------------------------------------------------------------------------------------------------ mirror descent

@@ -245,6 +245,8 @@ def _check_and_flatten(hidden, weight, labels, bias, ignore_index, shift, shift_
         raise ValueError(
             f"labels must be integer class indices, got dtype {labels.dtype} (probability targets are not supported)"
         )
+    if labels.dtype not in (torch.int32, torch.int64):  # uint8 would index as a mask, int16 is no index dtype
+        labels = labels.long()
     vocab = weight.shape[0]
     if bias is not None and bias.shape != (vocab,):
         raise ValueError(f"bias shape {tuple(bias.shape)} does not match the vocabulary size {vocab} of weight")
