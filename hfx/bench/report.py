@@ -126,12 +126,14 @@ def model_fingerprint(path: str | None) -> dict[str, Any] | None:
     return {"config_sha256": config_sha256, "weights_sha256": weights.hexdigest(), "weight_files": len(names)}
 
 
-def code_digest() -> str:
-    """sha256 of hfx's own source files: its version string does not change with its code, and a fix can change a
-    method's results (records made with other code are kept, with a warning, see :func:`plan_jobs`)."""
-    import hfx
+def code_digest(root: str | None = None) -> str:
+    """sha256 of the ``.py`` files under ``root`` (hfx's own package by default; ``hfx bench trainers`` adds the
+    examples it runs): hfx's version string does not change with its code, and a fix can change a method's results
+    (records made with other code are kept, with a warning, see :func:`plan_jobs`)."""
+    if root is None:
+        import hfx
 
-    root = os.path.dirname(os.path.abspath(hfx.__file__))
+        root = os.path.dirname(os.path.abspath(hfx.__file__))
     digest = hashlib.sha256()
     for folder, dirs, files in sorted(os.walk(root)):
         dirs.sort()
@@ -227,19 +229,22 @@ def finished(out: str, name: str, **expected: Any) -> bool | None:
     return run_status(out, name, **expected)[0]
 
 
-def plan_jobs(out: str, jobs: Sequence[tuple[str, Any, dict[str, Any]]], force: bool, command: str) -> list[Any]:
+def plan_jobs(
+    out: str, jobs: Sequence[tuple[str, Any, dict[str, Any]]], force: bool, command: str, code: str | None = None
+) -> list[Any]:
     """The jobs to run among ``(name, job, expected settings)``: all with ``force``; else those without a record.
 
     A record made with other settings is refused (``SystemExit`` naming each file and what differs): replacing it
-    silently lost earlier results. Records made with other hfx code (:func:`code_digest`) are kept, with a warning.
+    silently lost earlier results. Records made with other hfx code (``code``, by default :func:`code_digest`; none
+    recorded counts as other) are kept, with a warning.
     """
     todo, refused, other_code = [], [], 0
-    code = code_digest()
+    code = code or code_digest()
     for name, job, expected in jobs:
         done, diffs = run_status(out, name, **expected)
         if done and not force:
             record = _read_record(run_path(out, name)) or {}
-            other_code += record.get("hfx_code", code) != code
+            other_code += record.get("hfx_code") != code
             continue
         if done is None and not force:
             refused.append(f"  {run_path(out, name)}: " + "; ".join(diffs))

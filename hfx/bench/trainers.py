@@ -28,6 +28,7 @@ from .report import (
     ensure_writable,
     environment,
     environments_text,
+    jsonable,
     load_runs,
     markdown_table,
     model_fingerprint,
@@ -144,7 +145,7 @@ def run_one(pair: str, arm: str, seed: int, quick: bool, model: str | None) -> d
         "model_fingerprint": model_fingerprint(model),
         "method_config": method_config(pair, arm, quick),
         "versions": versions(),
-        "hfx_code": code_digest(),
+        "hfx_code": trainers_code(),
         "command": cmd,
         "env": environment(),
         "metrics": metrics,
@@ -164,6 +165,11 @@ def plot_points(runs: list[dict[str, Any]], pairs: list[str]) -> list[tuple[str,
     return points
 
 
+def trainers_code() -> str:
+    """hfx's code digest together with that of the examples this bench runs."""
+    return code_digest() + ":" + code_digest(EXAMPLES)
+
+
 def write_report(
     out: str, pairs: list[str], quick: bool | None = None, model: str | None = None, seeds: list[int] | None = None
 ) -> str:
@@ -174,7 +180,10 @@ def write_report(
         for r in load_runs(out)
         if r.get("bench") == "trainers"
         and r["pair"] in pairs
-        and (quick is None or (r.get("quick") == quick and r.get("model") == model))
+        and (
+            quick is None
+            or (r.get("quick") == quick and r.get("model_fingerprint") == jsonable(model_fingerprint(model)))
+        )
         and (seeds is None or r.get("seed") in seeds)
     ]
     runs.sort(key=lambda r: (pairs.index(r["pair"]), r["arm"] != "method", r["seed"]))
@@ -189,7 +198,13 @@ def write_report(
         cells = []
         for k in keys:
             st = paired(rs, "arm", "method", "baseline", k)
-            cells.append("–" if not st["n"] else f"{st['mean']:+.3f} ± {st['se']:.3f}")
+            cells.append(
+                "–"
+                if not st["n"]
+                else f"{st['mean']:+.3f} (1)"
+                if st["n"] < 2
+                else f"{st['mean']:+.3f} ± {st['se']:.3f}"
+            )
         n = paired(rs, "arm", "method", "baseline", keys[0])["n"] if keys else 0
         table += f"| method − baseline, paired: mean ± SE | {n} | " + " | ".join(cells) + " |\n"
         parts.append(f"### {pair}\n\nClaim: {PAIRS[pair].claim}.\n\n" + table)
@@ -252,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         ],
         args.force,
         "hfx bench trainers",
+        trainers_code(),
     )
     bar = tqdm(jobs, desc="hfx bench trainers", unit="run")
     for pair, arm, seed in bar:

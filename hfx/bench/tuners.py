@@ -268,7 +268,7 @@ def write_report(
         if r.get("bench") == "tuners"
         and r["method"] in methods
         and (recipe is None or r.get("recipe") == recipe)
-        and (model is None or r.get("model") == model)
+        and (model is None or r.get("model_fingerprint") == jsonable(model_fingerprint(model)))  # files, not path
         and (seeds is None or r.get("seed") in seeds)
     ]
     runs.sort(key=lambda r: (methods.index(r["method"]), r["seed"]))

@@ -263,7 +263,6 @@ class ResizableBufferDict(BufferDict):
 
 
 def check_index_sets(
-    layer: nn.Module,
     state_dict: dict[str, Any],
     prefix: str,
     sets: tuple[tuple[str, str, bool], ...],
@@ -278,19 +277,13 @@ def check_index_sets(
 
     A damaged or edited adapter file used to load, then fail in the first forward with a bare ``IndexError`` (on a
     GPU, a device-side assert), or, for a negative index, apply its value to the last entry silently. The file's own
-    pairs are checked, not the layer's: a values vector sized by another config is torch's size-mismatch error. A
-    partial state dict (``strict=False``) with indices but not their values is checked against the layer's values.
-    """
+    pairs are checked, not the layer's: a values vector sized by another config is torch's size-mismatch error."""
     for index_attr, value_attr, ordered in sets:
         head = f"{prefix}{index_attr}."
-        current = getattr(layer, value_attr)
         for key in [k for k in state_dict if k.startswith(head)]:
             adapter = key[len(head) :]
-            idx = state_dict[key]
-            vals = state_dict.get(f"{prefix}{value_attr}.{adapter}")
-            if vals is None and adapter in current:
-                vals = current[adapter]
-            if vals is None or "meta" in (idx.device.type, vals.device.type) or hasattr(vals, "ds_numel"):
+            idx, vals = state_dict[key], state_dict.get(f"{prefix}{value_attr}.{adapter}")
+            if vals is None or "meta" in (idx.device.type, vals.device.type):
                 continue
             shape = state_dict.get(f"{prefix}{shape_attr}.{adapter}") if shape_attr else None
             bound = int(shape.prod()) if shape is not None and shape.numel() == 2 else size

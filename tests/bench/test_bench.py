@@ -138,12 +138,17 @@ def test_bench_speed_tiny(tmp_path):
 def test_finished_runs_must_match_their_settings(tmp_path):
     """A record made with another recipe or model used to count as finished (and was averaged into the table, or
     crashed the loss-curve plot); now it is redone, and the report keeps only this recipe's runs."""
-    out = str(tmp_path)
+    out = str(tmp_path / "out")
+    model = tmp_path / "m"  # the report matches the model by its files (the path's spelling may differ)
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    fingerprint = report.model_fingerprint(str(model))
     short, long = {"max_steps": 2}, {"max_steps": 4}
     assert report.finished(out, "lora-seed0", recipe=short) is False
     for seed, recipe, curve in ((0, long, [[1, 2.0], [2, 1.5], [3, 1.2], [4, 1.0]]), (1, short, [[1, 2.0], [2, 1.8]])):
         report.save_run(out, f"lora-seed{seed}", {
             "bench": "tuners", "method": "lora", "seed": seed, "recipe": recipe, "model": "m", "env": {},
+            "model_fingerprint": fingerprint,
             "metrics": {k: 0.5 for k in ("hard_accuracy", "easy_accuracy", "forgetting", "final_loss",
                                          "trainable_params", "peak_memory_mb", "train_seconds", "init_seconds")},
             "loss_curve": curve,
@@ -151,7 +156,7 @@ def test_finished_runs_must_match_their_settings(tmp_path):
     assert report.finished(out, "lora-seed1", recipe=short, model="m") is True
     assert report.finished(out, "lora-seed0", recipe=short, model="m") is None  # other recipe: redo
     assert report.finished(out, "lora-seed1", recipe=short, model="other") is None  # other model: redo
-    text = tuners_report(out, ["lora"], short, "m")
+    text = tuners_report(out, ["lora"], short, str(model) + "/")
     assert "| lora | 1 |" in text and json.dumps(short) in text
     assert "| lora | 2 |" in tuners_report(out, ["lora"])  # no filter: both, curves of unequal length plotted
 
@@ -526,10 +531,13 @@ def test_plan_jobs_skips_refuses_and_warns(tmp_path, capsys):
     settings = {"recipe": {"max_steps": 2}, "model_fingerprint": {"config_sha256": "a"}}
     report.save_run(out, "lora-seed0", {**settings, "model": "/models/tiny", "hfx_code": report.code_digest()})
     report.save_run(out, "eva-seed0", {**settings, "model": "/models/tiny/", "hfx_code": "older"})
-    jobs = [("lora-seed0", "lora", settings), ("eva-seed0", "eva", settings), ("bone-seed0", "bone", settings)]
+    report.save_run(out, "dsee-seed0", {**settings, "model": "/models/tiny"})  # made before records had a digest
+    jobs = [("lora-seed0", "lora", settings), ("eva-seed0", "eva", settings), ("dsee-seed0", "dsee", settings),
+            ("bone-seed0", "bone", settings)]  # fmt: skip
     assert report.plan_jobs(out, jobs, False, "hfx bench tuners") == ["bone"]
-    assert "1 saved run(s) in" in capsys.readouterr().err  # eva's, made with other code: kept
+    assert "2 saved run(s) in" in capsys.readouterr().err  # eva's and dsee's, made with other code: kept
     other = {**settings, "recipe": {"max_steps": 3}}
     with pytest.raises(SystemExit, match=r"lora-seed0.json: recipe.max_steps: saved 2, now 3"):
         report.plan_jobs(out, [("lora-seed0", "lora", other)], False, "hfx bench tuners")
-    assert report.plan_jobs(out, [("lora-seed0", "lora", other), *jobs], True, "x") == ["lora", "lora", "eva", "bone"]
+    assert report.plan_jobs(out, [("lora-seed0", "lora", other), *jobs], True, "x") == [
+        "lora", "lora", "eva", "dsee", "bone"]  # fmt: skip

@@ -354,10 +354,6 @@ def test_loaded_indices_that_do_not_fit_the_weight_are_a_load_error(config, key,
         with pytest.raises(RuntimeError, match=rf"layer 'lin'.*, adapter 'default': .*{key}.default and .*" + match):
             PeftModel.from_pretrained(base(), str(folder))
     PeftModel.from_pretrained(base(), str(tmp_path / "good"))  # the file as saved loads
-    # a partial load (strict=False) of the indices alone is checked against the layer's values
-    model = get_peft_model(base(), config)
-    with pytest.raises(RuntimeError, match="outside"):
-        model.load_state_dict({f"{name}.default": cases["out of range"][0]}, strict=False)
     # a good file under a config of another size is torch's size mismatch, not "damaged" (the file's own pairs fit)
     if key == "sara_indices":  # SaRA's values take the file's length: the saved selection wins, by design
         return

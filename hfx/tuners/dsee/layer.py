@@ -179,13 +179,7 @@ def _check_loaded_indices(layer, state_dict, prefix, local_metadata, strict, mis
     """``load_state_dict`` pre-hook: the incoming index sets fit the weight (:func:`check_index_sets`)."""
     sets = (("dsee_s_indices", "dsee_s_values", True),)
     check_index_sets(
-        layer,
-        state_dict,
-        prefix,
-        sets,
-        layer.out_features * layer.in_features,
-        "DSEE " + layer._describe(),
-        error_msgs,
+        state_dict, prefix, sets, layer.out_features * layer.in_features, "DSEE " + layer._describe(), error_msgs
     )
 
 

@@ -81,7 +81,6 @@ def _check_loaded_indices(layer, state_dict, prefix, local_metadata, strict, mis
     """``load_state_dict`` pre-hook: the incoming index sets fit the weight (:func:`check_index_sets`)."""
     sets = (("lift_indices", "lift_values", True), ("lift_past_indices", "lift_past_values", False))
     check_index_sets(
-        layer,
         state_dict,
         prefix,
         sets,

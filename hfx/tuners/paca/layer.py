@@ -144,7 +144,7 @@ class PacaWeights(nn.ParameterDict):
 def _check_loaded_indices(layer, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs) -> None:
     """``load_state_dict`` pre-hook: the incoming index sets fit the weight (:func:`check_index_sets`)."""
     sets = (("paca_indices", "paca_w", True),)
-    check_index_sets(layer, state_dict, prefix, sets, layer.in_features, "PaCA " + layer._describe(), error_msgs)
+    check_index_sets(state_dict, prefix, sets, layer.in_features, "PaCA " + layer._describe(), error_msgs)
 
 
 class PacaLayer(IndexedTunerLayer):

@@ -211,7 +211,6 @@ def _check_loaded_indices(layer, state_dict, prefix, local_metadata, strict, mis
     """``load_state_dict`` pre-hook: the incoming index sets fit the weight (:func:`check_index_sets`)."""
     sets = (("sara_indices", "sara_values", True), ("sara_frozen_indices", "sara_frozen_values", False))
     check_index_sets(
-        layer,
         state_dict,
         prefix,
         sets,
