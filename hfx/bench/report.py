@@ -30,6 +30,7 @@ __all__ = [
     "versions",
     "run_path",
     "save_run",
+    "split_names",
     "summarize",
     "markdown_table",
     "plot",
@@ -143,6 +144,18 @@ def code_digest(root: str | None = None) -> str:
             with open(path, "rb") as f:
                 digest.update(f.read())
     return digest.hexdigest()
+
+
+def split_names(value: str, option: str, noun: str, known: Sequence[str], error: Callable[[str], Any]) -> list[str]:
+    """The comma-separated names of ``option`` (e.g. ``--methods``); an empty or unknown one goes to ``error`` (the
+    parser's, which exits), naming the choices."""
+    names = value.split(",")
+    if not all(n.strip() for n in names):
+        error(f"{option} {value!r}: an empty {noun} name; give comma-separated names of {list(known)}")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        error(f"{option}: unknown {noun}(s) {unknown}; choose from {list(known)}")
+    return names
 
 
 def ensure_writable(folder: str, option: str, error: Callable[[str], Any]) -> None:

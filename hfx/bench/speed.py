@@ -29,6 +29,7 @@ import sys
 import time
 
 from . import help_description
+from .report import ensure_writable, plot, split_names, versions
 
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab
@@ -226,24 +227,14 @@ def main(argv: list[str] | None = None) -> None:
             )
     known = list(method_configs(args.r)) + ["paca_fused", "bone_fused"]
     if args.methods is not None:
-        asked = args.methods.split(",")
-        if not all(m.strip() for m in asked):
-            p.error(f"--methods {args.methods!r}: an empty method name; give comma-separated names of {known} "
-                    "(or leave --methods out for all)")  # fmt: skip
-        unknown = [m for m in asked if m not in known]
-        if unknown:
-            p.error(f"--methods: unknown method(s) {unknown}; choose from {known}")
+        split_names(args.methods, "--methods", "method", known, p.error)
 
     if args.method:
         print(json.dumps(run_one(args)))
         return
     if args.out:
-        from .report import ensure_writable
-
         ensure_writable(args.out, "--out", p.error)
     if args.json:
-        from .report import ensure_writable
-
         ensure_writable(os.path.dirname(os.path.abspath(args.json)), "--json", p.error)
     names = args.methods.split(",") if args.methods is not None else list(method_configs(args.r))
     if args.methods is None and args.device.startswith("cuda"):
@@ -279,8 +270,6 @@ def main(argv: list[str] | None = None) -> None:
             )
     import torch
 
-    from .report import versions
-
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     meta = {"device": device, "torch": torch.__version__, "versions": versions(), "args": vars(args),
             "date": time.strftime("%Y-%m-%d"), "mem_method": sorted({r["mem_method"] for r in rows})}  # fmt: skip
@@ -296,8 +285,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_report(out: str, result: dict) -> None:
     """``speed.json``, a Markdown table with ratios against LoRA, and a bar plot of both ratios."""
-    from .report import plot
-
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "speed.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -36,6 +36,7 @@ from .report import (
     plan_jobs,
     plot,
     save_run,
+    split_names,
     summarize,
     versions,
 )
@@ -242,12 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--seeds must be >= 0, got {args.seeds}")
     if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
         p.error(f"--model {args.model!r} is not a saved model folder (no config.json); hfx bench does not use the hub")
-    pairs = args.pairs.split(",")
-    if not all(x.strip() for x in pairs):
-        p.error(f"--pairs {args.pairs!r}: an empty pair name; give comma-separated names of {list(PAIRS)}")
-    unknown = [x for x in pairs if x not in PAIRS]
-    if unknown:
-        p.error(f"--pairs: unknown pair(s) {unknown}; choose from {list(PAIRS)}")
+    pairs = split_names(args.pairs, "--pairs", "pair", list(PAIRS), p.error)
     out = args.out or os.path.join("bench_results", "trainers-quick" if args.quick else "trainers")
     ensure_writable(out, "--out", p.error)
     from tqdm.auto import tqdm

@@ -37,6 +37,7 @@ from .report import (
     plan_jobs,
     plot,
     save_run,
+    split_names,
     summarize,
     versions,
 )
@@ -331,12 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-eval", type=int, default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one run in this process
     args = p.parse_args(argv)
-    methods = args.methods.split(",")
-    if not all(m.strip() for m in methods):
-        p.error(f"--methods {args.methods!r}: an empty method name; give comma-separated names of {list(METHODS)}")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        p.error(f"--methods: unknown method(s) {unknown}; choose from {list(METHODS)}")
+    methods = split_names(args.methods, "--methods", "method", list(METHODS), p.error)
     for option in ("max_steps", "n_train", "n_eval"):
         value = getattr(args, option)
         if value is not None and value < 1:

@@ -11,6 +11,21 @@ from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 from ._quantized import QuantizedBaseMixin
+from ._sparse import check_index_sets
+
+
+def _check_loaded_indices(layer, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs) -> None:
+    """``load_state_dict`` pre-hook of an :class:`IndexedTunerLayer`: its incoming index sets fit (see
+    :func:`check_index_sets`)."""
+    check_index_sets(
+        state_dict,
+        prefix,
+        layer.index_sets,
+        layer.index_space(),
+        f"{layer.method_name} {layer._describe()}",
+        error_msgs,
+        shape_attr=layer.index_shape_attr,
+    )
 
 
 class IndexedTunerLayer(QuantizedBaseMixin, BaseTunerLayer):
@@ -45,6 +60,18 @@ class IndexedTunerLayer(QuantizedBaseMixin, BaseTunerLayer):
                 container[adapter_name] = item.to(device)
 
     method_name = "hfx"  # the tuner's name in error messages
+    # what a load checks of the adapter's flat indices (:func:`check_index_sets`): (indices, values, sorted and
+    # unique) attribute names, and the WeightShapes attribute holding the saved (out, in), if the layer has one
+    index_sets: tuple[tuple[str, str, bool], ...] = ()
+    index_shape_attr: Optional[str] = None
+
+    def index_space(self) -> int:
+        """The positions the flat indices address: the weight's entries (PaCA: its input columns)."""
+        return self.out_features * self.in_features
+
+    def _check_indices_on_load(self) -> None:
+        """Register the load check of :attr:`index_sets` (call at the end of ``__init__``)."""
+        self.register_load_state_dict_pre_hook(_check_loaded_indices)
 
     def _describe(self) -> str:
         return f"layer {self.layer_name!r} (in_features={self.in_features}, out_features={self.out_features})"

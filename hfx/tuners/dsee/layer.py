@@ -26,7 +26,6 @@ from .._mixed_batch import mixed_batch_forward, pop_adapter_names
 from .._sparse import (
     ResizableBufferDict,
     SparseValues,
-    check_index_sets,
     compute_dtype,
     index_dtype,
     scatter_dense,
@@ -175,18 +174,11 @@ def dsee_select(
 
 
 # ---- layers ------------------------------------------------------------------------------------------------------
-def _check_loaded_indices(layer, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs) -> None:
-    """``load_state_dict`` pre-hook: the incoming index sets fit the weight (:func:`check_index_sets`)."""
-    sets = (("dsee_s_indices", "dsee_s_values", True),)
-    check_index_sets(
-        state_dict, prefix, sets, layer.out_features * layer.in_features, "DSEE " + layer._describe(), error_msgs
-    )
-
-
 class DseeLayer(IndexedTunerLayer):
     """Mixin holding the per-adapter DSEE state of one adapted layer."""
 
     method_name = "DSEE"
+    index_sets = (("dsee_s_indices", "dsee_s_values", True),)
     adapter_layer_names = ("dsee_A", "dsee_B", "dsee_s_values")
     other_param_names = ("dsee_s_indices", "dsee_r", "dsee_alpha", "dsee_scaling", "dsee_dropout", "dsee_selection")
 
@@ -214,7 +206,7 @@ class DseeLayer(IndexedTunerLayer):
         if in_features is None or out_features is None:
             raise TypeError(f"DSEE cannot adapt {layer_name or 'layer'} of type {type(base_layer).__name__}.")
         self.in_features, self.out_features = in_features, out_features
-        self.register_load_state_dict_pre_hook(_check_loaded_indices)
+        self._check_indices_on_load()
 
     def update_layer(
         self,

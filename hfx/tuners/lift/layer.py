@@ -24,7 +24,6 @@ from .._sparse import (
     SparseValues,
     WeightShapes,
     add_sparse_,
-    check_index_sets,
     index_dtype,
     scatter_dense,
     sparse_delta_linear,
@@ -77,24 +76,12 @@ def broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
 
 
 # ---- layers ----------------------------------------------------------------------------------------------------
-def _check_loaded_indices(layer, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs) -> None:
-    """``load_state_dict`` pre-hook: the incoming index sets fit the weight (:func:`check_index_sets`)."""
-    sets = (("lift_indices", "lift_values", True), ("lift_past_indices", "lift_past_values", False))
-    check_index_sets(
-        state_dict,
-        prefix,
-        sets,
-        layer.out_features * layer.in_features,
-        "LIFT " + layer._describe(),
-        error_msgs,
-        shape_attr="lift_shape",
-    )
-
-
 class LiftLayer(IndexedTunerLayer):
     """Mixin holding the per-adapter LIFT state of one adapted layer."""
 
     method_name = "LIFT"
+    index_sets = (("lift_indices", "lift_values", True), ("lift_past_indices", "lift_past_values", False))
+    index_shape_attr = "lift_shape"
     adapter_layer_names = ("lift_values",)
     other_param_names = (
         "lift_indices",
@@ -126,7 +113,7 @@ class LiftLayer(IndexedTunerLayer):
         if in_features is None or out_features is None:
             raise TypeError(f"LIFT cannot adapt {layer_name or 'layer'} of type {type(base_layer).__name__}.")
         self.in_features, self.out_features = in_features, out_features
-        self.register_load_state_dict_pre_hook(_check_loaded_indices)
+        self._check_indices_on_load()
 
     def select(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """Indices of adapter ``adapter_name`` selected on ``weight`` (broadcast from rank 0 if so configured)."""

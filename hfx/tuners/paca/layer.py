@@ -44,7 +44,6 @@ from .._compat import IndexedTunerLayer
 from .._config import is_int
 from .._mixed_batch import mixed_batch_forward, pop_adapter_names
 from .._quantized import quantized_state, restore_quantized_state
-from .._sparse import check_index_sets
 
 
 def paca_column_indices(in_features: int, r: int, seed: int, layer_name: str) -> torch.Tensor:
@@ -141,14 +140,11 @@ class PacaWeights(nn.ParameterDict):
         return fn(self, *args)
 
 
-def _check_loaded_indices(layer, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs) -> None:
-    """``load_state_dict`` pre-hook: the incoming index sets fit the weight (:func:`check_index_sets`)."""
-    sets = (("paca_indices", "paca_w", True),)
-    check_index_sets(state_dict, prefix, sets, layer.in_features, "PaCA " + layer._describe(), error_msgs)
-
-
 class PacaLayer(IndexedTunerLayer):
     """Mixin holding the per-adapter PaCA state of one adapted layer."""
+
+    method_name = "PaCA"
+    index_sets = (("paca_indices", "paca_w", True),)
 
     adapter_layer_names = ("paca_w",)
     other_param_names = ("paca_indices", "paca_orig", "paca_r", "paca_alpha", "paca_scaling")
@@ -176,7 +172,10 @@ class PacaLayer(IndexedTunerLayer):
         if in_features is None or out_features is None:
             raise TypeError(f"PaCA cannot adapt {layer_name or 'layer'} of type {type(base_layer).__name__}.")
         self.in_features, self.out_features = in_features, out_features
-        self.register_load_state_dict_pre_hook(_check_loaded_indices)
+        self._check_indices_on_load()
+
+    def index_space(self) -> int:
+        return self.in_features  # the indices are input columns
 
     def _describe(self) -> str:
         return f"layer {self.layer_name!r} (in_features={self.in_features}, out_features={self.out_features})"

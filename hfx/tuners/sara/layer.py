@@ -35,7 +35,6 @@ from .._sparse import (
     ResizableBufferDict,
     SparseValues,
     WeightShapes,
-    check_index_sets,
     entry_index,
     index_dtype,
     scatter_dense,
@@ -207,24 +206,12 @@ def check_sara_base(base: nn.Module, layer_name: str) -> None:
         )
 
 
-def _check_loaded_indices(layer, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs) -> None:
-    """``load_state_dict`` pre-hook: the incoming index sets fit the weight (:func:`check_index_sets`)."""
-    sets = (("sara_indices", "sara_values", True), ("sara_frozen_indices", "sara_frozen_values", False))
-    check_index_sets(
-        state_dict,
-        prefix,
-        sets,
-        layer.shape[0] * layer.shape[1],
-        "SaRA " + layer._describe(),
-        error_msgs,
-        shape_attr="sara_shape",
-    )
-
-
 class SaraLayer(IndexedTunerLayer):
     """Mixin holding the per-adapter SaRA state of one adapted linear layer."""
 
     method_name = "SaRA"
+    index_sets = (("sara_indices", "sara_values", True), ("sara_frozen_indices", "sara_frozen_values", False))
+    index_shape_attr = "sara_shape"
     adapter_layer_names = ("sara_values",)
     other_param_names = (
         "sara_indices",
@@ -251,7 +238,10 @@ class SaraLayer(IndexedTunerLayer):
         self.kwargs = kwargs
         in_features, out_features = _get_in_out_features(self.get_base_layer())
         self.in_features, self.out_features = in_features, out_features
-        self.register_load_state_dict_pre_hook(_check_loaded_indices)
+        self._check_indices_on_load()
+
+    def index_space(self) -> int:
+        return self.shape[0] * self.shape[1]  # Conv2d: out x in*k*k
 
     def _describe(self) -> str:
         return f"layer {self.layer_name!r} (in_features={self.in_features}, out_features={self.out_features})"
