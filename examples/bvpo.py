@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default="outputs/bvpo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
-    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--logging-steps", type=positive_int, default=10)
     add_checkpoint_args(p)
     args = p.parse_args(argv)
     refuse_unused(p, args, {"r": (lambda a: a.peft == "none", "with --peft none (full fine-tuning)")})

@@ -51,18 +51,19 @@ def _targets(args: argparse.Namespace) -> str | list[str]:
 
 
 # One line per method: how to build its config from the command line.
+def _alpha(a) -> float:
+    """--lora-alpha, or 2r when it is not given."""
+    return 2 * a.r if a.lora_alpha is None else a.lora_alpha
+
+
 PEFT_METHODS: dict[str, Callable[[argparse.Namespace], PeftConfig | None]] = {
     "bone": lambda a: hfx.BoneConfig(r=a.r, target_modules=_targets(a), bone_dropout=a.dropout),
     "bat": lambda a: hfx.BoneConfig(r=a.r, target_modules=_targets(a), init_weights="bat", bone_dropout=a.dropout),
-    "dsee": lambda a: hfx.DseeConfig(
-        r=a.r, lora_alpha=a.lora_alpha or 2 * a.r, target_modules=_targets(a), lora_dropout=a.dropout
-    ),
+    "dsee": lambda a: hfx.DseeConfig(r=a.r, lora_alpha=_alpha(a), target_modules=_targets(a), lora_dropout=a.dropout),
     "lift": lambda a: hfx.LiftConfig(r=a.r, filter_rank=a.r, target_modules=_targets(a), update_interval=100),
-    "paca": lambda a: hfx.PacaConfig(r=a.r, paca_alpha=a.lora_alpha or 2 * a.r, target_modules=_targets(a)),
+    "paca": lambda a: hfx.PacaConfig(r=a.r, paca_alpha=_alpha(a), target_modules=_targets(a)),
     "sara": lambda a: hfx.SaraConfig(target_modules=_targets(a)),  # the paper's |w| < 2e-3
-    "lora": lambda a: LoraConfig(
-        r=a.r, lora_alpha=a.lora_alpha or 2 * a.r, target_modules=_targets(a), lora_dropout=a.dropout
-    ),
+    "lora": lambda a: LoraConfig(r=a.r, lora_alpha=_alpha(a), target_modules=_targets(a), lora_dropout=a.dropout),
     "none": lambda a: None,  # full fine-tuning
 }
 # The methods each adapter option reaches; giving it to another method is an error, not silently ignored.
@@ -86,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"rank / block size of the adapter (default {DEFAULT_R}; --rank under torchrun)",
     )
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA / PaCA alpha (default 2*r)")
+    p.add_argument("--lora-alpha", type=positive_float, default=None, help="LoRA / PaCA alpha (default 2*r)")
     p.add_argument("--dropout", type=float, default=None, help="adapter dropout (bone, bat, dsee, lora; default 0)")
     p.add_argument("--target-modules", default=None, help="comma-separated module names or 'all-linear' (the default)")
     p.add_argument(
@@ -109,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default="outputs/sft")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
-    p.add_argument("--logging-steps", type=int, default=25)
+    p.add_argument("--logging-steps", type=positive_int, default=25)
     add_checkpoint_args(p)
     args = p.parse_args(argv)
     for option, methods in OPTION_METHODS.items():

@@ -30,10 +30,12 @@ __all__ = [
     "versions",
     "run_path",
     "save_run",
+    "write_json",
     "split_names",
     "summarize",
     "markdown_table",
     "plot",
+    "require_plotting",
 ]
 
 
@@ -175,14 +177,31 @@ def run_path(out: str, name: str) -> str:
     return os.path.join(out, "runs", f"{name}.json")
 
 
-def save_run(out: str, name: str, record: dict[str, Any]) -> str:
-    path = run_path(out, name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
+def finite_or_none(value: Any) -> Any:
+    """``value`` with each NaN / ±inf float replaced by None (JSON's null): Python's bare ``NaN`` is not JSON, and
+    jq, JavaScript and strict parsers refuse the file. The reports already read None as not measured."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def write_json(path: str, value: Any) -> str:
+    """Write ``value`` to ``path`` as strict JSON (non-finite floats as null), replacing the file atomically: an
+    interrupted write never leaves a truncated file that looks finished."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)  # a run interrupted mid-write never looks finished
+        json.dump(finite_or_none(value), f, indent=1, allow_nan=False)
+    os.replace(tmp, path)
     return path
+
+
+def save_run(out: str, name: str, record: dict[str, Any]) -> str:
+    return write_json(run_path(out, name), record)
 
 
 def _warn(message: str) -> None:
@@ -376,12 +395,24 @@ def markdown_table(
     return "\n".join([head, rule, *rows]) + "\n"
 
 
+PLOTTING_HINT = "hfx bench writes PNG plots with matplotlib, which is not installed: pip install 'hfx[bench]'"
+
+
+def require_plotting(error: Callable[[str], Any]) -> None:
+    """Check that matplotlib is there before any run (``error`` is the parser's, it exits): the plots are drawn
+    last, and a missing matplotlib used to fail a benchmark after all its work was done."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        error(PLOTTING_HINT)
+
+
 def plot(path: str, draw: Callable[[Any], None], figsize: tuple[float, float] = (6.0, 4.0)) -> str:
     """Draw with ``draw(ax)`` into a PNG at ``path`` (matplotlib, headless)."""
     try:
         import matplotlib
-    except ImportError as err:  # pragma: no cover - matplotlib is in the dev extra
-        raise ImportError("hfx bench writes PNG plots with matplotlib: pip install matplotlib (or hfx[dev])") from err
+    except ImportError as err:  # pragma: no cover - matplotlib is in the bench and dev extras
+        raise ImportError(PLOTTING_HINT) from err
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

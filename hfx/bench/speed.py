@@ -29,7 +29,7 @@ import sys
 import time
 
 from . import help_description
-from .report import ensure_writable, plot, split_names, versions
+from .report import ensure_writable, plot, require_plotting, split_names, versions, write_json
 
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab
@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.out:
         ensure_writable(args.out, "--out", p.error)
+        require_plotting(p.error)
     if args.json:
         ensure_writable(os.path.dirname(os.path.abspath(args.json)), "--json", p.error)
     names = args.methods.split(",") if args.methods is not None else list(method_configs(args.r))
@@ -274,9 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"device": device, "torch": torch.__version__, "versions": versions(), "args": vars(args),
             "date": time.strftime("%Y-%m-%d"), "mem_method": sorted({r["mem_method"] for r in rows})}  # fmt: skip
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({**meta, "rows": rows}, f, indent=1)
+        write_json(args.json, {**meta, "rows": rows})
     if args.out and rows:
         write_report(args.out, {**meta, "rows": rows})
     if failed:
@@ -285,9 +284,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_report(out: str, result: dict) -> None:
     """``speed.json``, a Markdown table with ratios against LoRA, and a bar plot of both ratios."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "speed.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(os.path.join(out, "speed.json"), result)
     rows = result["rows"]
     base = next((r for r in rows if r["method"] == "lora"), rows[0])  # without a LoRA row: the first method
     ref = "LoRA" if base["method"] == "lora" else base["method"]

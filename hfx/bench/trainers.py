@@ -2,8 +2,8 @@
 
 Every pair runs one of the repository's example scripts twice per seed — once with the method, once with the
 baseline's flags (everything else equal) — each in its own process, and reads the ``hfx_result.json`` the example
-writes (its ``after`` metrics). Needs a clone of the repository (the examples are scripts, not package modules). A
-new trainer joins with one :data:`PAIRS` entry.
+writes (its ``after`` metrics). Needs a clone of the repository installed with ``pip install -e`` (the examples are
+scripts beside the package, not package modules). A new trainer joins with one :data:`PAIRS` entry.
 
 What a seed varies follows the example: the BVPO and Masked Thought examples pre-train their tiny base with
 the run's seed, the GRPO examples (constrained, dynamic weighting, GVM) start from the seed-0 base; within a pair the
@@ -35,6 +35,7 @@ from .report import (
     paired,
     plan_jobs,
     plot,
+    require_plotting,
     save_run,
     split_names,
     summarize,
@@ -109,10 +110,6 @@ def run_one(pair: str, arm: str, seed: int, quick: bool, model: str | None) -> d
     """Run one arm of a pair in a subprocess; the record holds the example's ``after`` metrics."""
     spec = PAIRS[pair]
     script = os.path.join(EXAMPLES, spec.script)
-    if not os.path.isfile(script):
-        raise FileNotFoundError(
-            f"hfx bench trainers runs the repository's examples; {script} is missing (use a clone)"
-        )
     flags = spec.method if arm == "method" else spec.baseline
     with tempfile.TemporaryDirectory(prefix=f"hfx-bench-{pair}-{arm}-{seed}-") as out_dir:  # the example's saved model
         cmd = [
@@ -244,6 +241,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
         p.error(f"--model {args.model!r} is not a saved model folder (no config.json); hfx bench does not use the hub")
     pairs = split_names(args.pairs, "--pairs", "pair", list(PAIRS), p.error)
+    missing = [PAIRS[pair].script for pair in pairs if not os.path.isfile(os.path.join(EXAMPLES, PAIRS[pair].script))]
+    if missing:
+        p.error(
+            f"it runs the repository's example scripts, which are not part of an installed package: {EXAMPLES} has "
+            f"no {', '.join(sorted(set(missing)))}. Install a clone of the repository in editable mode "
+            "(pip install -e <clone>); hfx bench tuners and speed run from any install"
+        )
+    require_plotting(p.error)
     out = args.out or os.path.join("bench_results", "trainers-quick" if args.quick else "trainers")
     ensure_writable(out, "--out", p.error)
     from tqdm.auto import tqdm

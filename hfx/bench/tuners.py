@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -36,6 +37,7 @@ from .report import (
     paired_table,
     plan_jobs,
     plot,
+    require_plotting,
     save_run,
     split_names,
     summarize,
@@ -254,6 +256,10 @@ COLUMNS = [
 PAIRED_METRICS = [("hard_accuracy", 3), ("forgetting", 3), ("final_loss", 3)]
 
 
+def _nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
 def write_report(
     out: str,
     methods: list[str],
@@ -290,7 +296,8 @@ def write_report(
         for name in summary:
             rs = [r for r in runs if r["method"] == name]
             steps = [s for s, _ in min((r["loss_curve"] for r in rs), key=len)]
-            mean = [sum(r["loss_curve"][i][1] for r in rs) / len(rs) for i in range(len(steps))]
+            # a non-finite loss is saved as null (strict JSON): plotted as a gap
+            mean = [sum(_nan_if_none(r["loss_curve"][i][1]) for r in rs) / len(rs) for i in range(len(steps))]
             ax.plot(steps, mean, label=name)
         ax.set(xlabel="step", ylabel="train loss (mean over seeds)", yscale="log", title="Loss curves")
         ax.legend(fontsize=7)
@@ -351,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     out = args.out or os.path.join("bench_results", "tuners-quick" if args.quick else "tuners")
     ensure_writable(out, "--out", p.error)
+    require_plotting(p.error)
     from tqdm.auto import tqdm
 
     from hfx.testing.pretrained import pretrained_base

@@ -233,8 +233,9 @@ class _GradientProbe:
 
     Forward hooks keep each module's input ``x`` and output while a view is being computed; ``torch.autograd.grad``
     of that view's loss w.r.t. the outputs gives ``δ``. Only activations are touched, never parameters, so this works
-    with PEFT wrappers (the gradient of the effective weight) and with ZeRO-3 partitioned parameters. Recomputation
-    under gradient checkpointing runs outside the capture window and is ignored.
+    with PEFT wrappers (the gradient of the effective weight) and with ZeRO-3 partitioned parameters (the hooks go on
+    at the first probed step, after DeepSpeed's, see :meth:`attach`; tests/dist/test_trainers_zero3.py).
+    Recomputation under gradient checkpointing runs outside the capture window and is ignored.
     """
 
     def __init__(self, modules: list[tuple[str, torch.nn.Module]], max_rows: int):
@@ -242,7 +243,15 @@ class _GradientProbe:
         self.max_rows = max_rows
         self.active: str | None = None
         self.records: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules]
+        self.modules = modules
+        self.handles: list[Any] = []
+
+    def attach(self) -> None:
+        """Register the forward hooks, at the first probed step: after the engine's own hooks (DeepSpeed ZeRO-3 wraps
+        a module's output to gather its weights for backward; the probe must read the wrapped output, or its extra
+        backward runs that wrapper and the main backward finds the weights released)."""
+        if not self.handles:
+            self.handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules]
 
     def _hook(self, name: str):
         def hook(module, args, output):
@@ -696,6 +705,7 @@ class BVPOTrainer(DivergenceCheckMixin, DPOTrainer):
         saved = self._metrics[mode]
         self._metrics[mode] = defaultdict(list)
         if probe:
+            self._probe.attach()
             self._probe.active = view
         try:
             result = self._compute_loss(model, inputs, return_outputs)

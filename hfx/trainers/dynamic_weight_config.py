@@ -34,8 +34,8 @@ class _DynamicWeightArguments:
 
     ``weighting="gradient"`` (Alg. 2): once per generation batch, per-objective advantages (each reward alone through
     the trainer's estimator) give per-objective policy-gradient losses ``L_k = −mean_i(A_k,i · mean_t log π)``; their
-    gradients w.r.t. the weights of selected ``nn.Linear`` layers (taken from activations: exact, ZeRO-3-safe) give
-    the Gram matrix ``G``, and the weights take a mirror-descent step on the simplex
+    gradients w.r.t. the weights of selected ``nn.Linear`` layers (taken from activations: exact; DDP and ZeRO-2,
+    refused under ZeRO-3) give the Gram matrix ``G``, and the weights take a mirror-descent step on the simplex
     ``log w ← log w + (η_t/μ)·G·1``, ``w = softmax(log w)``, with η_t the current policy learning rate and
     μ = ``weight_regularization``. The new weights act on the same batch.
 

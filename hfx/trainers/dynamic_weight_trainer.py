@@ -12,7 +12,7 @@ Two methods, chosen by ``weighting`` in :class:`hfx.DynamicWeightGRPOConfig` / :
   buffers are never involved); summed over processes layer by layer, Gram ``G_kj = ⟨g_k, g_j⟩``, mirror-descent
   step on the simplex. Under DeepSpeed ZeRO-3 the trainer refuses ``"gradient"`` with a clear error: back-propagating
   to activations outside the engine still runs through partitioned (released) weights, and
-  ``deepspeed.zero.GatheredParameters`` does not keep them (measured on CPU, tests/dist/test_multi_objective_zero3.py);
+  ``deepspeed.zero.GatheredParameters`` does not keep them (measured on CPU, tests/dist/test_trainers_zero3.py);
   ZeRO-2/DDP and ``"hypervolume"`` work. The extra forward runs on the unwrapped model in eval mode (no dropout, no
   gradient checkpointing), once per generation batch, on at most ``weight_grad_max_samples`` completions per process.
 

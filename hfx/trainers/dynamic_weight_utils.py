@@ -4,7 +4,8 @@ r"""Maths of dynamic reward weighting (Lu et al., 2025, arXiv 2509.11452), free 
   maximised), the Pareto-front buffer and the meta-reward ``r_pareto = 0.5 + 1.5·tanh(ΔHV)`` (Alg. 1).
 - The mirror-descent step on the simplex ``log w ← log w + (η/μ)·G·1`` (Alg. 2) and the per-objective Gram matrix
   of policy gradients taken w.r.t. **activations** of ``nn.Linear`` layers: ``∇W = Σ_{b,t} δᵀx`` with ``δ = ∂L/∂y``,
-  ``x`` the layer input and ``y`` its output — exact, and it never touches parameters (ZeRO-3-safe).
+  ``x`` the layer input and ``y`` its output — exact, and it never touches a parameter's ``.grad`` (the trainer
+  still refuses ZeRO-3: the backward to the activations runs through partitioned weights).
 """
 
 from __future__ import annotations

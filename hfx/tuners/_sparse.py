@@ -244,7 +244,24 @@ class SparseValues(nn.ParameterDict):
         return fn(self, *args)
 
 
-class ResizableBufferDict(BufferDict):
+class Resizable:
+    """Mixin for per-adapter containers whose tensors take the shape of the tensors loaded into them: through
+    ``load_state_dict`` (PEFT's loaders, Trainer resume) each is resized to the incoming one; transformers' own
+    ``load_adapter`` checks shapes before loading, so :mod:`hfx.tuners._loading` resizes from the saved file first."""
+
+    def resize(self, key: str, shape: torch.Size | tuple[int, ...]) -> None:
+        """Give adapter ``key``'s tensor ``shape`` (new, uninitialised storage; same dtype and device)."""
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs):
+        for key in list(self.keys()):
+            incoming, current = state_dict.get(prefix + key), self[key]
+            if incoming is not None and current is not None and incoming.shape != current.shape:
+                self.resize(key, incoming.shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs)
+
+
+class ResizableBufferDict(Resizable, BufferDict):
     """A persistent ``BufferDict`` whose buffers take the shape of the tensors loaded into them.
 
     Index sets of variable length (e.g. LIFT's accumulated deltas after mask refreshes) are saved with the adapter;
@@ -254,12 +271,9 @@ class ResizableBufferDict(BufferDict):
     def __init__(self, buffers: Optional[dict[str, torch.Tensor]] = None) -> None:
         super().__init__(buffers, persistent=True)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs):
-        for key, buf in list(self._buffers.items()):
-            incoming = state_dict.get(prefix + key)
-            if buf is not None and incoming is not None and incoming.shape != buf.shape:
-                self._buffers[key] = torch.empty(incoming.shape, dtype=buf.dtype, device=buf.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs)
+    def resize(self, key: str, shape: torch.Size | tuple[int, ...]) -> None:
+        buf = self._buffers[key]
+        self._buffers[key] = torch.empty(shape, dtype=buf.dtype, device=buf.device)
 
 
 def check_index_sets(

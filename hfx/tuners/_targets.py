@@ -8,6 +8,8 @@ import re
 
 from torch import nn
 
+from ._loading import resize_to_saved
+
 
 def is_transformers_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2 style: a linear layer with its weight stored transposed, in x out)."""
@@ -40,13 +42,17 @@ class TargetHintMixin:
     """``BaseTuner`` mixin for injection. When ``target_modules`` matches nothing, PEFT's error also lists the model's
     linear layer names, so the fix is in the message (``'q_prj'`` → the names this model has). When injection fails
     part-way (a layer the method cannot handle, found after others were wrapped), the wrapped layers are put back:
-    the model used to stay half-wrapped, and retrying ``get_peft_model`` on it trained every base weight."""
+    the model used to stay half-wrapped, and retrying ``get_peft_model`` on it trained every base weight. After a
+    successful injection, index sets take their saved lengths when transformers' ``load_adapter`` is loading
+    (:func:`~._loading.resize_to_saved`), and the model is tagged with hfx and the method."""
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         children = {(id(parent), name): child for parent in model.modules() for name, child in parent.named_children()}
         had_adapter = {id(m) for m in model.modules() if _holds(m, adapter_name)}
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
+            resize_to_saved(model, adapter_name)  # transformers' load_adapter: the saved index sets' lengths
+            _tag(model, self.peft_config.get(adapter_name))
         except Exception as err:
             _roll_back(model, children, adapter_name, had_adapter)
             if not isinstance(err, ValueError) or "not found in the base model" not in str(err):
@@ -65,6 +71,15 @@ class TargetHintMixin:
                 f"{err} The linear layers of this model are named {shown}: list some of them in `target_modules` "
                 f"(or use 'all-linear').{regex}"
             ) from err
+
+
+def _tag(model: nn.Module, config) -> None:
+    """Tag the model ``hfx`` and the method (``bone``, ...), as TRL's trainers tag theirs: the adapter's model card
+    (PEFT's ``save_pretrained`` / ``push_to_hub``) then says that loading it needs hfx."""
+    add_tags = getattr(model, "add_model_tags", None)
+    peft_type = getattr(config, "peft_type", None)
+    if callable(add_tags) and peft_type is not None:
+        add_tags(["hfx", str(getattr(peft_type, "value", peft_type)).lower()])
 
 
 def _layers_hint(model: nn.Module, config) -> str:

@@ -41,6 +41,29 @@ def test_summary_table_and_plot(tmp_path):
     assert is_png(path)
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"not JSON: {name}")
+
+
+def test_records_are_strict_json_and_nan_reads_as_unmeasured(tmp_path):
+    """A NaN metric (memory unmeasured, no loss) was written as a bare NaN, which jq and strict parsers refuse; it is
+    null now, and the summary, the paired table and the loss plot read null as not measured."""
+    curve = [[1, 2.0], [2, float("nan")], [3, 1.0]]
+    for seed, (acc, mem) in enumerate([(0.5, float("nan")), (0.7, 3.0)]):
+        path = report.save_run(str(tmp_path), f"m-{seed}", {
+            "bench": "tuners", "method": "lora", "seed": seed, "recipe": {}, "metrics": {"hard_accuracy": acc, "peak_memory_mb": mem,
+            "final_loss": float("inf"), "trainable_params": 10, "easy_accuracy": 0.9, "forgetting": 0.0,
+            "train_seconds": 1.0, "init_seconds": 0.1}, "loss_curve": curve,
+        })  # fmt: skip
+        record = json.loads(open(path).read(), parse_constant=_refuse_constant)
+    assert record["metrics"]["final_loss"] is None and record["loss_curve"][1] == [2, None]
+    runs = report.load_runs(str(tmp_path))
+    summary = report.summarize(runs, "method", ["hard_accuracy", "peak_memory_mb", "final_loss"])
+    assert summary["lora"]["peak_memory_mb"] == (3.0, 0.0) and math.isnan(summary["lora"]["final_loss"][0])
+    text = tuners_report(str(tmp_path), ["lora"])
+    assert "| lora | 2 |" in text and is_png(tmp_path / "loss_curves.png")
+
+
 def test_trainers_report_from_records(tmp_path):
     metrics: dict[str, float] = {}
     _flatten("", {"accuracy": 0.5, "nested": {"x": 1}, "flag": True, "name": "s"}, metrics)
@@ -541,3 +564,39 @@ def test_plan_jobs_skips_refuses_and_warns(tmp_path, capsys):
         report.plan_jobs(out, [("lora-seed0", "lora", other)], False, "hfx bench tuners")
     assert report.plan_jobs(out, [("lora-seed0", "lora", other), *jobs], True, "x") == [
         "lora", "lora", "eva", "dsee", "bone"]  # fmt: skip
+
+
+def _no_matplotlib(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+
+
+@pytest.mark.parametrize("bench", ["tuners", "trainers", "speed"])
+def test_missing_matplotlib_is_named_before_any_run(bench, tmp_path, monkeypatch, capsys):
+    """matplotlib (hfx[bench]) is not a base dependency: a wheel install measured for minutes, then failed drawing the
+    plots. The parser names the extra before any run now."""
+    import importlib
+
+    main = importlib.import_module(f"hfx.bench.{bench}").main
+    _no_matplotlib(monkeypatch)
+    monkeypatch.setattr(subprocess, "run", _fail_run)
+    args = {"tuners": ["--methods", "lora"], "trainers": ["--pairs", "bvpo"], "speed": ["--methods", "lora"]}[bench]
+    with pytest.raises(SystemExit) as err:
+        main([*args, "--out", str(tmp_path / "out")])
+    assert err.value.code == 2 and "pip install 'hfx[bench]'" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out" / "runs")
+
+
+def test_trainers_without_the_examples_says_what_to_install(tmp_path, monkeypatch, capsys):
+    """From a wheel the example scripts are not there: it failed after set-up with 'use a clone' (a clone with a
+    non-editable install failed the same way); the parser says an editable install of a clone is needed."""
+    from hfx.bench.trainers import main
+
+    monkeypatch.setattr("hfx.bench.trainers.EXAMPLES", str(tmp_path / "site-packages" / "examples"))
+    monkeypatch.setattr(subprocess, "run", _fail_run)
+    with pytest.raises(SystemExit) as err:
+        main(["--pairs", "bvpo,masked_thought", "--out", str(tmp_path / "out")])
+    message = capsys.readouterr().err
+    assert err.value.code == 2 and "no bvpo.py, masked_thought.py" in message and "pip install -e <clone>" in message

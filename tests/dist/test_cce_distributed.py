@@ -21,6 +21,7 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_cce.py"
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> str:
     import deepspeed  # noqa: F401  (installed with the dev extra; a missing one must fail, not skip)
+
     base = save_tiny_model(tmp_path_factory.mktemp("base") / "tiny", hidden_size=32)
     out = tmp_path_factory.mktemp("dist-cce")
     run_distributed(WORKER, ["--base", base, "--out", str(out)], log_path=out / "log.txt", timeout=900)

@@ -90,7 +90,9 @@ def test_saved_adapter_reloads(launched, case, base_dir):
 
     _, out = launched
     _, trained = read_rank(out, case, 0)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), os.path.join(out, case, "adapter"))
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir), os.path.join(out, case, "adapter")
+    )
     model.eval()
     for name, p in model.named_parameters():
         if f"adapter.{name}" in trained:

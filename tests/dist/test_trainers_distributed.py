@@ -112,7 +112,10 @@ def test_hypervolume_from_evaluation_counts_each_eval_sample_once(launched):
     repeats: 0.405 for a true 0.433)."""
     from hfx.data import prompt_dataset
 
-    (info0, _), (info1, _) = read_rank(launched, "dynamic_hypervolume_eval", 0), read_rank(launched, "dynamic_hypervolume_eval", 1)
+    (info0, _), (info1, _) = (
+        read_rank(launched, "dynamic_hypervolume_eval", 0),
+        read_rank(launched, "dynamic_hypervolume_eval", 1),
+    )
     hv = info0["state"]["method"]["hypervolume"]
     assert hv == info1["state"]["method"]["hypervolume"] and hv["num_updates"] == 1
     prompts = prompt_dataset(HV_EVAL_PROMPTS, seed=7)["prompt"]

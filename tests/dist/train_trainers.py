@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
 from hfx.compat import activation_checkpointing
 
 COMMON = dict(

@@ -76,6 +76,12 @@ def test_values_checked_before_the_model_loads(name, argv, message, capsys, load
         ("sft", ["--replay", "-1"], "--replay: must be a number >= 0"),
         ("masked_thought", ["--replay", "-1"], "--replay: must be a number >= 0"),
         ("sft", ["--base-steps", "0"], "--base-steps: must be an integer >= 1"),
+        # 0 was replaced by 2r (`a.lora_alpha or 2 * a.r`); PaCA / DSEE refuse it, PEFT's LoRA trained a no-op adapter
+        ("sft", ["--lora-alpha", "0"], "--lora-alpha: must be a number > 0, got 0"),
+        # failed in TrainingArguments as "requires non-zero --logging_steps", a flag the examples do not have
+        ("sft", ["--logging-steps", "0"], "--logging-steps: must be an integer >= 1"),
+        ("bvpo", ["--logging-steps", "0"], "--logging-steps: must be an integer >= 1"),
+        ("masked_thought", ["--logging-steps", "0"], "--logging-steps: must be an integer >= 1"),
     ],
 )  # fmt: skip
 def test_out_of_range_values_are_refused(name, argv, message, capsys, load_example):

@@ -121,3 +121,17 @@ def test_layer_ranges_text():
     from hfx.tuners._targets import _ranges
 
     assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8" and _ranges([3]) == "3" and _ranges([]) == ""
+
+
+@pytest.mark.parametrize("method", sorted(TUNERS))
+def test_adapter_model_card_is_tagged_hfx_and_the_method(method, tmp_path):
+    """Without ``import hfx`` PEFT cannot load these adapters (KeyError on the type): the saved model card's tags say
+    hfx and the method, as TRL's trainers tag the models they train. A failed injection adds no tag."""
+    model = get_peft_model(tiny_causal_lm(), TUNERS[method][1]())
+    model.save_pretrained(str(tmp_path))
+    card = (tmp_path / "README.md").read_text()
+    assert "- hfx\n" in card and f"- {method}\n" in card
+    bad = tiny_causal_lm()
+    with pytest.raises(ValueError):
+        get_peft_model(bad, type(TUNERS[method][1]())(target_modules=["no_such_layer"]))
+    assert not bad.model_tags

@@ -32,12 +32,10 @@ masks are missing is an error, not an unpruned model).
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import logging
 import math
 import os
-import warnings
 import weakref
 from typing import Any, Optional
 
@@ -570,10 +568,12 @@ def _is_pruned(model: nn.Module) -> bool:
 
 
 def install_load_hook() -> None:
-    """Wrap ``PeftModel.load_adapter`` and transformers' ``PeftAdapterMixin.load_adapter`` (which
-    ``AutoModelForCausalLM.from_pretrained(<adapter folder>)`` uses too), once each, so that they re-apply saved DSEE
-    pruning masks; other adapters are untouched."""
+    """Wrap ``PeftModel.load_adapter`` once so that it re-applies saved DSEE pruning masks; transformers'
+    ``PeftAdapterMixin.load_adapter`` (which ``AutoModelForCausalLM.from_pretrained(<adapter folder>)`` uses too) is
+    wrapped in :mod:`hfx.tuners._loading`. Other adapters are untouched."""
     from peft import PeftModel
+
+    from .._loading import install_transformers_load_hook
 
     original = PeftModel.load_adapter
     if not getattr(original, "_hfx_dsee_pruning", False):
@@ -586,38 +586,7 @@ def install_load_hook() -> None:
 
         load_adapter._hfx_dsee_pruning = True
         PeftModel.load_adapter = load_adapter
-    try:
-        from transformers.integrations.peft import PeftAdapterMixin
-    except ImportError:  # pragma: no cover - transformers without its PEFT integration
-        return
-    hf_original = PeftAdapterMixin.load_adapter
-    if getattr(hf_original, "_hfx_dsee_pruning", False):
-        return
-    signature = inspect.signature(hf_original)
-
-    @functools.wraps(hf_original)
-    def hf_load_adapter(self, *args, **kwargs):
-        result = hf_original(self, *args, **kwargs)
-        bound = signature.bind_partial(self, *args, **kwargs).arguments
-        adapter_name = bound.get("adapter_name") or "default"
-        model_id = bound.get("peft_model_id")
-        extra = {**(bound.get("adapter_kwargs") or {}), **(bound.get("kwargs") or {})}
-        hub = {k: extra.get(k, bound.get(k)) for k in ("subfolder", "revision", "token", "cache_dir")}
-        if model_id is not None:
-            apply_saved_pruning(self, model_id, adapter_name, **{k: v for k, v in hub.items() if v is not None})
-        else:
-            config = getattr(self, "peft_config", {}).get(adapter_name)
-            if isinstance(config, DseeConfig) and config.pruned and not _is_pruned(self):
-                warnings.warn(
-                    f"DSEE adapter {adapter_name!r} was loaded from a state dict, but it was saved from a pruned "
-                    f"model and a state dict carries no pruning masks: the model runs unpruned until you call "
-                    f"hfx.dsee.load_pruning(model, <folder with {MASKS_FILE}>).",
-                    stacklevel=2,
-                )
-        return result
-
-    hf_load_adapter._hfx_dsee_pruning = True
-    PeftAdapterMixin.load_adapter = hf_load_adapter
+    install_transformers_load_hook()
 
 
 @torch.no_grad()

@@ -56,7 +56,7 @@ class LoraGAConfig(LoraConfig):
             accumulators by running one pass over the batches per group of layers (more passes, less memory).
             ``None``: all target layers in one pass.
         svd (`str`): ``"full"`` (exact ``torch.linalg.svd``) or ``"lowrank"`` (``torch.svd_lowrank`` with
-            q = min(4r, min(m, n)), niter 4, seeded); ``"auto"`` picks full below 4096 on the smaller side.
+            q = min(4r, min(m, n)), niter 4, seeded); ``"auto"`` picks full up to 4096 on the smaller side.
         seed (`int`): seed for ``svd="lowrank"`` and ``direction="random"``.
     """
 

@@ -32,6 +32,7 @@ from torch import nn
 from .._compat import IndexedTunerLayer
 from .._mixed_batch import mixed_batch_forward, pop_adapter_names
 from .._sparse import (
+    Resizable,
     ResizableBufferDict,
     SparseValues,
     WeightShapes,
@@ -93,7 +94,7 @@ def sara_select(
 
 
 # ---- layers ----------------------------------------------------------------------------------------------------
-class ResizableSparseValues(SparseValues):
+class ResizableSparseValues(Resizable, SparseValues):
     """[`SparseValues`] whose parameters take the length of the tensors loaded into them.
 
     The progressive adjustment shrinks a layer's trainable set; a freshly built adapter (or a Trainer resuming from
@@ -101,12 +102,9 @@ class ResizableSparseValues(SparseValues):
     ``nn.Parameter`` object, and so an optimizer's reference to it, stays the same).
     """
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs):
-        for key, param in list(self._parameters.items()):
-            incoming = state_dict.get(prefix + key)
-            if param is not None and incoming is not None and incoming.shape != param.shape:
-                param.data = torch.empty(incoming.shape, dtype=param.dtype, device=param.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs)
+    def resize(self, key: str, shape: torch.Size | tuple[int, ...]) -> None:
+        param = self._parameters[key]
+        param.data = torch.empty(shape, dtype=param.dtype, device=param.device)
 
 
 class SaraThresholds(BufferDict):

@@ -1,8 +1,9 @@
-"""Worker for tests/dist/test_multi_objective_zero3.py: the multi-objective trainers under real DeepSpeed ZeRO-3.
+"""Worker for tests/dist/test_trainers_zero3.py: hfx's trainers under real DeepSpeed ZeRO-3.
 
 Launched by ``hfx.testing.run_distributed`` on 2 CPU processes (gloo) with a ZeRO-3 config that partitions even a
-tiny model (``zero3_test_config``). Cases: constrained GRPO and hypervolume-weighted GRPO train 3 steps; the
-gradient-weighted trainer must refuse ZeRO-3 with a clear error. Each rank writes ``<out>/rank<r>.json``.
+tiny model (``zero3_test_config``). Cases: constrained GRPO, hypervolume-weighted GRPO and BVPO with
+``bvpo_alpha="auto"`` (full fine-tuning, and LoRA probing an early layer) train 3 steps; the gradient-weighted trainer
+must refuse ZeRO-3 with a clear error. Each rank writes ``<out>/rank<r>.json``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
 from hfx.compat import activation_checkpointing
 
 
@@ -26,9 +28,10 @@ def main() -> None:
 
     state = deepspeed_cpu_state()  # gloo, set up once, for DeepSpeed; the Trainer reuses it
     from accelerate.state import AcceleratorState
+    from peft import LoraConfig
 
     import hfx
-    from hfx.data import format_reward, prompt_dataset
+    from hfx.data import format_reward, preference_dataset, prompt_dataset
     from hfx.testing.dist import zero3_test_config
 
     common = dict(
@@ -49,6 +52,18 @@ def main() -> None:
             args=hfx.DynamicWeightGRPOConfig(output_dir=out, weighting="hypervolume", **common),
         ),
     }  # fmt: skip
+    bvpo = dict(
+        bvpo_alpha="auto", bvpo_alpha_warmup_steps=1, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+        logging_steps=1, report_to="none", bf16=False, **activation_checkpointing(False), save_strategy="no", seed=0,
+        disable_tqdm=True, deepspeed=zero3_test_config(), accelerator_config={"use_configured_state": True},
+    )  # fmt: skip
+    cases["bvpo_full"] = lambda out: hfx.BVPOTrainer(
+        args.base, args=hfx.BVPOConfig(output_dir=out, **bvpo), train_dataset=preference_dataset(32, think=True)
+    )
+    cases["bvpo_lora"] = lambda out: hfx.BVPOTrainer(
+        args.base, args=hfx.BVPOConfig(output_dir=out, bvpo_alpha_modules=["layers.0.self_attn.q_proj"], **bvpo),
+        train_dataset=preference_dataset(32, think=True), peft_config=LoraConfig(r=4, target_modules="all-linear"),
+    )  # fmt: skip
     for name, build in cases.items():
         trainer = build(os.path.join(args.out, name))
         trainer.train()
@@ -56,7 +71,7 @@ def main() -> None:
         result[name] = {
             "engine": type(trainer.model_wrapped).__name__,
             "partitioned": partitioned,
-            "state": trainer.method_state_dict(),
+            "state": trainer.method_state_dict() if hasattr(trainer, "method_state_dict") else None,
             "history": [h for h in trainer.state.log_history if "loss" in h],
         }
         AcceleratorState._reset_state(reset_partial_state=False)

@@ -1,0 +1,130 @@
+"""transformers' own adapter loading for hfx adapters: ``model.load_adapter(folder)`` and
+``AutoModelForCausalLM.from_pretrained(<adapter folder>)``.
+
+transformers injects a fresh adapter, then compares each saved tensor's shape with the injected one before loading;
+it does not go through ``load_state_dict``. A LIFT adapter after a mask refresh, or a SaRA adapter after its
+progressive adjustment, saves index sets of other lengths than a fresh one has (their :class:`~._sparse.Resizable`
+containers resize only inside ``load_state_dict``), so that load failed with a size mismatch while PEFT's
+``PeftModel.from_pretrained`` loaded the same folder. Here the saved shapes are read from the adapter file (its
+header only) or the given state dict before transformers loads, and each resizable tensor takes its saved shape
+right after injection (:func:`resize_to_saved`, called by the tuners' ``inject_adapter``). Saved DSEE pruning masks
+are re-applied after the load (:func:`hfx.tuners.dsee.prune.apply_saved_pruning`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._sparse import Resizable
+
+# adapter name -> {saved key without the "base_model.model." prefix: shape}, while transformers' load_adapter runs
+_SAVED_SHAPES: contextvars.ContextVar[dict[str, dict[str, tuple[int, ...]]] | None] = contextvars.ContextVar(
+    "hfx_saved_adapter_shapes", default=None
+)
+_PREFIX = "base_model.model."
+HUB_KEYS = ("subfolder", "revision", "token", "cache_dir")
+
+
+def _strip(key: str) -> str:
+    return key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
+
+
+def saved_shapes(
+    model_id: str | os.PathLike | None, state_dict: dict[str, torch.Tensor] | None, subfolder: str | None = None
+) -> dict[str, tuple[int, ...]]:
+    """The saved tensors' shapes, from ``state_dict`` or from a local adapter folder's weights file (the safetensors
+    header, or a ``.bin`` read with ``weights_only=True``); empty for an adapter on the Hub."""
+    if state_dict is not None:
+        return {_strip(k): tuple(v.shape) for k, v in state_dict.items() if torch.is_tensor(v)}
+    if model_id is None:
+        return {}
+    folder = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
+    st_path, bin_path = os.path.join(folder, "adapter_model.safetensors"), os.path.join(folder, "adapter_model.bin")
+    if os.path.isfile(st_path):
+        from safetensors import safe_open
+
+        with safe_open(st_path, framework="pt") as f:
+            return {_strip(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if os.path.isfile(bin_path):
+        tensors = torch.load(bin_path, map_location="cpu", weights_only=True, mmap=True)
+        return {_strip(k): tuple(v.shape) for k, v in tensors.items() if torch.is_tensor(v)}
+    return {}
+
+
+def resize_to_saved(model: nn.Module, adapter_name: str) -> None:
+    """Give each resizable per-adapter tensor of ``adapter_name`` the shape saved for it, when transformers'
+    ``load_adapter`` is loading that adapter (a no-op otherwise)."""
+    shapes = (_SAVED_SHAPES.get() or {}).get(adapter_name)
+    if not shapes:
+        return
+    for name, module in model.named_modules():
+        if not isinstance(module, Resizable) or adapter_name not in module.keys():
+            continue
+        # PEFT saves "<container path>.<adapter>" as "<container path>" (the default adapter's name is dropped)
+        shape = shapes.get(name, shapes.get(f"{name}.{adapter_name}"))
+        current = module[adapter_name]
+        if shape is not None and current is not None and tuple(current.shape) != shape:
+            module.resize(adapter_name, shape)
+
+
+def install_transformers_load_hook() -> None:
+    """Wrap transformers' ``PeftAdapterMixin.load_adapter`` once: saved shapes in before it loads, saved DSEE pruning
+    masks re-applied after; other adapters load as before."""
+    try:
+        from transformers.integrations.peft import PeftAdapterMixin
+    except ImportError:  # pragma: no cover - transformers without its PEFT integration
+        return
+    original = PeftAdapterMixin.load_adapter
+    if getattr(original, "_hfx_load_hook", False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def load_adapter(self, *args, **kwargs):
+        bound = signature.bind_partial(self, *args, **kwargs).arguments
+        adapter_name = bound.get("adapter_name") or "default"
+        model_id = bound.get("peft_model_id")
+        load_config = bound.get("load_config")
+        extra = {
+            **(getattr(load_config, "download_kwargs", None) or {}),
+            **(bound.get("adapter_kwargs") or {}),
+            **(bound.get("kwargs") or {}),
+        }
+        hub = {k: extra.get(k, bound.get(k)) for k in HUB_KEYS}
+        hub = {k: v for k, v in hub.items() if v is not None}
+        shapes = saved_shapes(model_id, bound.get("adapter_state_dict"), hub.get("subfolder"))
+        token = _SAVED_SHAPES.set({adapter_name: shapes})
+        try:
+            result = original(self, *args, **kwargs)
+        finally:
+            _SAVED_SHAPES.reset(token)
+        _reapply_dsee_pruning(self, model_id, adapter_name, hub)
+        return result
+
+    load_adapter._hfx_load_hook = True
+    PeftAdapterMixin.load_adapter = load_adapter
+
+
+def _reapply_dsee_pruning(model: nn.Module, model_id: Any, adapter_name: str, hub: dict[str, Any]) -> None:
+    from .dsee.config import DseeConfig
+    from .dsee.prune import MASKS_FILE, _is_pruned, apply_saved_pruning
+
+    if model_id is not None:
+        apply_saved_pruning(model, model_id, adapter_name, **hub)
+        return
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    if isinstance(config, DseeConfig) and config.pruned and not _is_pruned(model):
+        warnings.warn(
+            f"DSEE adapter {adapter_name!r} was loaded from a state dict, but it was saved from a pruned model and a "
+            f"state dict carries no pruning masks: the model runs unpruned until you call "
+            f"hfx.dsee.load_pruning(model, <folder with {MASKS_FILE}>).",
+            stacklevel=3,
+        )
