@@ -113,7 +113,10 @@ class _DynamicWeightArguments:
 class DynamicWeightGRPOConfig(_DynamicWeightArguments, GRPOConfig):
     r"""Configuration for :class:`hfx.DynamicWeightGRPOTrainer`: every :class:`trl.GRPOConfig` argument plus the
     dynamic-weighting ones (see ``_DynamicWeightArguments`` above). With ``weighting="gradient"`` the per-objective
-    advantages are each reward group-normalised alone (``scale_rewards`` as configured).
+    advantages are each reward through the advantage estimator alone: group-centred and scaled as ``scale_rewards``
+    says, or, with ``multi_objective_aggregation="normalize_then_sum"``, z-scored within its group and standardised
+    over the batch as TRL does there; completions that ``mask_truncated_completions`` drops from the loss give no
+    gradient.
     """
 
 

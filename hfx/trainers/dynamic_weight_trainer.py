@@ -149,6 +149,12 @@ class _DynamicWeightMixin(MultiObjectiveMixin):
             adv = (grouped - baseline).view(-1, K)
             if self.normalize_advantages:
                 adv = (adv - torch.nanmean(adv, dim=0)) / (nanstd(adv, dim=0) + 1e-4)
+        elif getattr(self, "multi_objective_aggregation", "sum_then_normalize") == "normalize_then_sum":
+            # TRL's GDPO path: each reward z-scored within its group, then standardised over the batch (scale_rewards
+            # is not used there), so a reward's scale does not set its weight's step
+            z = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)) / (nanstd(grouped, dim=1, keepdim=True) + 1e-4)
+            z = z.view(-1, K)
+            adv = (z - torch.nanmean(z, dim=0)) / (nanstd(z, dim=0) + 1e-4)
         else:
             adv = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).view(-1, K)
             if self.scale_rewards == "group":
@@ -201,6 +207,10 @@ class _DynamicWeightMixin(MultiObjectiveMixin):
         prompt = [self._mo_prompt_ids[i] for i in rows]
         completion = [self._mo_completion_ids[i] for i in rows]
         pad = self._tokenizer.pad_token_id
+        # mask_truncated_completions: TRL drops completions that did not end in EOS (or pad) from the loss, so they
+        # carry no gradient here either
+        ends = {*(getattr(self, "eos_token_ids", None) or [self._tokenizer.eos_token_id]), pad}
+        dropped = [bool(self.mask_truncated_completions) and len(c) > 0 and int(c[-1]) not in ends for c in completion]
         P = max(len(p) for p in prompt)
         C = max(1, max(len(c) for c in completion))
         ids = torch.full((len(rows), P + C), pad, dtype=torch.long)
@@ -210,7 +220,7 @@ class _DynamicWeightMixin(MultiObjectiveMixin):
             ids[b, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
             ids[b, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
             attn[b, P - len(p) : P + len(c)] = 1
-            cmask[b, : len(c)] = 1
+            cmask[b, : len(c)] = 0 if dropped[b] else 1
         device = acc.device
         ids, attn, cmask = ids.to(device), attn.to(device), cmask.to(device)
         adv = adv[rows].to(device)

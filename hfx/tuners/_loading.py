@@ -6,7 +6,7 @@ it does not go through ``load_state_dict``. A LIFT adapter after a mask refresh,
 progressive adjustment, saves index sets of other lengths than a fresh one has (their :class:`~._sparse.Resizable`
 containers resize only inside ``load_state_dict``), so that load failed with a size mismatch while PEFT's
 ``PeftModel.from_pretrained`` loaded the same folder. Here the saved shapes are read from the adapter file (its
-header only) or the given state dict before transformers loads, and each resizable tensor takes its saved shape
+header only; a local folder or the Hub client's download) or the given state dict before transformers loads, and each resizable tensor takes its saved shape
 right after injection (:func:`resize_to_saved`, called by the tuners' ``inject_adapter``). Saved DSEE pruning masks
 are re-applied after the load (:func:`hfx.tuners.dsee.prune.apply_saved_pruning`).
 """
@@ -37,25 +37,40 @@ def _strip(key: str) -> str:
     return key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
 
 
+def _read_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return {_strip(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {_strip(k): tuple(v.shape) for k, v in tensors.items() if torch.is_tensor(v)}
+
+
 def saved_shapes(
-    model_id: str | os.PathLike | None, state_dict: dict[str, torch.Tensor] | None, subfolder: str | None = None
+    model_id: str | os.PathLike | None, state_dict: dict[str, torch.Tensor] | None, hub: dict[str, Any] | None = None
 ) -> dict[str, tuple[int, ...]]:
-    """The saved tensors' shapes, from ``state_dict`` or from a local adapter folder's weights file (the safetensors
-    header, or a ``.bin`` read with ``weights_only=True``); empty for an adapter on the Hub."""
+    """The saved tensors' shapes, from ``state_dict`` or from the adapter's weights file (a local folder, or a Hub
+    repository through the Hub client's cache, which transformers reads next): the safetensors header, or a ``.bin``
+    read with ``weights_only=True``. Empty where there is no such file."""
     if state_dict is not None:
         return {_strip(k): tuple(v.shape) for k, v in state_dict.items() if torch.is_tensor(v)}
     if model_id is None:
         return {}
+    hub = hub or {}
+    names = ("adapter_model.safetensors", "adapter_model.bin")
+    subfolder = hub.get("subfolder")
     folder = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
-    st_path, bin_path = os.path.join(folder, "adapter_model.safetensors"), os.path.join(folder, "adapter_model.bin")
-    if os.path.isfile(st_path):
-        from safetensors import safe_open
+    if os.path.isdir(str(model_id)):
+        found = [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+        return _read_shapes(found[0]) if found else {}
+    from huggingface_hub import hf_hub_download
 
-        with safe_open(st_path, framework="pt") as f:
-            return {_strip(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    if os.path.isfile(bin_path):
-        tensors = torch.load(bin_path, map_location="cpu", weights_only=True, mmap=True)
-        return {_strip(k): tuple(v.shape) for k, v in tensors.items() if torch.is_tensor(v)}
+    for name in names:
+        try:
+            return _read_shapes(hf_hub_download(str(model_id), name, **hub))
+        except Exception:  # noqa: BLE001 - not there (or not reachable): transformers' own load reports it
+            continue
     return {}
 
 
@@ -100,7 +115,7 @@ def install_transformers_load_hook() -> None:
         }
         hub = {k: extra.get(k, bound.get(k)) for k in HUB_KEYS}
         hub = {k: v for k, v in hub.items() if v is not None}
-        shapes = saved_shapes(model_id, bound.get("adapter_state_dict"), hub.get("subfolder"))
+        shapes = saved_shapes(model_id, bound.get("adapter_state_dict"), hub)
         token = _SAVED_SHAPES.set({adapter_name: shapes})
         try:
             result = original(self, *args, **kwargs)

@@ -74,8 +74,9 @@ class TargetHintMixin:
 
 
 def _tag(model: nn.Module, config) -> None:
-    """Tag the model ``hfx`` and the method (``bone``, ...), as TRL's trainers tag theirs: the adapter's model card
-    (PEFT's ``save_pretrained`` / ``push_to_hub``) then says that loading it needs hfx."""
+    """Tag the model ``hfx`` and the method (``bone``, ...), as TRL's trainers tag the models they train: the
+    adapter's model card (PEFT's ``save_pretrained`` / ``push_to_hub``) then names hfx, which loading it needs. Like
+    TRL's, the tags stay on the model after ``merge_and_unload`` (they record how it was made)."""
     add_tags = getattr(model, "add_model_tags", None)
     peft_type = getattr(config, "peft_type", None)
     if callable(add_tags) and peft_type is not None:

@@ -350,6 +350,19 @@ def test_objective_advantages_are_each_trainers_estimator_hand_computed(model_pa
                         ("none", centred)):  # fmt: skip
         grpo.scale_rewards = scale
         torch.testing.assert_close(grpo._objective_advantages(rewards), want.view(8, 2), rtol=1e-5, atol=1e-6)
+    # normalize_then_sum (TRL's GDPO path): each reward z-scored in its group, then standardised over the batch,
+    # whatever scale_rewards says; it followed scale_rewards, so with "none" a reward 100x larger took the weight
+    grpo.multi_objective_aggregation = "normalize_then_sum"
+    z = ((x - mean[:, None, :]) / (std[:, None, :] + 1e-4)).view(8, 2)
+    want = torch.zeros(8, 2)
+    for k in range(2):
+        ok = ~torch.isnan(z[:, k])
+        want[ok, k] = (z[ok, k] - z[ok, k].mean()) / (z[ok, k].std() + 1e-4)
+    for scale in ("none", "group", "batch"):
+        grpo.scale_rewards = scale
+        torch.testing.assert_close(grpo._objective_advantages(rewards), want, rtol=1e-5, atol=1e-6)
+        scaled = rewards * torch.tensor([1.0, 100.0])
+        torch.testing.assert_close(grpo._objective_advantages(scaled), want, rtol=1e-4, atol=1e-5)
 
 
 def test_objective_gram_equals_parameter_gradients_of_unpadded_sequences(model_path, tmp_path):
@@ -389,6 +402,30 @@ def test_objective_gram_equals_parameter_gradients_of_unpadded_sequences(model_p
     errors = [float((gram - want).abs().max() / want.abs().max()) for want in candidates]
     assert min(errors) < 1e-4, errors
     assert gram.abs().max() > 0
+
+
+def test_objective_gram_leaves_out_what_mask_truncated_completions_drops(model_path, tmp_path, monkeypatch):
+    """TRL drops completions that do not end in EOS from the loss under mask_truncated_completions; the Gram took
+    them in (every completion truncated: the loss was 0 and the weights still moved). They count as rows with no
+    gradient now: the Gram equals that of the same batch with their advantages set to 0."""
+    args = config(tmp_path, weighting="gradient", mask_truncated_completions=True)
+    trainer = hfx.DynamicWeightGRPOTrainer(
+        model_path, reward_funcs=REWARDS, args=args, train_dataset=prompt_dataset(8)
+    )
+    eos = trainer._tokenizer.eos_token_id
+    gen = torch.Generator().manual_seed(0)
+    trainer._mo_prompt_ids = [torch.randint(5, 100, (n,), generator=gen).tolist() for n in (3, 5, 4, 2)]
+    completions = [torch.randint(5, 100, (n,), generator=gen).tolist() for n in (2, 4, 3, 3)]
+    rewards = torch.tensor([[1.0, 0.2, -0.3], [0.0, 0.9, -0.1], [1.0, 0.4, -0.6], [0.0, 0.1, -0.2]])
+    trainer._mo_completion_ids = completions  # none ends in EOS: all dropped
+    assert torch.count_nonzero(trainer.objective_gram(rewards)) == 0
+    trainer._mo_completion_ids = [c[:-1] + [eos] if b in (0, 2) else c for b, c in enumerate(completions)]
+    gram = trainer.objective_gram(rewards)
+    assert torch.count_nonzero(gram) > 0
+    advantages = trainer._objective_advantages(rewards)
+    trainer.mask_truncated_completions = False
+    monkeypatch.setattr(trainer, "_objective_advantages", lambda r: advantages * torch.tensor([[1.0], [0], [1], [0]]))
+    torch.testing.assert_close(gram, trainer.objective_gram(rewards), rtol=1e-5, atol=1e-8)
 
 
 def test_hypervolume_scales_advantages(model_path, tmp_path):

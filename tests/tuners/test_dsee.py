@@ -16,7 +16,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 import hfx
-from hfx.testing import saved_activation_bytes
+from hfx.testing import as_hub_cache, saved_activation_bytes
 from hfx.tuners.dsee import DseeLinear, dsee_select, grebsmo, load_pruning, prune, remove_pruned_heads, save_pruning
 
 TORCH64 = torch.float64
@@ -611,17 +611,6 @@ def test_masks_file_is_bit_packed_and_version_1_bool_files_still_load(tmp_path):
         assert torch.equal(fresh(IDS).logits, model(IDS).logits)
 
 
-def _as_hub_cache(folder, cache, repo_id: str) -> None:
-    """Lay ``folder`` out as the Hub client caches a downloaded repository (offline mode resolves from there)."""
-    import shutil
-
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    root = cache / f"models--{repo_id.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(commit)
-    shutil.copytree(folder, root / "snapshots" / commit)
-
-
 def test_pruned_adapter_from_the_hub_downloads_and_applies_its_masks(tmp_path, monkeypatch):
     """``PeftModel.from_pretrained("<user>/<repo>")`` of a pruned DSEE adapter fetches the masks with the adapter
     (through the Hub client, here from its offline cache) and gives the pruned model's logits; a repository without
@@ -635,14 +624,14 @@ def test_pruned_adapter_from_the_hub_downloads_and_applies_its_masks(tmp_path, m
         logits = model(IDS).logits
     model.save_pretrained(tmp_path / "adapter")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    _as_hub_cache(tmp_path / "adapter", tmp_path / "cache", "hfx-test/pruned-dsee")
+    as_hub_cache(tmp_path / "adapter", tmp_path / "cache", "hfx-test/pruned-dsee")
     loaded = PeftModel.from_pretrained(tiny_bert(), "hfx-test/pruned-dsee").eval()
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, logits)
     (tmp_path / "bare").mkdir()
     for f in ("adapter_config.json", "adapter_model.safetensors"):
         (tmp_path / "bare" / f).write_bytes((tmp_path / "adapter" / f).read_bytes())
-    _as_hub_cache(tmp_path / "bare", tmp_path / "cache", "hfx-test/pruned-dsee-no-masks")
+    as_hub_cache(tmp_path / "bare", tmp_path / "cache", "hfx-test/pruned-dsee-no-masks")
     # what a Trainer's pushes during training leave at the repository root: the message says where the masks are
     with pytest.raises(FileNotFoundError, match=r"saved from a pruned model, but its pruning masks(?s:.*)"
                        r"subfolder='last-checkpoint'"):  # fmt: skip

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import hfx
-from hfx.testing import save_tiny_model
+from hfx.testing import as_hub_cache, save_tiny_model
 from hfx.tuners.lift.model import refresh_lift_masks
 from hfx.tuners.sara.model import adjust_sara_masks
 
@@ -94,3 +94,21 @@ def test_a_second_adapter_takes_its_own_saved_lengths(base, tmp_path):
         for key in keys:
             assert torch.equal(model.get_submodule(key.removeprefix("base_model.model."))[adapter], saved[key])
     assert lengths["first"] != lengths["second"]
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_transformers_loads_them_from_the_hub(method, base, tmp_path, monkeypatch):
+    """By repository id the shapes come from the Hub client's download (here its offline cache), which transformers
+    reads next: the local-folder fix alone left ``load_adapter("<user>/<repo>")`` failing."""
+    from huggingface_hub import constants
+
+    assert constants.is_offline_mode()  # tests/conftest.py: nothing here reaches the network
+    expected = _trained(base, method, tmp_path / "adapter")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    as_hub_cache(tmp_path / "adapter", tmp_path / "cache", f"hfx-test/{method}")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.load_adapter(f"hfx-test/{method}")
+    for m in (model, AutoModelForCausalLM.from_pretrained(f"hfx-test/{method}")):
+        m.eval()
+        with torch.no_grad():
+            assert torch.equal(m(IDS).logits, expected)
