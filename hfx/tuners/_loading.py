@@ -5,10 +5,11 @@ transformers injects a fresh adapter, then compares each saved tensor's shape wi
 it does not go through ``load_state_dict``. A LIFT adapter after a mask refresh, or a SaRA adapter after its
 progressive adjustment, saves index sets of other lengths than a fresh one has (their :class:`~._sparse.Resizable`
 containers resize only inside ``load_state_dict``), so that load failed with a size mismatch while PEFT's
-``PeftModel.from_pretrained`` loaded the same folder. Here the saved shapes are read from the adapter file (its
-header only; a local folder or the Hub client's download) or the given state dict before transformers loads, and each resizable tensor takes its saved shape
-right after injection (:func:`resize_to_saved`, called by the tuners' ``inject_adapter``). Saved DSEE pruning masks
-are re-applied after the load (:func:`hfx.tuners.dsee.prune.apply_saved_pruning`).
+``PeftModel.from_pretrained`` loaded the same folder. Here each resizable tensor takes its saved shape right after
+injection (:func:`resize_to_saved`, called by the tuners' ``inject_adapter``); the shapes come from the given state
+dict or the adapter file's header (a local folder, or the Hub client's download, which transformers reads next),
+read only when the injected adapter has such tensors. Saved DSEE pruning masks are re-applied after the load
+(:func:`hfx.tuners.dsee.prune.apply_saved_pruning`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import functools
 import inspect
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,9 +27,10 @@ from torch import nn
 
 from ._sparse import Resizable
 
-# adapter name -> {saved key without the "base_model.model." prefix: shape}, while transformers' load_adapter runs
-_SAVED_SHAPES: contextvars.ContextVar[dict[str, dict[str, tuple[int, ...]]] | None] = contextvars.ContextVar(
-    "hfx_saved_adapter_shapes", default=None
+# while transformers' load_adapter runs: adapter name -> a function giving {saved key without the
+# "base_model.model." prefix: shape}
+_SAVED_SHAPES: contextvars.ContextVar[dict[str, Callable[[], dict[str, tuple[int, ...]]]] | None] = (
+    contextvars.ContextVar("hfx_saved_adapter_shapes", default=None)
 )
 _PREFIX = "base_model.model."
 HUB_KEYS = ("subfolder", "revision", "token", "cache_dir")
@@ -77,12 +80,12 @@ def saved_shapes(
 def resize_to_saved(model: nn.Module, adapter_name: str) -> None:
     """Give each resizable per-adapter tensor of ``adapter_name`` the shape saved for it, when transformers'
     ``load_adapter`` is loading that adapter (a no-op otherwise)."""
-    shapes = (_SAVED_SHAPES.get() or {}).get(adapter_name)
-    if not shapes:
+    source = (_SAVED_SHAPES.get() or {}).get(adapter_name)
+    resizable = [(n, m) for n, m in model.named_modules() if isinstance(m, Resizable) and adapter_name in m.keys()]
+    if source is None or not resizable:
         return
-    for name, module in model.named_modules():
-        if not isinstance(module, Resizable) or adapter_name not in module.keys():
-            continue
+    shapes = source()
+    for name, module in resizable:
         # PEFT saves "<container path>.<adapter>" as "<container path>" (the default adapter's name is dropped)
         shape = shapes.get(name, shapes.get(f"{name}.{adapter_name}"))
         current = module[adapter_name]
@@ -115,8 +118,8 @@ def install_transformers_load_hook() -> None:
         }
         hub = {k: extra.get(k, bound.get(k)) for k in HUB_KEYS}
         hub = {k: v for k, v in hub.items() if v is not None}
-        shapes = saved_shapes(model_id, bound.get("adapter_state_dict"), hub)
-        token = _SAVED_SHAPES.set({adapter_name: shapes})
+        source = functools.partial(saved_shapes, model_id, bound.get("adapter_state_dict"), hub)
+        token = _SAVED_SHAPES.set({adapter_name: source})
         try:
             result = original(self, *args, **kwargs)
         finally:
