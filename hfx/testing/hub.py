@@ -11,12 +11,14 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 def as_hub_cache(folder: str | os.PathLike[str], cache: str | os.PathLike[str], repo_id: str) -> str:
     """Copy ``folder`` into ``cache`` as the Hub client caches a downloaded model repository ``repo_id`` (its
-    ``main`` ref at one snapshot); point ``huggingface_hub.constants.HF_HUB_CACHE`` at ``cache``. Returns the
-    snapshot folder."""
+    ``main`` ref at one snapshot, replaced by a second call for the same id). The caller points the Hub client at
+    ``cache`` (e.g. ``monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))``, or
+    ``cache_dir=``); this function changes no global setting. Returns the snapshot folder."""
     root = os.path.join(str(cache), f"models--{repo_id.replace('/', '--')}")
     os.makedirs(os.path.join(root, "refs"), exist_ok=True)
     with open(os.path.join(root, "refs", "main"), "w") as f:
         f.write(COMMIT)
     snapshot = os.path.join(root, "snapshots", COMMIT)
+    shutil.rmtree(snapshot, ignore_errors=True)
     shutil.copytree(str(folder), snapshot)
     return snapshot

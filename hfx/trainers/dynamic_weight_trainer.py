@@ -153,7 +153,8 @@ class _DynamicWeightMixin(MultiObjectiveMixin):
             # TRL's GDPO path: each reward z-scored within its group, then standardised over the batch (scale_rewards
             # is not used there), so a reward's scale does not set its weight's step
             z = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)) / (nanstd(grouped, dim=1, keepdim=True) + 1e-4)
-            z = z.view(-1, K)
+            # a scored sample alone in its group has no group std: TRL's nansum makes it 0 and keeps it in the batch
+            z = torch.where(torch.isnan(z) & ~torch.isnan(grouped), 0.0, z).view(-1, K)
             adv = (z - torch.nanmean(z, dim=0)) / (nanstd(z, dim=0) + 1e-4)
         else:
             adv = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).view(-1, K)

@@ -363,6 +363,16 @@ def test_objective_advantages_are_each_trainers_estimator_hand_computed(model_pa
         torch.testing.assert_close(grpo._objective_advantages(rewards), want, rtol=1e-5, atol=1e-6)
         scaled = rewards * torch.tensor([1.0, 100.0])
         torch.testing.assert_close(grpo._objective_advantages(scaled), want, rtol=1e-4, atol=1e-5)
+    # a scored sample alone in its group (no group std): TRL's nansum makes its z-score 0, kept in the batch moments
+    lone = torch.tensor(
+        [[nan, 1.0], [nan, 2.0], [nan, 4.0], [5.0, 0.0], [0.0, 3.0], [1.0, 2.0], [1.0, 1.0], [4.0, 5.0]]
+    )
+    g1 = lone[4:, 0]
+    z0 = torch.tensor([nan, nan, nan, 0.0, *((g1 - g1.mean()) / (g1.std() + 1e-4)).tolist()])
+    ok = ~torch.isnan(z0)
+    want0 = torch.zeros(8)
+    want0[ok] = (z0[ok] - z0[ok].mean()) / (z0[ok].std() + 1e-4)
+    torch.testing.assert_close(grpo._objective_advantages(lone)[:, 0], want0, rtol=1e-5, atol=1e-6)
 
 
 def test_objective_gram_equals_parameter_gradients_of_unpadded_sequences(model_path, tmp_path):
