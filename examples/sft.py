@@ -50,12 +50,12 @@ def _targets(args: argparse.Namespace) -> str | list[str]:
     return "all-linear" if args.target_modules == "all-linear" else args.target_modules.split(",")
 
 
-# One line per method: how to build its config from the command line.
 def _alpha(a) -> float:
     """--lora-alpha, or 2r when it is not given."""
     return 2 * a.r if a.lora_alpha is None else a.lora_alpha
 
 
+# One line per method: how to build its config from the command line.
 PEFT_METHODS: dict[str, Callable[[argparse.Namespace], PeftConfig | None]] = {
     "bone": lambda a: hfx.BoneConfig(r=a.r, target_modules=_targets(a), bone_dropout=a.dropout),
     "bat": lambda a: hfx.BoneConfig(r=a.r, target_modules=_targets(a), init_weights="bat", bone_dropout=a.dropout),

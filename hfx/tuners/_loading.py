@@ -40,14 +40,17 @@ def _strip(key: str) -> str:
     return key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
 
 
+def _shapes(tensors: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {_strip(k): tuple(v.shape) for k, v in tensors.items() if torch.is_tensor(v)}
+
+
 def _read_shapes(path: str) -> dict[str, tuple[int, ...]]:
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
             return {_strip(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return {_strip(k): tuple(v.shape) for k, v in tensors.items() if torch.is_tensor(v)}
+    return _shapes(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
 
 
 def saved_shapes(
@@ -57,14 +60,13 @@ def saved_shapes(
     repository through the Hub client's cache, which transformers reads next): the safetensors header, or a ``.bin``
     read with ``weights_only=True``. Empty where there is no such file."""
     if state_dict is not None:
-        return {_strip(k): tuple(v.shape) for k, v in state_dict.items() if torch.is_tensor(v)}
+        return _shapes(state_dict)
     if model_id is None:
         return {}
     hub = hub or {}
     names = ("adapter_model.safetensors", "adapter_model.bin")
-    subfolder = hub.get("subfolder")
-    folder = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
     if os.path.isdir(str(model_id)):
+        folder = os.path.join(str(model_id), hub.get("subfolder") or "")
         found = [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
         return _read_shapes(found[0]) if found else {}
     from huggingface_hub import hf_hub_download

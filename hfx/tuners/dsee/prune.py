@@ -45,6 +45,7 @@ from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .._config import is_int, is_real
+from .._loading import HUB_KEYS
 from .config import DseeConfig
 from .layer import DseeLinear
 
@@ -551,7 +552,7 @@ def apply_saved_pruning(peft_model: nn.Module, model_id: str | os.PathLike, adap
         return None
     from huggingface_hub import hf_hub_download
 
-    download = {k: v for k, v in hub_kwargs.items() if k in ("subfolder", "revision", "token", "cache_dir")}
+    download = {k: v for k, v in hub_kwargs.items() if k in HUB_KEYS}
     try:
         masks = hf_hub_download(str(model_id), MASKS_FILE, **download)
         hf_hub_download(str(model_id), INFO_FILE, **download)
